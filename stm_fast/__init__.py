@@ -1,0 +1,7 @@
+"""Fast PyTorch Vision Mamba with STM and its peers; every function has a float64 twin in ``stm_ref``."""
+
+from .checkpoint import CheckpointError
+from .models import create_model, list_models
+from .scan import available_backends, selective_scan
+
+__all__ = ["create_model", "list_models", "selective_scan", "available_backends", "CheckpointError"]

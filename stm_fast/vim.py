@@ -1,0 +1,217 @@
+"""Vision Mamba (hustvl/Vim, bimamba v2, middle class token) in plain PyTorch; reference twin: ``stm_ref.vim``.
+
+Forward semantics are the official model's (SPEC §2, §7): patch embedding, class token inserted at
+M // 2, absolute position embedding, then per layer Add -> RMSNorm -> bidirectional Mamba mixer with
+the residual stream kept in float32 (float64 for a float64 model), the backward branch scanning the
+flipped sequence with its own parameters, ``(y_f + flip(y_b)) / 2`` before ``out_proj``, a final
+Add -> RMSNorm and the head on the class token. Parameter names are the official ones, so
+``state_dict()`` loads into the official code and official checkpoints load here.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .conv import causal_conv1d
+from .scan import selective_scan
+
+__all__ = ["VimConfig", "VisionMamba", "MambaMixer", "Block", "RMSNorm", "PatchEmbed"]
+
+
+@dataclass(frozen=True)
+class VimConfig:
+    img_size: int = 224
+    patch_size: int = 16
+    channels: int = 3
+    embed_dim: int = 192
+    depth: int = 24
+    d_state: int = 16
+    d_conv: int = 4
+    expand: int = 2
+    num_classes: int = 1000
+    norm_eps: float = 1e-5
+
+    @property
+    def grid(self):
+        return self.img_size // self.patch_size
+
+    @property
+    def num_patches(self):
+        return self.grid * self.grid
+
+    @property
+    def d_inner(self):
+        return self.expand * self.embed_dim
+
+    @property
+    def dt_rank(self):
+        return math.ceil(self.embed_dim / 16)
+
+    def with_overrides(self, **kw):
+        return replace(self, **kw)
+
+
+class RMSNorm(nn.Module):
+    """y = x / sqrt(mean(x^2) + eps) * weight, computed in the input's precision (float32 residual)."""
+
+    def __init__(self, dim, eps=1e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        xf = x if x.dtype in (torch.float32, torch.float64) else x.float()
+        y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight.to(xf.dtype)
+        return y
+
+
+class PatchEmbed(nn.Module):
+    def __init__(self, cfg: VimConfig):
+        super().__init__()
+        self.img_size = cfg.img_size
+        self.patch_size = cfg.patch_size
+        self.channels = cfg.channels
+        self.proj = nn.Conv2d(cfg.channels, cfg.embed_dim, kernel_size=cfg.patch_size, stride=cfg.patch_size)
+
+    def forward(self, x):
+        if x.dim() != 4 or x.shape[1] != self.channels or x.shape[2] != self.img_size or x.shape[3] != self.img_size:
+            raise ValueError(
+                f"expected images of shape (batch, {self.channels}, {self.img_size}, {self.img_size}), got "
+                f"{tuple(x.shape)}: resize/crop to {self.img_size}x{self.img_size} (the eval transform does), or build "
+                f"the model with img_size={x.shape[-1] if x.dim() == 4 else '...'} (position embeddings are fixed to "
+                f"{self.img_size // self.patch_size}x{self.img_size // self.patch_size} patches)")
+        return self.proj(x).flatten(2).transpose(1, 2)
+
+
+class MambaMixer(nn.Module):
+    """Bidirectional Mamba mixer (Vim's bimamba v2): forward branch and a flipped backward branch."""
+
+    def __init__(self, cfg: VimConfig, layer_idx=0):
+        super().__init__()
+        E, N, R, K = cfg.d_inner, cfg.d_state, cfg.dt_rank, cfg.d_conv
+        self.d_inner, self.d_state, self.dt_rank = E, N, R
+        self.layer_idx = layer_idx
+        self.in_proj = nn.Linear(cfg.embed_dim, 2 * E, bias=False)
+        self.out_proj = nn.Linear(E, cfg.embed_dim, bias=False)
+        for suffix in ("", "_b"):
+            setattr(self, "conv1d" + suffix, nn.Conv1d(E, E, K, groups=E, padding=K - 1, bias=True))
+            setattr(self, "x_proj" + suffix, nn.Linear(E, R + 2 * N, bias=False))
+            setattr(self, "dt_proj" + suffix, nn.Linear(R, E, bias=True))
+            A = torch.arange(1, N + 1, dtype=torch.float32).repeat(E, 1)
+            setattr(self, ("A_log" if suffix == "" else "A_b_log"), nn.Parameter(torch.log(A)))
+            setattr(self, "D" + suffix, nn.Parameter(torch.ones(E)))
+        self.scan_backend = None  # None: automatic (see stm_fast.scan)
+
+    def reset_dt(self, dt_min=1e-3, dt_max=0.1, dt_init_floor=1e-4):
+        """Mamba's initialisation of dt_proj: weights ±rank^-1/2, bias = softplus^-1 of log-uniform dt."""
+        for dt_proj in (self.dt_proj, self.dt_proj_b):
+            nn.init.uniform_(dt_proj.weight, -self.dt_rank ** -0.5, self.dt_rank ** -0.5)
+            dt = torch.exp(torch.rand(self.d_inner) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min))
+            dt = dt.clamp(min=dt_init_floor)
+            with torch.no_grad():
+                dt_proj.bias.copy_(dt + torch.log(-torch.expm1(-dt)))
+
+    def branch(self, x, z, conv, x_proj, dt_proj, A_log, Dp):
+        """One direction on (batch, E, L) inputs: conv + SiLU, projections, selective scan; y (batch, E, L).
+
+        Also returns (delta, B): the step sizes after bias and softplus, and the input matrices, i.e.
+        what eq. 11 needs to form Abar and Bbar of this layer.
+        """
+        L = x.shape[-1]
+        x = causal_conv1d(x, conv.weight, conv.bias)
+        x_dbl = x_proj(x.transpose(1, 2))  # (batch, L, R + 2N)
+        dt, B, C = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=-1)
+        delta = F.linear(dt, dt_proj.weight).transpose(1, 2)  # bias goes in as delta_bias, as upstream
+        B = B.transpose(1, 2)
+        C = C.transpose(1, 2)
+        ct = torch.float64 if A_log.dtype == torch.float64 else torch.float32
+        A = -torch.exp(A_log.to(ct))
+        y = selective_scan(x, delta, A, B, C, Dp.to(ct), z=z, delta_bias=dt_proj.bias.to(ct), delta_softplus=True,
+                           backend=self.scan_backend)
+        return y, x, delta, B, A
+
+    def forward(self, hidden):
+        xz = self.in_proj(hidden).transpose(1, 2)  # (batch, 2E, L)
+        x, z = xz.chunk(2, dim=1)
+        y_f = self.branch(x, z, self.conv1d, self.x_proj, self.dt_proj, self.A_log, self.D)[0]
+        y_b = self.branch(x.flip(-1), z.flip(-1), self.conv1d_b, self.x_proj_b, self.dt_proj_b, self.A_b_log, self.D_b)[0]
+        y = (y_f + y_b.flip(-1)) / 2
+        return self.out_proj(y.transpose(1, 2))
+
+
+class Block(nn.Module):
+    """Add -> RMSNorm -> mixer, returning (mixer output, residual); the residual stays in float32/64."""
+
+    def __init__(self, cfg: VimConfig, layer_idx=0):
+        super().__init__()
+        self.norm = RMSNorm(cfg.embed_dim, eps=cfg.norm_eps)
+        self.mixer = MambaMixer(cfg, layer_idx)
+
+    def forward(self, hidden, residual=None):
+        residual = hidden if residual is None else residual + hidden
+        residual = residual.to(torch.float64 if residual.dtype == torch.float64 else torch.float32)
+        normed = self.norm(residual).to(self.norm.weight.dtype)
+        return self.mixer(normed), residual
+
+
+class VisionMamba(nn.Module):
+    def __init__(self, cfg: VimConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.patch_embed = PatchEmbed(cfg)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, cfg.embed_dim))
+        self.pos_embed = nn.Parameter(torch.zeros(1, cfg.num_patches + 1, cfg.embed_dim))
+        self.layers = nn.ModuleList([Block(cfg, i) for i in range(cfg.depth)])
+        self.norm_f = RMSNorm(cfg.embed_dim, eps=cfg.norm_eps)
+        self.head = nn.Linear(cfg.embed_dim, cfg.num_classes) if cfg.num_classes > 0 else nn.Identity()
+        self.reset_parameters()
+
+    @property
+    def token_position(self):
+        return self.cfg.num_patches // 2
+
+    def reset_parameters(self):
+        nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        nn.init.trunc_normal_(self.cls_token, std=0.02)
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.trunc_normal_(m.weight, std=0.02)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+        for layer in self.layers:
+            layer.mixer.reset_dt()
+            # Mamba's prenorm residual rescale of out_proj
+            nn.init.kaiming_uniform_(layer.mixer.out_proj.weight, a=math.sqrt(5))
+            with torch.no_grad():
+                layer.mixer.out_proj.weight /= math.sqrt(self.cfg.depth)
+
+    def set_scan_backend(self, backend):
+        """Force a scan backend for every layer ('torch', 'triton', 'mamba_ssm', 'loop'; None = automatic)."""
+        for layer in self.layers:
+            layer.mixer.scan_backend = backend
+        return self
+
+    def embed(self, images):
+        x = self.patch_embed(images)
+        c = self.token_position
+        cls = self.cls_token.expand(x.shape[0], -1, -1).to(x.dtype)
+        x = torch.cat([x[:, :c], cls, x[:, c:]], dim=1)
+        return x + self.pos_embed.to(x.dtype)
+
+    def forward_features(self, images):
+        hidden = self.embed(images)
+        residual = None
+        for layer in self.layers:
+            hidden, residual = layer(hidden, residual)
+        residual = residual + hidden
+        out = self.norm_f(residual)
+        return out[:, self.token_position]
+
+    def forward(self, images):
+        feats = self.forward_features(images)
+        return self.head(feats.to(self.head.weight.dtype) if isinstance(self.head, nn.Linear) else feats)

@@ -1,0 +1,110 @@
+"""Vision Mamba forward in float64 NumPy from a state dict of arrays (the oracle for ``stm_fast.vim``).
+
+Same semantics as the official hustvl/Vim model (bimamba v2, middle class token, RMSNorm, see SPEC
+§2 and §7), written step by step: the patch embedding as a matrix product over flattened patches, the
+causal depthwise conv as an explicit sum over its taps, and each direction's SSM through
+``stm_ref.ssm.selective_scan`` (a sequential scan). The configuration is read off the array shapes.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from .ssm import selective_scan, silu
+
+__all__ = ["config_from_state_dict", "forward", "forward_features", "embed", "mixer", "rms_norm", "causal_conv1d"]
+
+
+def config_from_state_dict(sd):
+    """embed_dim, depth, patch_size, channels, img_size, d_state, d_conv, dt_rank, num_classes."""
+    w = sd["patch_embed.proj.weight"]
+    depth = 1 + max(int(k.split(".")[1]) for k in sd if k.startswith("layers."))
+    grid = int(round(math.sqrt(sd["pos_embed"].shape[1] - 1)))
+    return {
+        "embed_dim": w.shape[0], "channels": w.shape[1], "patch_size": w.shape[2], "img_size": grid * w.shape[2],
+        "depth": depth, "d_state": sd["layers.0.mixer.A_log"].shape[1],
+        "d_conv": sd["layers.0.mixer.conv1d.weight"].shape[-1], "dt_rank": sd["layers.0.mixer.dt_proj.weight"].shape[1],
+        "num_classes": sd["head.weight"].shape[0] if "head.weight" in sd else 0,
+    }
+
+
+def rms_norm(x, weight, eps=1e-5):
+    """x / sqrt(mean(x^2) + eps) * weight over the last axis."""
+    return x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + eps) * weight
+
+
+def causal_conv1d(x, weight, bias):
+    """Depthwise causal conv over (channels, L): y_t = bias + sum_k w[k] x_{t-K+1+k} (zero before t = 0)."""
+    w = weight.reshape(weight.shape[0], -1)
+    E, K = w.shape
+    L = x.shape[1]
+    y = np.repeat(bias[:, None], L, axis=1).astype(np.float64)
+    for k in range(K):
+        shift = K - 1 - k
+        if shift < L:
+            y[:, shift:] += w[:, k : k + 1] * x[:, : L - shift]
+    return y
+
+
+def embed(sd, image):
+    """Patch embedding of one image (C, H, W) with the class token inserted at M // 2 and pos_embed added: (L, d)."""
+    cfg = config_from_state_dict(sd)
+    p, g = cfg["patch_size"], cfg["img_size"] // cfg["patch_size"]
+    C = cfg["channels"]
+    if image.shape != (C, cfg["img_size"], cfg["img_size"]):
+        raise ValueError(f"expected an image of shape {(C, cfg['img_size'], cfg['img_size'])}, got {image.shape}")
+    patches = image.reshape(C, g, p, g, p).transpose(1, 3, 0, 2, 4).reshape(g * g, C * p * p)  # row-major patches
+    W = sd["patch_embed.proj.weight"].reshape(cfg["embed_dim"], -1)
+    x = patches @ W.T + sd["patch_embed.proj.bias"]
+    c = x.shape[0] // 2
+    x = np.concatenate([x[:c], sd["cls_token"].reshape(1, -1), x[c:]], axis=0)
+    return x + sd["pos_embed"][0]
+
+
+def _branch(sd, pre, x, z, suffix):
+    """One direction of the mixer on (E, L) inputs, in scan order; returns y (E, L), delta (E, L), B (N, L), A (E, N)."""
+    E, L = x.shape
+    R = sd[f"{pre}dt_proj{suffix}.weight"].shape[1]
+    N = sd[f"{pre}A_log"].shape[1]
+    xc = silu(causal_conv1d(x, sd[f"{pre}conv1d{suffix}.weight"], sd[f"{pre}conv1d{suffix}.bias"]))
+    x_dbl = sd[f"{pre}x_proj{suffix}.weight"] @ xc  # (R + 2N, L)
+    dt, B, C = x_dbl[:R], x_dbl[R : R + N], x_dbl[R + N :]
+    delta = sd[f"{pre}dt_proj{suffix}.weight"] @ dt  # (E, L), bias added inside the scan
+    A = -np.exp(sd[f"{pre}A_log" if suffix == "" else f"{pre}A_b_log"])
+    y = selective_scan(xc[None], delta[None], A, B[None], C[None], D=sd[f"{pre}D{suffix}"], z=z[None],
+                       delta_bias=sd[f"{pre}dt_proj{suffix}.bias"], delta_softplus=True)[0]
+    return y, xc, delta, B, A
+
+
+def mixer(sd, i, hidden):
+    """Bimamba-v2 mixer of layer i on (L, d): forward branch, flipped backward branch, average, out_proj."""
+    pre = f"layers.{i}.mixer."
+    xz = sd[pre + "in_proj.weight"] @ hidden.T  # (2E, L)
+    E = xz.shape[0] // 2
+    x, z = xz[:E], xz[E:]
+    y_f = _branch(sd, pre, x, z, "")[0]
+    y_b = _branch(sd, pre, x[:, ::-1], z[:, ::-1], "_b")[0]
+    y = (y_f + y_b[:, ::-1]) / 2
+    return (sd[pre + "out_proj.weight"] @ y).T
+
+
+def forward_features(sd, image, eps=1e-5):
+    """Class-token features of one image (C, H, W) after the final Add -> RMSNorm: (d,)."""
+    sd = {k: np.asarray(v, dtype=np.float64) for k, v in sd.items()}
+    hidden = embed(sd, np.asarray(image, dtype=np.float64))
+    depth = config_from_state_dict(sd)["depth"]
+    residual = None
+    for i in range(depth):
+        residual = hidden if residual is None else residual + hidden
+        hidden = mixer(sd, i, rms_norm(residual, sd[f"layers.{i}.norm.weight"], eps))
+    out = rms_norm(residual + hidden, sd["norm_f.weight"], eps)
+    return out[(out.shape[0] - 1) // 2]
+
+
+def forward(sd, images, eps=1e-5):
+    """Logits (batch, classes) for images (batch, C, H, W): the float64 oracle of ``VisionMamba.forward``."""
+    sd = {k: np.asarray(v, dtype=np.float64) for k, v in sd.items()}
+    feats = np.stack([forward_features(sd, im, eps) for im in np.asarray(images, dtype=np.float64)])
+    return feats @ sd["head.weight"].T + sd["head.bias"]
