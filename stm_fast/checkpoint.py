@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 import pickle
+import pickletools
 import zipfile
 
 import torch
@@ -23,6 +24,29 @@ def _torch_load(path):
         return torch.load(path, map_location="cpu", weights_only=True)
 
 
+def _pickled_code(path):
+    """For a plain (non-zip) pickle: the first class/function it references, found by reading opcodes only."""
+    if zipfile.is_zipfile(path):
+        return None
+    found = None
+    try:
+        with open(path, "rb") as f:
+            for op, arg, _ in pickletools.genops(f):  # reads opcodes, executes nothing
+                if found is None and op.name in ("GLOBAL", "INST"):
+                    found = str(arg).replace(" ", ".")
+                elif found is None and op.name in ("STACK_GLOBAL", "REDUCE", "OBJ", "NEWOBJ"):
+                    found = f"a Python object (pickle opcode {op.name})"
+    except Exception:  # not a well-formed pickle: garbage, not code
+        return None
+    return found
+
+
+def _unreadable(path, msg):
+    first = next((ln.strip() for ln in msg.splitlines() if ln.strip()), "")
+    return (f"{path} is not a readable torch checkpoint (truncated download, an error page saved as .pth, or not "
+            f"written by torch.save): {first[:200]}")
+
+
 def read_state_dict(path, key=None, ema=False):
     """The state dict stored in ``path``: a bare state dict, or the entry ``key`` (default ``model``,
     or ``model_ema`` with ``ema=True``) of a checkpoint dict. A ``module.`` prefix (DDP) is removed."""
@@ -35,15 +59,17 @@ def read_state_dict(path, key=None, ema=False):
         raise CheckpointError(f"checkpoint file is empty: {path}")
     try:
         obj = _torch_load(path)
-    except pickle.UnpicklingError as e:
-        raise CheckpointError(
-            f"refusing to load {path}: it contains Python objects that could run code, and checkpoints are "
-            f"loaded with weights_only=True ({str(e).splitlines()[0]}). Re-save just the state dict: "
-            f"torch.save({{'model': model.state_dict()}}, path)") from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as e:
-        raise CheckpointError(
-            f"{path} is not a readable torch checkpoint (truncated download, or not written by torch.save): "
-            f"{str(e).splitlines()[0]}") from None
+    except (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile, OSError, LookupError, ValueError,
+            TypeError, AttributeError) as e:
+        msg = str(e)
+        code = _pickled_code(path)
+        if "Unsupported global" in msg or code:  # a class or function reference: loading would run code
+            detail = next((ln.strip() for ln in msg.splitlines() if "Unsupported global" in ln), f"it references {code}")
+            raise CheckpointError(
+                f"refusing to load {path}: it contains Python objects that could run code, and checkpoints are "
+                f"loaded with weights_only=True ({detail[:200]}). If you trust the file, re-save just the state "
+                f"dict: torch.save({{'model': model.state_dict()}}, path)") from None
+        raise CheckpointError(_unreadable(path, msg)) from None
     if not isinstance(obj, dict):
         raise CheckpointError(f"{path} holds a {type(obj).__name__}, expected a state dict or a dict with a 'model' entry")
     if key is None:

@@ -1,0 +1,41 @@
+"""Selective-scan backends at Vim-Ti / Vim-S shapes (batch 8, L = 197, N = 16; D = d_inner = 384 / 768).
+
+`loop` (one Python step per token, the layout of mamba-ssm's selective_scan_ref) is the naive floor.
+Run: python -m pytest benchmarks/bench_scan.py --benchmark-only
+"""
+
+import pytest
+import torch
+
+from stm_fast import scan
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+SHAPES = {"vim_tiny": (8, 384, 197, 16), "vim_small": (8, 768, 197, 16)}
+
+
+def _inputs(batch, D, L, N, device=DEVICE, dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    r = lambda *s: torch.randn(*s, generator=g).to(device=device, dtype=dtype)  # noqa: E731
+    return dict(u=r(batch, D, L), delta=r(batch, D, L) - 3, A=-torch.rand(D, N, generator=g).mul(15).add(1).to(device),
+                B=r(batch, N, L), C=r(batch, N, L), D=r(D), z=r(batch, D, L), delta_bias=r(D), delta_softplus=True)
+
+
+def _run(backend, kw):
+    y = scan.selective_scan(**kw, backend=backend)
+    if y.is_cuda:
+        torch.cuda.synchronize()
+    return y
+
+
+@pytest.mark.parametrize("model", list(SHAPES))
+@pytest.mark.parametrize("backend", [b for b in scan.available_backends(DEVICE) if not (b == "triton" and DEVICE == "cpu")])
+def test_scan_backend(benchmark, backend, model):
+    if backend == "loop" and model == "vim_small" and DEVICE == "cpu":
+        pytest.skip("the naive floor is measured at Vim-Ti shapes only, to keep the suite short")
+    kw = _inputs(*SHAPES[model])
+    benchmark.group = f"scan {model} {DEVICE}"
+    benchmark.extra_info.update(backend=backend, shape=SHAPES[model])
+    with torch.inference_mode():
+        _run(backend, kw)  # warm-up (allocations, kernel compilation)
+        y = benchmark(_run, backend, kw)
+    assert torch.isfinite(y).all()

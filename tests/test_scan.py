@@ -1,0 +1,162 @@
+"""stm_fast.scan backends against the float64 reference ``stm_ref.ssm.selective_scan`` (mamba-ssm semantics)."""
+
+import importlib.util
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+
+from stm_fast import scan as fast
+from stm_fast.conv import causal_conv1d
+from stm_ref import ssm, vim as ref_vim
+
+BACKENDS = fast.available_backends("cuda" if torch.cuda.is_available() else "cpu")
+CPU_BACKENDS = [b for b in fast.available_backends("cpu")]
+
+
+@st.composite
+def scan_inputs(draw, max_L=48):
+    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
+    batch, D, N, L = draw(st.integers(1, 3)), draw(st.integers(1, 8)), draw(st.integers(1, 16)), draw(st.integers(1, max_L))
+    layout = draw(st.sampled_from(["variable", "fixed", "grouped"]))
+    u = rng.standard_normal((batch, D, L))
+    delta = rng.uniform(-5, 1.5, (batch, D, L))  # pre-softplus, as Vim feeds it
+    A = -np.exp(rng.uniform(np.log(1e-2), np.log(20), (D, N)))
+    if layout == "variable":
+        B, C = rng.standard_normal((batch, N, L)), rng.standard_normal((batch, N, L))
+    elif layout == "fixed":
+        B, C = rng.standard_normal((D, N)), rng.standard_normal((D, N))
+    else:
+        G = draw(st.sampled_from([g for g in range(1, D + 1) if D % g == 0]))
+        B, C = rng.standard_normal((batch, G, N, L)), rng.standard_normal((batch, G, N, L))
+    kw = dict(u=u, delta=delta, A=A, B=B, C=C,
+              D=rng.standard_normal(D) if draw(st.booleans()) else None,
+              z=rng.standard_normal((batch, D, L)) if draw(st.booleans()) else None,
+              delta_bias=rng.uniform(-1, 1, D) if draw(st.booleans()) else None,
+              delta_softplus=True)
+    return kw
+
+
+def _torch(kw, dtype):
+    return {k: (torch.as_tensor(v, dtype=dtype) if isinstance(v, np.ndarray) else v) for k, v in kw.items()}
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@settings(max_examples=15)
+@given(kw=scan_inputs())
+def test_backend_matches_float64_reference(backend, kw):
+    """float64: every CPU backend equals stm_ref.ssm.selective_scan to 1e-11 (same maths, other summation order)."""
+    ref, ref_last = ssm.selective_scan(**kw, return_last_state=True)
+    y, last = fast.selective_scan(**_torch(kw, torch.float64), return_last_state=True, backend=backend)
+    scale = 1 + np.abs(ref).max()
+    np.testing.assert_allclose(y.numpy(), ref, rtol=1e-11, atol=1e-11 * scale)
+    np.testing.assert_allclose(last.numpy(), ref_last, rtol=1e-11, atol=1e-11 * (1 + np.abs(ref_last).max()))
+
+
+@pytest.mark.parametrize("backend", ["torch", "loop"])
+@settings(max_examples=15)
+@given(kw=scan_inputs())
+def test_float32_backend_is_within_float32_roundoff(backend, kw):
+    """float32 inputs: |y - y_ref| <= 2e-5 * (1 + max|y_ref|), i.e. L-step accumulation of float32 rounding."""
+    ref = ssm.selective_scan(**kw)
+    y = fast.selective_scan(**_torch(kw, torch.float32), backend=backend)
+    assert y.dtype == torch.float32
+    np.testing.assert_allclose(y.double().numpy(), ref, rtol=0, atol=2e-5 * (1 + np.abs(ref).max()))
+
+
+@pytest.mark.parametrize("chunk", [1, 2, 3, 4, 7, 64])
+def test_torch_backend_is_exact_for_any_chunk(chunk):
+    """The doubling scan inside a chunk gives the same result whatever the chunk length (incl. L not a multiple)."""
+    rng = np.random.default_rng(chunk)
+    u, delta = (torch.as_tensor(rng.uniform(0.01, 1, (2, 5, 37))) for _ in range(2))
+    A = -torch.as_tensor(rng.uniform(0.1, 10, (5, 16)))
+    B, C = (torch.as_tensor(rng.standard_normal((2, 16, 37))) for _ in range(2))
+    ref = ssm.selective_scan(u.numpy(), delta.numpy(), A.numpy(), B.numpy(), C.numpy())
+    y, _ = fast._scan_torch(u, delta, A, B, C, chunk=chunk)
+    np.testing.assert_allclose(y.numpy(), ref, rtol=1e-12, atol=1e-12 * np.abs(ref).max())
+
+
+def test_strong_decay_does_not_overflow_float32():
+    """NOTES.md's trap: A = -16, delta ~ 0.35 over many steps; a log-space cumsum would overflow float32 here."""
+    u = torch.ones(1, 2, 200)
+    delta = torch.full((1, 2, 200), 0.35)
+    A = torch.full((2, 16), -16.0)
+    B = torch.ones(1, 16, 200)
+    C = torch.ones(1, 16, 200)
+    y = fast.selective_scan(u, delta, A, B, C, backend="torch")
+    ref = ssm.selective_scan(u.double().numpy(), delta.double().numpy(), A.double().numpy(), B.double().numpy(), C.double().numpy())
+    assert torch.isfinite(y).all()
+    np.testing.assert_allclose(y.double().numpy(), ref, rtol=1e-5)
+
+
+def test_torch_backend_gradients_match_finite_differences():
+    """The torch backend is differentiable (training the embedded models needs it): gradcheck in float64."""
+    torch.manual_seed(0)
+    u = torch.randn(1, 3, 9, dtype=torch.float64, requires_grad=True)
+    delta = torch.rand(1, 3, 9, dtype=torch.float64, requires_grad=True)
+    A = (-torch.rand(3, 4, dtype=torch.float64) * 3).requires_grad_()
+    B = torch.randn(1, 4, 9, dtype=torch.float64, requires_grad=True)
+    C = torch.randn(1, 4, 9, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda *a: fast.selective_scan(*a, delta_softplus=True, backend="torch"), (u, delta, A, B, C))
+
+
+def test_bfloat16_inputs_compute_in_float32_and_return_bfloat16():
+    rng = np.random.default_rng(3)
+    kw = dict(u=rng.standard_normal((2, 4, 20)), delta=rng.uniform(-4, 1, (2, 4, 20)), A=-rng.uniform(0.5, 8, (4, 16)),
+              B=rng.standard_normal((2, 16, 20)), C=rng.standard_normal((2, 16, 20)), delta_softplus=True)
+    ref = ssm.selective_scan(**kw)
+    y = fast.selective_scan(**{k: torch.as_tensor(v, dtype=torch.bfloat16) if isinstance(v, np.ndarray) else v for k, v in kw.items()})
+    assert y.dtype == torch.bfloat16
+    # inputs rounded to bf16 (8 bits of mantissa): a few percent of the output scale
+    np.testing.assert_allclose(y.double().numpy(), ref, rtol=0, atol=5e-2 * np.abs(ref).max())
+
+
+def test_backend_choice_and_errors(monkeypatch):
+    assert fast.resolve_backend(None, "cpu") == "torch"
+    monkeypatch.setenv("STM_SCAN_BACKEND", "loop")
+    assert fast.resolve_backend(None, "cpu") == "loop"
+    assert fast.resolve_backend("torch", "cpu") == "torch", "an explicit argument beats the environment"
+    monkeypatch.setenv("STM_SCAN_BACKEND", "cuda_magic")
+    with pytest.raises(ValueError, match="unknown scan backend 'cuda_magic'"):
+        fast.resolve_backend(None, "cpu")
+    monkeypatch.delenv("STM_SCAN_BACKEND")
+    with pytest.raises(fast.BackendUnavailable, match="needs CUDA"):
+        fast.resolve_backend("mamba_ssm", "cpu")
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(fast.BackendUnavailable, match="triton"):
+        fast.resolve_backend("triton", "cpu")
+
+
+def test_bad_shapes_are_clear_errors():
+    u = torch.zeros(1, 4, 5)
+    with pytest.raises(ValueError, match="does not match D=4"):
+        fast.selective_scan(u, u, -torch.ones(3, 2), torch.zeros(1, 2, 5), torch.zeros(1, 2, 5))
+    with pytest.raises(ValueError, match="B of shape"):
+        fast.selective_scan(u, u, -torch.ones(4, 2), torch.zeros(1, 3, 5), torch.zeros(1, 2, 5))
+
+
+@given(seed=st.integers(0, 2**32 - 1), E=st.integers(1, 8), L=st.integers(1, 30), K=st.integers(1, 5))
+def test_causal_conv_matches_reference(seed, E, L, K):
+    """Causal depthwise conv + SiLU equals stm_ref.vim.causal_conv1d (explicit tap sum) in float64."""
+    rng = np.random.default_rng(seed)
+    x, w, b = rng.standard_normal((2, E, L)), rng.standard_normal((E, 1, K)), rng.standard_normal(E)
+    y = causal_conv1d(torch.as_tensor(x), torch.as_tensor(w), torch.as_tensor(b)).numpy()
+    for i in range(2):
+        expected = ssm.silu(ref_vim.causal_conv1d(x[i], w, b))
+        np.testing.assert_allclose(y[i], expected, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "loop"])
+def test_cuda_backends_match_reference(backend):
+    """On CUDA, float32: triton and mamba_ssm (if installed) agree with the float64 reference."""
+    rng = np.random.default_rng(0)
+    kw = dict(u=rng.standard_normal((4, 64, 197)), delta=rng.uniform(-5, 1, (4, 64, 197)), A=-rng.uniform(0.5, 16, (64, 16)),
+              B=rng.standard_normal((4, 16, 197)), C=rng.standard_normal((4, 16, 197)), D=rng.standard_normal(64),
+              z=rng.standard_normal((4, 64, 197)), delta_bias=rng.uniform(-1, 1, 64), delta_softplus=True)
+    ref = ssm.selective_scan(**kw)
+    y = fast.selective_scan(**{k: torch.as_tensor(v, dtype=torch.float32, device="cuda") if isinstance(v, np.ndarray) else v
+                               for k, v in kw.items()}, backend=backend)
+    np.testing.assert_allclose(y.double().cpu().numpy(), ref, rtol=0, atol=1e-4 * (1 + np.abs(ref).max()))
