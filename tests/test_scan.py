@@ -65,15 +65,16 @@ def test_float32_backend_is_within_float32_roundoff(backend, kw):
     np.testing.assert_allclose(y.double().numpy(), ref, rtol=0, atol=2e-5 * (1 + np.abs(ref).max()))
 
 
+@pytest.mark.parametrize("mode", ["sequential", "doubling"])
 @pytest.mark.parametrize("chunk", [1, 2, 3, 4, 7, 64])
-def test_torch_backend_is_exact_for_any_chunk(chunk):
-    """The doubling scan inside a chunk gives the same result whatever the chunk length (incl. L not a multiple)."""
+def test_torch_backend_is_exact_for_any_chunk(chunk, mode):
+    """Both in-chunk recurrences give the reference result whatever the chunk length (incl. L not a multiple)."""
     rng = np.random.default_rng(chunk)
     u, delta = (torch.as_tensor(rng.uniform(0.01, 1, (2, 5, 37))) for _ in range(2))
     A = -torch.as_tensor(rng.uniform(0.1, 10, (5, 16)))
     B, C = (torch.as_tensor(rng.standard_normal((2, 16, 37))) for _ in range(2))
     ref = ssm.selective_scan(u.numpy(), delta.numpy(), A.numpy(), B.numpy(), C.numpy())
-    y, _ = fast._scan_torch(u, delta, A, B, C, chunk=chunk)
+    y, last = fast._scan_torch(u, delta, A, B, C, chunk=chunk, mode=mode)
     np.testing.assert_allclose(y.numpy(), ref, rtol=1e-12, atol=1e-12 * np.abs(ref).max())
 
 
