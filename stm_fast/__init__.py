@@ -2,6 +2,7 @@
 
 from .checkpoint import CheckpointError
 from .models import create_model, list_models
+from .reduce import reduce
 from .scan import available_backends, selective_scan
 
-__all__ = ["create_model", "list_models", "selective_scan", "available_backends", "CheckpointError"]
+__all__ = ["create_model", "list_models", "reduce", "selective_scan", "available_backends", "CheckpointError"]

@@ -110,7 +110,7 @@ def _compute_dtype(*ts):
     return torch.float64 if any(t is not None and t.dtype == torch.float64 for t in ts) else torch.float32
 
 
-def _scan_torch(u, delta, A, B, C, chunk=8, mode="sequential"):
+def _scan_torch(u, delta, A, B, C, chunk=8, mode="sequential", decay_scale=None):
     """y_ssm (batch, D, L) = C·h and the last state (batch, D, N); delta already biased/softplused.
 
     Time-major and chunked: per chunk of ``chunk`` steps, Abar = exp2(delta*A*log2 e), Bbar*u and the
@@ -123,8 +123,10 @@ def _scan_torch(u, delta, A, B, C, chunk=8, mode="sequential"):
     N = A.shape[1]
     Bt = _expand_BC(B, batch, D, N, L, "B")
     Ct = _expand_BC(C, batch, D, N, L, "C")
-    dt = delta.permute(2, 0, 1).contiguous()  # (L, batch, D)
     du = (delta * u).permute(2, 0, 1).contiguous()
+    if decay_scale is not None:
+        delta = delta * decay_scale[:, None, :]
+    dt = delta.permute(2, 0, 1).contiguous()  # (L, batch, D), the step that enters Abar
     A2 = A * _LOG2E  # exp2 is markedly faster than exp on CPU (NOTES.md)
     h = u.new_zeros(batch, D, N)
     # In-place updates into reused buffers are much faster on CPU but break autograd; training takes
@@ -177,13 +179,14 @@ def _doubling_scan(a, x, h):
     return x
 
 
-def _scan_loop(u, delta, A, B, C):
+def _scan_loop(u, delta, A, B, C, decay_scale=None):
     """One iteration per time step over precomputed (batch, D, L, N) tensors, as selective_scan_ref does."""
     batch, D, L = u.shape
     N = A.shape[1]
     Bt = _expand_BC(B, batch, D, N, L, "B").expand(L, batch, D, N)
     Ct = _expand_BC(C, batch, D, N, L, "C").expand(L, batch, D, N)
-    deltaA = torch.exp(torch.einsum("bdl,dn->bdln", delta, A))
+    dA = delta if decay_scale is None else delta * decay_scale[:, None, :]
+    deltaA = torch.exp(torch.einsum("bdl,dn->bdln", dA, A))
     deltaB_u = torch.einsum("bdl,lbdn,bdl->bdln", delta, Bt, u)
     h = u.new_zeros(batch, D, N)
     ys = []
@@ -194,16 +197,22 @@ def _scan_loop(u, delta, A, B, C):
 
 
 def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
-                   return_last_state=False, backend=None):
+                   return_last_state=False, backend=None, decay_scale=None):
     """Selective scan with mamba-ssm's layout and semantics (twin of ``stm_ref.ssm.selective_scan``).
 
     ``u, delta, z``: (batch, D, L); ``A``: (D, N); ``B, C``: (batch, N, L), (batch, G, N, L) or (D, N);
     ``D, delta_bias``: (D,). delta <- softplus(delta + delta_bias) when asked; Abar = exp(delta*A),
     Bbar = delta*B (Euler, as Mamba's kernels); y = (C·h + D*u) * silu(z). Computes in float32
     (float64 if any input is float64) and returns y in u's dtype, plus the last state if asked.
+    ``decay_scale`` (batch, L): Abar = exp(scale * delta * A), Bbar unchanged (pruned-sequence alignment);
+    mamba-ssm's kernel has no such input, so the automatic choice skips it then.
     """
     _check(u, delta, A)
+    if decay_scale is not None and backend is None and os.environ.get("STM_SCAN_BACKEND") in (None, "", "mamba_ssm"):
+        backend = "triton" if u.is_cuda and _triton_runs_on(u.device) else "torch"
     name = resolve_backend(backend, u.device)
+    if name == "mamba_ssm" and decay_scale is not None:
+        raise BackendUnavailable("scan backend 'mamba_ssm' has no decay_scale input; use 'triton' or 'torch'")
     if name == "mamba_ssm":
         from mamba_ssm.ops.selective_scan_interface import selective_scan_fn
 
@@ -211,7 +220,8 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
     if name == "triton":
         from .triton_scan import selective_scan_triton
 
-        return selective_scan_triton(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
+        return selective_scan_triton(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state,
+                                     decay_scale=decay_scale)
     dtype_in = u.dtype
     ct = _compute_dtype(u, delta, A, B, C)
     uc, dc = u.to(ct), delta.to(ct)
@@ -220,7 +230,8 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
     if delta_softplus:
         dc = F.softplus(dc)
     scan = _scan_torch if name == "torch" else _scan_loop
-    y, last = scan(uc, dc, A.to(ct), B.to(ct), C.to(ct))
+    y, last = scan(uc, dc, A.to(ct), B.to(ct), C.to(ct),
+                   decay_scale=None if decay_scale is None else decay_scale.to(ct))
     if D is not None:
         y = y + D.to(ct)[None, :, None] * uc
     if z is not None:

@@ -21,12 +21,12 @@ _LOG2E = 1.4426950408889634
 
 @triton.jit
 def _selective_scan_fwd(
-    u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, y_ptr, last_ptr,
+    u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, y_ptr, last_ptr, scale_ptr,
     Dm, L, N,
     s_ub, s_ud, s_ul,
     s_Bb, s_Bd, s_Bn, s_Bl,
     s_Cb, s_Cd, s_Cn, s_Cl,
-    HAS_D: tl.constexpr, HAS_Z: tl.constexpr,
+    HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_SCALE: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     pid_b = tl.program_id(0)
@@ -51,7 +51,11 @@ def _selective_scan_fwd(
         dt = tl.load(d_base + t * s_ul, mask=mask_d, other=0.0)
         Bt = tl.load(B_base + t * s_Bl, mask=mask_dn, other=0.0)
         Ct = tl.load(C_base + t * s_Cl, mask=mask_dn, other=0.0)
-        dA = tl.exp2(dt[:, None] * A2)
+        if HAS_SCALE:
+            sc = tl.load(scale_ptr + pid_b * L + t)
+            dA = tl.exp2((dt * sc)[:, None] * A2)
+        else:
+            dA = tl.exp2(dt[:, None] * A2)
         h = dA * h + (dt * u)[:, None] * Bt
         y = tl.sum(h * Ct, axis=1)
         if HAS_D:
@@ -83,7 +87,7 @@ def _strides_BC(M, batch, D, N, L, name):
 
 
 def selective_scan_triton(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
-                          return_last_state=False, block_d=None):
+                          return_last_state=False, block_d=None, decay_scale=None):
     """Same contract as ``stm_fast.scan.selective_scan``; computes in float32 (float64 if any input is)."""
     batch, Dm, L = u.shape
     N = A.shape[1]
@@ -103,15 +107,16 @@ def selective_scan_triton(u, delta, A, B, C, D=None, z=None, delta_bias=None, de
     zc = z.to(ct).contiguous() if z is not None else u
     y = torch.empty_like(u)
     last = torch.empty(batch, Dm, N, dtype=ct, device=u.device)
+    scale = decay_scale.to(ct).contiguous() if decay_scale is not None else u
     BLOCK_N = triton.next_power_of_2(N)
     BLOCK_D = block_d or min(triton.next_power_of_2(Dm), 32)
     grid = (batch, triton.cdiv(Dm, BLOCK_D))
     _selective_scan_fwd[grid](
-        u, delta, A, Bc, Cc, Dp, zc, y, last,
+        u, delta, A, Bc, Cc, Dp, zc, y, last, scale,
         Dm, L, N,
         u.stride(0), u.stride(1), u.stride(2),
         *sB, *sC,
-        HAS_D=D is not None, HAS_Z=z is not None,
+        HAS_D=D is not None, HAS_Z=z is not None, HAS_SCALE=decay_scale is not None,
         BLOCK_D=BLOCK_D, BLOCK_N=BLOCK_N,
     )
     y = y.to(dtype_in)

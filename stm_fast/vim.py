@@ -106,6 +106,8 @@ class MambaMixer(nn.Module):
             setattr(self, ("A_log" if suffix == "" else "A_b_log"), nn.Parameter(torch.log(A)))
             setattr(self, "D" + suffix, nn.Parameter(torch.ones(E)))
         self.scan_backend = None  # None: automatic (see stm_fast.scan)
+        self.keep_stats = False  # token reducers switch this on to read delta/B/C/y of the layer just run
+        self.stats = None
 
     def reset_dt(self, dt_min=1e-3, dt_max=0.1, dt_init_floor=1e-4):
         """Mamba's initialisation of dt_proj: weights ±rank^-1/2, bias = softplus^-1 of log-uniform dt."""
@@ -116,13 +118,15 @@ class MambaMixer(nn.Module):
             with torch.no_grad():
                 dt_proj.bias.copy_(dt + torch.log(-torch.expm1(-dt)))
 
-    def branch(self, x, z, conv, x_proj, dt_proj, A_log, Dp):
-        """One direction on (batch, E, L) inputs: conv + SiLU, projections, selective scan; y (batch, E, L).
+    def branch(self, x, z, conv, x_proj, dt_proj, A_log, Dp, decay_scale=None):
+        """One direction on (batch, E, L) inputs in scan order: conv + SiLU, projections, selective scan.
 
-        Also returns (delta, B): the step sizes after bias and softplus, and the input matrices, i.e.
-        what eq. 11 needs to form Abar and Bbar of this layer.
+        Returns y (batch, E, L) and this direction's statistics in scan order: ``delta`` (after bias and
+        softplus, (batch, E, L)), ``B`` and ``C`` ((batch, N, L)), ``A`` ((E, N)) — what eq. 5 and
+        eq. 11 need to form Abar and Bbar — computed by the forward itself, no extra projections.
+        ``decay_scale`` (batch, L): multiplies delta in Abar only (hidden-state alignment of pruned
+        sequences, ToP-ViM); None for the plain model.
         """
-        L = x.shape[-1]
         x = causal_conv1d(x, conv.weight, conv.bias)
         x_dbl = x_proj(x.transpose(1, 2))  # (batch, L, R + 2N)
         dt, B, C = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=-1)
@@ -131,15 +135,35 @@ class MambaMixer(nn.Module):
         C = C.transpose(1, 2)
         ct = torch.float64 if A_log.dtype == torch.float64 else torch.float32
         A = -torch.exp(A_log.to(ct))
-        y = selective_scan(x, delta, A, B, C, Dp.to(ct), z=z, delta_bias=dt_proj.bias.to(ct), delta_softplus=True,
-                           backend=self.scan_backend)
-        return y, x, delta, B, A
+        bias = dt_proj.bias.to(ct)
+        if decay_scale is None:
+            y = selective_scan(x, delta, A, B, C, Dp.to(ct), z=z, delta_bias=bias, delta_softplus=True,
+                               backend=self.scan_backend)
+            stats = None
+            if self.keep_stats:
+                stats = dict(delta=F.softplus(delta.to(ct) + bias[None, :, None]), B=B, C=C, A=A)
+        else:
+            d = F.softplus(delta.to(ct) + bias[None, :, None])
+            y = selective_scan(x, d, A, B, C, Dp.to(ct), z=z, decay_scale=decay_scale, backend=self.scan_backend)
+            stats = dict(delta=d, B=B, C=C, A=A) if self.keep_stats else None
+        if stats is not None:
+            stats["y"] = y
+        return y, stats
 
-    def forward(self, hidden):
+    def forward(self, hidden, decay_scale=None):
+        """Mixer output (batch, L, d). With ``keep_stats``, ``self.stats`` holds both directions'
+        statistics in *token position order* (the backward branch's are flipped back)."""
         xz = self.in_proj(hidden).transpose(1, 2)  # (batch, 2E, L)
         x, z = xz.chunk(2, dim=1)
-        y_f = self.branch(x, z, self.conv1d, self.x_proj, self.dt_proj, self.A_log, self.D)[0]
-        y_b = self.branch(x.flip(-1), z.flip(-1), self.conv1d_b, self.x_proj_b, self.dt_proj_b, self.A_b_log, self.D_b)[0]
+        sf = sb = None
+        if decay_scale is not None:
+            sf, sb = decay_scale
+        y_f, st_f = self.branch(x, z, self.conv1d, self.x_proj, self.dt_proj, self.A_log, self.D, sf)
+        y_b, st_b = self.branch(x.flip(-1), z.flip(-1), self.conv1d_b, self.x_proj_b, self.dt_proj_b, self.A_b_log,
+                                self.D_b, None if sb is None else sb.flip(-1))
+        if self.keep_stats:
+            self.stats = {"forward": st_f,
+                          "backward": {k: (v if k == "A" else v.flip(-1)) for k, v in st_b.items()}}
         y = (y_f + y_b.flip(-1)) / 2
         return self.out_proj(y.transpose(1, 2))
 
@@ -152,11 +176,11 @@ class Block(nn.Module):
         self.norm = RMSNorm(cfg.embed_dim, eps=cfg.norm_eps)
         self.mixer = MambaMixer(cfg, layer_idx)
 
-    def forward(self, hidden, residual=None):
+    def forward(self, hidden, residual=None, decay_scale=None):
         residual = hidden if residual is None else residual + hidden
         residual = residual.to(torch.float64 if residual.dtype == torch.float64 else torch.float32)
         normed = self.norm(residual).to(self.norm.weight.dtype)
-        return self.mixer(normed), residual
+        return self.mixer(normed, decay_scale), residual
 
 
 class VisionMamba(nn.Module):
@@ -205,12 +229,14 @@ class VisionMamba(nn.Module):
 
     def forward_features(self, images):
         hidden = self.embed(images)
-        residual = None
-        for layer in self.layers:
-            hidden, residual = layer(hidden, residual)
-        residual = residual + hidden
-        out = self.norm_f(residual)
-        return out[:, self.token_position]
+        reducer = getattr(self, "reducer", None)
+        if reducer is None or not reducer.active:
+            residual = None
+            for layer in self.layers:
+                hidden, residual = layer(hidden, residual)
+            out = self.norm_f(residual + hidden)
+            return out[:, self.token_position]
+        return reducer.forward_features(self, hidden)
 
     def forward(self, images):
         feats = self.forward_features(images)

@@ -192,7 +192,7 @@ def _per_position(M, b, L, D, N, name):
 
 
 def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
-                   return_last_state=False):
+                   return_last_state=False, decay_scale=None):
     """Batched selective scan with the argument layouts and semantics of mamba-ssm's ``selective_scan_ref``.
 
     ``u, delta, z``: (batch, D, L); ``A``: (D, N); ``B, C``: (batch, N, L), (batch, G, N, L) or (D, N);
@@ -200,6 +200,8 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
     (Abar = exp(delta*A), Bbar = delta*B, as Mamba's kernels); y = (C·h + D*u) * silu(z).
     Returns y (batch, D, L) and, with ``return_last_state``, the final state (batch, D, N).
     Unlike mamba-ssm's reference, everything stays in float64 (no float32 cast).
+    ``decay_scale`` (batch, L), an extension for pruned sequences: Abar_t = exp(scale_t * delta_t * A)
+    while Bbar_t = delta_t * B_t (the decay spans the positions a pruned token left behind).
     """
     u = _f64(u, "u")
     delta = _f64(delta, "delta")
@@ -220,6 +222,8 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
     last = np.zeros((batch, Dm, N))
     for b in range(batch):
         Abar, Bbar = discretize(delta[b].T, A, _per_position(B, b, L, Dm, N, "B"), method="euler")
+        if decay_scale is not None:
+            Abar = np.exp(np.asarray(decay_scale, dtype=np.float64)[b][:, None, None] * delta[b].T[:, :, None] * A[None])
         h = scan(Abar, Bbar, u[b].T)
         y = readout(h, _per_position(C, b, L, Dm, N, "C"))
         ys[b] = y.T

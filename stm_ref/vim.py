@@ -12,7 +12,7 @@ import math
 
 import numpy as np
 
-from .ssm import selective_scan, silu
+from .ssm import selective_scan, silu, softplus
 
 __all__ = ["config_from_state_dict", "forward", "forward_features", "embed", "mixer", "rms_norm", "causal_conv1d"]
 
@@ -63,8 +63,9 @@ def embed(sd, image):
     return x + sd["pos_embed"][0]
 
 
-def _branch(sd, pre, x, z, suffix):
-    """One direction of the mixer on (E, L) inputs, in scan order; returns y (E, L), delta (E, L), B (N, L), A (E, N)."""
+def _branch(sd, pre, x, z, suffix, decay_scale=None):
+    """One direction of the mixer on (E, L) inputs, in scan order; returns y (E, L) and the statistics
+    {delta (after softplus, (E, L)), B, C ((N, L)), A ((E, N)), y} in scan order."""
     E, L = x.shape
     R = sd[f"{pre}dt_proj{suffix}.weight"].shape[1]
     N = sd[f"{pre}A_log"].shape[1]
@@ -74,37 +75,69 @@ def _branch(sd, pre, x, z, suffix):
     delta = sd[f"{pre}dt_proj{suffix}.weight"] @ dt  # (E, L), bias added inside the scan
     A = -np.exp(sd[f"{pre}A_log" if suffix == "" else f"{pre}A_b_log"])
     y = selective_scan(xc[None], delta[None], A, B[None], C[None], D=sd[f"{pre}D{suffix}"], z=z[None],
-                       delta_bias=sd[f"{pre}dt_proj{suffix}.bias"], delta_softplus=True)[0]
-    return y, xc, delta, B, A
+                       delta_bias=sd[f"{pre}dt_proj{suffix}.bias"], delta_softplus=True,
+                       decay_scale=None if decay_scale is None else decay_scale[None])[0]
+    d = softplus(delta + sd[f"{pre}dt_proj{suffix}.bias"][:, None])
+    return y, {"delta": d, "B": B, "C": C, "A": A, "y": y}
 
 
-def mixer(sd, i, hidden):
-    """Bimamba-v2 mixer of layer i on (L, d): forward branch, flipped backward branch, average, out_proj."""
+def mixer(sd, i, hidden, decay_scale=None, return_stats=False):
+    """Bimamba-v2 mixer of layer i on (L, d): forward branch, flipped backward branch, average, out_proj.
+
+    ``decay_scale``: optional (forward, backward) position-order scales of Abar (pruned-sequence alignment).
+    With ``return_stats`` also returns both directions' statistics in token position order.
+    """
     pre = f"layers.{i}.mixer."
     xz = sd[pre + "in_proj.weight"] @ hidden.T  # (2E, L)
     E = xz.shape[0] // 2
     x, z = xz[:E], xz[E:]
-    y_f = _branch(sd, pre, x, z, "")[0]
-    y_b = _branch(sd, pre, x[:, ::-1], z[:, ::-1], "_b")[0]
+    sf, sb = (None, None) if decay_scale is None else decay_scale
+    y_f, st_f = _branch(sd, pre, x, z, "", sf)
+    y_b, st_b = _branch(sd, pre, x[:, ::-1], z[:, ::-1], "_b", None if sb is None else sb[::-1])
     y = (y_f + y_b[:, ::-1]) / 2
-    return (sd[pre + "out_proj.weight"] @ y).T
+    out = (sd[pre + "out_proj.weight"] @ y).T
+    if not return_stats:
+        return out
+    back = {k: (v if k == "A" else v[:, ::-1]) for k, v in st_b.items()}
+    return out, {"forward": st_f, "backward": back}
 
 
-def forward_features(sd, image, eps=1e-5):
-    """Class-token features of one image (C, H, W) after the final Add -> RMSNorm: (d,)."""
+def forward_features(sd, image, eps=1e-5, reduction=None):
+    """Class-token features of one image (C, H, W) after the final Add -> RMSNorm: (d,).
+
+    ``reduction``: {"method", "schedule" (tokens removed after each layer), "options"} as
+    ``stm_fast.reduce`` records it in ``model.reduction``; the same reduction, computed in float64.
+    """
     sd = {k: np.asarray(v, dtype=np.float64) for k, v in sd.items()}
     hidden = embed(sd, np.asarray(image, dtype=np.float64))
     depth = config_from_state_dict(sd)["depth"]
+    L = hidden.shape[0]
+    state = {"cls": (L - 1) // 2, "pos": np.arange(L), "size": np.ones(L)}
+    schedule = list(reduction["schedule"]) if reduction and reduction.get("method", "none") != "none" else []
+    step = None
+    if schedule and any(schedule):
+        from . import reductions
+
+        step = reductions.STEPS[reduction["method"]]
+        options = reduction.get("options", {})
     residual = None
     for i in range(depth):
         residual = hidden if residual is None else residual + hidden
-        hidden = mixer(sd, i, rms_norm(residual, sd[f"layers.{i}.norm.weight"], eps))
+        k = schedule[i] if i < len(schedule) else 0
+        scale = reductions.decay_scales(reduction["method"], options, state) if step is not None else None
+        normed = rms_norm(residual, sd[f"layers.{i}.norm.weight"], eps)
+        if k > 0:
+            hidden, stats = mixer(sd, i, normed, scale, return_stats=True)
+            hidden, residual, state = step(k, hidden, residual, state, stats, options)
+        else:
+            hidden = mixer(sd, i, normed, scale)
     out = rms_norm(residual + hidden, sd["norm_f.weight"], eps)
-    return out[(out.shape[0] - 1) // 2]
+    return out[state["cls"]]
 
 
-def forward(sd, images, eps=1e-5):
-    """Logits (batch, classes) for images (batch, C, H, W): the float64 oracle of ``VisionMamba.forward``."""
+def forward(sd, images, eps=1e-5, reduction=None):
+    """Logits (batch, classes) for images (batch, C, H, W): the float64 oracle of ``VisionMamba.forward``
+    (with ``reduction``, of the model after ``stm_fast.reduce``)."""
     sd = {k: np.asarray(v, dtype=np.float64) for k, v in sd.items()}
-    feats = np.stack([forward_features(sd, im, eps) for im in np.asarray(images, dtype=np.float64)])
+    feats = np.stack([forward_features(sd, im, eps, reduction) for im in np.asarray(images, dtype=np.float64)])
     return feats @ sd["head.weight"].T + sd["head.bias"]

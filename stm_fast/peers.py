@@ -1,0 +1,206 @@
+"""The methods STM is compared with (the paper's Table 2), training-free, behind ``stm_fast.reduce``.
+
+* ``tome``: ToMe / R-MeeTo / Famba-V merging. Bipartite soft matching on alternating tokens (even and
+  odd indices of the current sequence) by cosine similarity of the next block's input (residual +
+  mixer output); the class token is neither a source nor a destination; the k most similar even tokens
+  merge into their best odd partner by size-weighted average, sizes carried across layers; order kept
+  (a merged token sits at its destination's position). ``layers``: 'all', 'every_other' (R-MeeTo:
+  before layers 2, 4, ..., i.e. after layers 1, 3, ...), 'lower' / 'upper' (Famba-V: first / second half).
+* ``top``: ToP-ViM pruning. Importance = sum over channels of the clipped (>= 0) SSM output of each
+  direction, in token order, summed over the two directions; the least important tokens are dropped
+  after the given layers (default after 0-based layers 4, 9, 14; counts chosen to meet the rate).
+  Hidden-state alignment (``align=True``): a kept token whose scan-order predecessors were pruned decays
+  over the whole position gap, Abar = exp(gap * delta * A), its input term unchanged.
+* ``evit``: token-recognition (EViT-style) pruning. Importance = |class-token hidden attention| (eq. 5:
+  the class token's row of alpha, from the forward direction for tokens left of it and the backward
+  direction for those right of it) averaged over channels. To remove k tokens, the k+1 least important
+  are fused into one token by importance-weighted average, which sits at the position of the most
+  important of them (order kept). Default layers as ``top``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .reduce import Reducer, _check_options
+
+__all__ = ["ToMeReducer", "ToPReducer", "EViTReducer", "METHODS"]
+
+
+def _gather_tokens(x, idx):
+    """x (batch, L, C) at per-image indices idx (batch, K)."""
+    return torch.gather(x, 1, idx[..., None].expand(-1, -1, x.shape[-1]))
+
+
+def _kept_from_mask(mask):
+    """Ascending kept indices (batch, K) from a (batch, L) mask with the same count per image."""
+    batch = mask.shape[0]
+    return torch.nonzero(mask, as_tuple=False)[:, 1].view(batch, -1)
+
+
+def _new_state(state, kept):
+    cls = (kept < state["cls"][:, None]).sum(dim=1)
+    uniform = int(cls[0]) if bool((cls == cls[0]).all()) else None
+    return dict(state, cls=cls, uniform_cls=uniform, pos=torch.gather(state["pos"], 1, kept),
+                size=torch.gather(state["size"], 1, kept))
+
+
+class ToMeReducer(Reducer):
+    method = "tome"
+    keeps_stats = False
+
+    def step(self, i, k, hidden, residual, state, stats):
+        batch, L, _ = hidden.shape
+        dev = hidden.device
+        x = (residual + hidden).float() if residual.dtype != torch.float64 else residual + hidden
+        metric = x / x.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+        a_idx = torch.arange(0, L, 2, device=dev)
+        b_idx = torch.arange(1, L, 2, device=dev)
+        scores = metric[:, a_idx] @ metric[:, b_idx].transpose(1, 2)  # (batch, La, Lb)
+        cls = state["cls"]
+        rows = torch.arange(batch, device=dev)
+        even = cls % 2 == 0
+        neg = torch.finfo(scores.dtype).min
+        scores[rows[even], cls[even] // 2, :] = neg  # the class token is never a source ...
+        scores[rows[~even], :, cls[~even] // 2] = neg  # ... nor a destination
+        node_max, node_idx = scores.max(dim=-1)  # best destination of each even token
+        order = node_max.argsort(dim=-1, descending=True)
+        src = order[:, :k]  # (batch, k) indices into a_idx
+        dst = torch.gather(node_idx, 1, src)  # indices into b_idx
+        size = state["size"]
+        s_src = torch.gather(size[:, a_idx], 1, src)  # (batch, k)
+        mass = size[:, b_idx].scatter_add(1, dst, s_src)
+        new_size = size.clone()
+        new_size[:, b_idx] = mass
+
+        def merge(t):
+            tb = t[:, b_idx] * size[:, b_idx, None].to(t.dtype)
+            contrib = _gather_tokens(t[:, a_idx], src) * s_src[..., None].to(t.dtype)
+            tb = tb.scatter_add(1, dst[..., None].expand(-1, -1, t.shape[-1]), contrib) / mass[..., None].to(t.dtype)
+            out = t.clone()
+            out[:, b_idx] = tb
+            return out
+
+        keep = torch.ones(batch, L, dtype=torch.bool, device=dev)
+        keep.scatter_(1, a_idx[src], False)
+        kept = _kept_from_mask(keep)
+        hidden = _gather_tokens(merge(hidden), kept)
+        residual = _gather_tokens(merge(residual), kept)
+        state = _new_state(dict(state, size=new_size), kept)
+        return hidden, residual, state
+
+
+class ToPReducer(Reducer):
+    method = "top"
+
+    def decay_scales(self, state):
+        if not self.options["align"]:
+            return None
+        pos = state["pos"]
+        if pos.shape[1] == 0 or bool((pos[:, -1] == pos.shape[1] - 1).all()):
+            return None  # nothing pruned yet: plain decay
+        gap = (pos[:, 1:] - pos[:, :-1]).to(torch.float32)
+        one = torch.ones_like(gap[:, :1])
+        return torch.cat([one, gap], dim=1), torch.cat([gap, one], dim=1)
+
+    def step(self, i, k, hidden, residual, state, stats):
+        imp = sum(stats[d]["y"].clamp_min(0).sum(dim=1) for d in ("forward", "backward")).float()  # (batch, L)
+        rows = torch.arange(hidden.shape[0], device=hidden.device)
+        imp[rows, state["cls"]] = float("inf")
+        kept = imp.topk(hidden.shape[1] - k, dim=1).indices.sort(dim=1).values
+        return _gather_tokens(hidden, kept), _gather_tokens(residual, kept), _new_state(state, kept)
+
+
+def class_attention(stats, cls):
+    """|alpha[d, cls, j]| averaged over channels d (eq. 5), forward direction for j < cls, backward for j > cls.
+
+    stats: MambaMixer.stats (position order); cls: (batch,) indices. Returns (batch, L); 0 at cls.
+    """
+    out = None
+    for direction in ("forward", "backward"):
+        s = stats[direction]
+        delta, B, C, A = s["delta"], s["B"].to(s["delta"].dtype), s["C"].to(s["delta"].dtype), s["A"]
+        batch, E, L = delta.shape
+        cz = torch.nn.functional.pad(torch.cumsum(delta, dim=-1), (1, 0))  # (batch, E, L+1)
+        pos = torch.arange(L, device=delta.device)
+        c = cls[:, None, None]
+        if direction == "forward":  # steps j+1 .. cls
+            S = torch.gather(cz, 2, (c + 1).expand(batch, E, 1)) - cz[:, :, 1:]
+            valid = pos[None, :] < cls[:, None]
+        else:  # steps cls .. j-1
+            S = cz[:, :, :-1] - torch.gather(cz, 2, c.expand(batch, E, 1))
+            valid = pos[None, :] > cls[:, None]
+        S = torch.where(valid[:, None, :], S, torch.zeros_like(S)).clamp_min(0)
+        C_cls = torch.gather(C, 2, c.expand(batch, C.shape[1], 1))[:, :, 0]  # (batch, N)
+        alpha = torch.zeros_like(delta)
+        for n in range(A.shape[1]):  # one state at a time keeps memory at (batch, E, L)
+            alpha += C_cls[:, n, None, None] * torch.exp(A[None, :, n, None] * S) * B[:, n, None, :]
+        alpha = alpha * delta
+        imp = alpha.abs().mean(dim=1) * valid
+        out = imp if out is None else out + imp
+    return out
+
+
+class EViTReducer(Reducer):
+    method = "evit"
+
+    def step(self, i, k, hidden, residual, state, stats):
+        batch, L, _ = hidden.shape
+        rows = torch.arange(batch, device=hidden.device)
+        imp = class_attention(stats, state["cls"]).float()
+        imp[rows, state["cls"]] = float("inf")
+        order = imp.argsort(dim=1)  # ascending importance
+        pruned = order[:, : k + 1]  # (batch, k+1), least important first
+        host = pruned[:, -1]  # the most important of them hosts the fused token
+        w = torch.gather(imp, 1, pruned)
+        w = torch.where(w.sum(1, keepdim=True) > 0, w, torch.ones_like(w))
+        w = w / w.sum(dim=1, keepdim=True)
+
+        def fuse(t):
+            fused = (_gather_tokens(t, pruned) * w[..., None].to(t.dtype)).sum(dim=1)
+            out = t.clone()
+            out[rows, host] = fused
+            return out
+
+        keep = torch.ones(batch, L, dtype=torch.bool, device=hidden.device)
+        keep.scatter_(1, pruned[:, :-1], False)
+        kept = _kept_from_mask(keep)
+        return _gather_tokens(fuse(hidden), kept), _gather_tokens(fuse(residual), kept), _new_state(state, kept)
+
+
+_TOME_LAYERS = ("all", "every_other", "lower", "upper")
+
+
+def _tome_setup(model, options):
+    opts = _check_options("tome", options, dict(layers="every_other"))
+    depth = model.cfg.depth
+    choice = opts["layers"]
+    if isinstance(choice, str):
+        if choice not in _TOME_LAYERS:
+            raise ValueError(f"tome: layers must be one of {_TOME_LAYERS} or a list of layer indices, got {choice!r}")
+        layers = {"all": range(depth - 1), "every_other": range(1, depth - 1, 2),
+                  "lower": range(0, depth // 2), "upper": range(depth // 2, depth - 1)}[choice]
+    else:
+        layers = choice
+    return opts, _check_layers("tome", layers, depth), 1, model.cfg.num_patches - 1
+
+
+def _check_layers(method, layers, depth):
+    layers = sorted(int(l) for l in layers)
+    bad = [l for l in layers if not 0 <= l <= depth - 2]
+    if bad:
+        raise ValueError(f"{method}: layers {bad} out of range: reductions happen after layers 0..{depth - 2}")
+    return layers
+
+
+def _top_setup(model, options):
+    opts = _check_options("top", options, dict(layers=(4, 9, 14), align=True))
+    return opts, _check_layers("top", opts["layers"], model.cfg.depth), 1, model.cfg.num_patches - 1
+
+
+def _evit_setup(model, options):
+    opts = _check_options("evit", options, dict(layers=(4, 9, 14)))
+    return opts, _check_layers("evit", opts["layers"], model.cfg.depth), 1, model.cfg.num_patches - 2
+
+
+METHODS = {"tome": (_tome_setup, ToMeReducer), "top": (_top_setup, ToPReducer), "evit": (_evit_setup, EViTReducer)}

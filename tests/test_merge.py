@@ -1,0 +1,71 @@
+"""stm_fast.merge (batched torch STM merge) against its float64 twin stm_ref.merge."""
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+
+from stm_fast import merge as fast
+from stm_ref import merge as ref, ssm
+
+
+@st.composite
+def cases(draw):
+    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
+    L = draw(st.integers(3, 40))
+    cls = draw(st.sampled_from([(L - 1) // 2, draw(st.integers(1, L - 2))]))
+    r_left = draw(st.integers(0, max(cls - 1, 0)))
+    r_right = draw(st.integers(0, max(L - cls - 2, 0)))
+    positions = draw(st.sampled_from(["ends", "uniform"]))
+    batch, E, N = draw(st.integers(1, 3)), draw(st.integers(1, 8)), draw(st.integers(1, 16))
+    stats = {}
+    for d in ("forward", "backward"):
+        stats[d] = dict(delta=rng.uniform(1e-3, 1.5, (batch, E, L)), B=rng.standard_normal((batch, N, L)),
+                        A=-np.exp(rng.uniform(np.log(1e-2), np.log(16), (E, N))))
+    return L, cls, r_left, r_right, positions, stats, rng
+
+
+@pytest.mark.parametrize("variant", ref.TOKEN_WEIGHT_VARIANTS)
+@settings(max_examples=12)
+@given(case=cases())
+def test_token_weights_match_reference(variant, case):
+    """float64: each image's weights equal stm_ref.merge.token_weights on its Euler (Abar, Bbar), to 1e-12 relative."""
+    L, cls, rl, rr, positions, stats, _ = case
+    plan = ref.merge_plan(L, cls, rl, rr, positions)
+    pidx = fast.plan_index(L, cls, rl, rr, positions)
+    tstats = {d: {k: torch.as_tensor(v) for k, v in s.items()} for d, s in stats.items()}
+    w = fast.token_weights(tstats, pidx, variant).numpy()
+    for b in range(w.shape[0]):
+        expected = {}
+        for d in ("forward", "backward"):
+            s = stats[d]
+            Abar, Bbar = ssm.discretize(s["delta"][b].T, s["A"], s["B"][b].T, "euler")
+            expected.update(ref.token_weights(Abar, Bbar, plan, d, variant))
+        got = dict(zip(plan.reduced.tolist(), w[b]))
+        assert set(got) == set(expected)
+        for j in got:
+            np.testing.assert_allclose(got[j], expected[j], rtol=1e-12, atol=1e-300)
+
+
+@pytest.mark.parametrize("variant", ref.TOKEN_WEIGHT_VARIANTS)
+@settings(max_examples=12)
+@given(case=cases())
+def test_merge_tokens_matches_reference(variant, case):
+    """The gather + index_add merge equals stm_ref.merge.merge_tokens for every image, order preserved."""
+    L, cls, rl, rr, positions, _, rng = case
+    plan = ref.merge_plan(L, cls, rl, rr, positions)
+    pidx = fast.plan_index(L, cls, rl, rr, positions)
+    x = rng.standard_normal((2, L, 5))
+    w = rng.uniform(-0.5, 1.5, (2, len(plan.reduced)))
+    got = fast.merge_tokens(torch.as_tensor(x), pidx, torch.as_tensor(w), variant).numpy()
+    for b in range(2):
+        expected = ref.merge_tokens(x[b], plan, dict(zip(plan.reduced.tolist(), w[b])), variant)
+        np.testing.assert_allclose(got[b], expected, rtol=1e-13, atol=1e-13)
+    assert pidx.kept[pidx.new_cls] == cls
+
+
+def test_plan_index_is_cached_and_matches_plan():
+    a = fast.plan_index(197, 98, 3, 3)
+    assert fast.plan_index(197, 98, 3, 3) is a
+    assert a.kept.tolist() == list(range(3, 194)) and a.new_cls == 95
+    assert a.target_k.tolist() == [0, 0, 0, 190, 190, 190]
