@@ -59,35 +59,43 @@ def plan_index(L, cls, r_left, r_right, positions="ends", device="cpu"):
     return _DEVICE_CACHE[key]
 
 
-def _side_weights(delta, B, A, j, q, forward, variant, clamp):
+def _side_weights(st, j, q, forward, variant, clamp):
     """Scalar weights (batch, R) for reduced positions j merging into q, from one direction's statistics.
 
-    delta: (batch, E, L) after softplus; B: (batch, N, L); A: (E, N). P_{j->q} = exp(A * sum of delta over
-    the steps after j up to and including q in scan order), Bbar = delta * B.
+    ``st``: a ``DirectionStats`` (or anything with ``delta_at``, ``B_at``, ``A``). P_{j->q} = exp(A * the sum
+    of delta over the steps after j up to and including q in scan order); Bbar = delta * B. Only the
+    positions between the reduced tokens and their targets are read.
     """
-    batch, E, L = delta.shape
-    cz = torch.nn.functional.pad(torch.cumsum(delta, dim=-1), (1, 0))  # cz[:, :, t] = sum of delta[:, :, :t]
-    if forward:  # steps j+1 .. q
-        S = cz[:, :, q + 1] - cz[:, :, j + 1]
-    else:  # steps q .. j-1 (the backward scan visits them after j)
-        S = cz[:, :, j] - cz[:, :, q]
+    lo = int(torch.minimum(j, q).min())
+    hi = int(torch.maximum(j, q).max())
+    span = torch.arange(lo, hi + 1, device=j.device)
+    d = st.delta_at(span)  # (batch, E, span)
+    batch = d.shape[0]
     if variant in ("avg", "drop"):
-        return torch.full((batch, len(j)), 1.0 if variant == "avg" else 0.0, dtype=delta.dtype, device=delta.device)
+        return torch.full((batch, len(j)), 1.0 if variant == "avg" else 0.0, dtype=d.dtype, device=d.device)
+    cz = torch.nn.functional.pad(torch.cumsum(d, dim=-1), (1, 0))  # cz[..., t] = sum of d[..., :t]
+    if forward:  # steps j+1 .. q
+        S = cz[:, :, q + 1 - lo] - cz[:, :, j + 1 - lo]
+    else:  # steps q .. j-1 (the backward scan visits them after j)
+        S = cz[:, :, j - lo] - cz[:, :, q - lo]
+    A = st.A
     P = torch.exp(A[None, :, :, None] * S[:, :, None, :])  # (batch, E, N, R)
     if variant == "decay":
         return P.mean(dim=(1, 2))
-    dj, dq = delta[:, :, j], delta[:, :, q]  # (batch, E, R)
-    Bj, Bq = B[:, :, j].to(delta.dtype), B[:, :, q].to(delta.dtype)  # (batch, N, R)
-    Bbar_j = dj[:, :, None, :] * Bj[:, None, :, :]  # (batch, E, N, R)
-    Bbar_q = dq[:, :, None, :] * Bq[:, None, :, :]
+    dj, dq = d[:, :, j - lo], d[:, :, q - lo]  # (batch, E, R)
+    Bs = st.B_at(span).to(d.dtype)
+    Bj, Bq = Bs[:, :, j - lo], Bs[:, :, q - lo]  # (batch, N, R)
     if variant in ("lsq", "lsq_norm"):
-        num = (P * Bbar_j * Bbar_q).sum(dim=(1, 2))
-        den = (Bbar_q * Bbar_q).sum(dim=(1, 2))
+        # <P*Bbar_j, Bbar_q>_F / |Bbar_q|_F^2 with Bbar = delta (x) B: the denominator factorises.
+        num = torch.einsum("benr,ber,bnr->br", P, dj * dq, Bj * Bq)
+        den = (dq * dq).sum(dim=1) * (Bq * Bq).sum(dim=1)
         w = torch.where(den > 0, num / torch.where(den > 0, den, torch.ones_like(den)), torch.zeros_like(num))
         return w.clamp(0.0, 1.0) if variant == "lsq_norm" else w
     if variant == "mean":
+        Bbar_j = dj[:, :, None, :] * Bj[:, None, :, :]  # (batch, E, N, R)
+        Bbar_q = dq[:, :, None, :] * Bq[:, None, :, :]
         floor = clamp * Bbar_q.abs().amax(dim=(1, 2), keepdim=True)
-        sign = torch.where(Bbar_q < 0, -1.0, 1.0).to(delta.dtype)
+        sign = torch.where(Bbar_q < 0, -1.0, 1.0).to(d.dtype)
         den = sign * torch.maximum(Bbar_q.abs(), floor)
         w = (P * Bbar_j / torch.where(floor > 0, den, torch.ones_like(den))).mean(dim=(1, 2))
         return torch.where(floor[:, 0, 0, :] > 0, w, torch.zeros_like(w))
@@ -96,20 +104,21 @@ def _side_weights(delta, B, A, j, q, forward, variant, clamp):
 
 def token_weights(stats, plan, variant="lsq", clamp=1e-6):
     """One scalar weight per reduced token and image, (batch, R) in plan order (SPEC §4; eq. 11 with the
-    statistics of the layer just run). ``stats``: {"forward": {...}, "backward": {...}} with ``delta``
-    (after softplus), ``B`` and ``A`` in token position order, as ``MambaMixer.stats`` holds them.
-    Twin of ``stm_ref.merge.token_weights`` applied with Euler Abar/Bbar of each direction."""
+    statistics of the layer just run). ``stats``: {"forward": DirectionStats, "backward": DirectionStats}
+    as ``MambaMixer.stats`` holds them. Twin of ``stm_ref.merge.token_weights`` applied with the Euler
+    Abar/Bbar of each direction."""
     if variant not in TOKEN_WEIGHT_VARIANTS:
         raise ValueError(f"weights must be one of {TOKEN_WEIGHT_VARIANTS}, got {variant!r}")
     f, b = stats["forward"], stats["backward"]
-    batch = f["delta"].shape[0]
-    out = torch.empty(batch, len(plan.reduced), dtype=f["delta"].dtype, device=f["delta"].device)
+    batch = f.delta_raw.shape[0]
+    dtype = f.bias.dtype
+    out = torch.empty(batch, len(plan.reduced), dtype=dtype, device=f.delta_raw.device)
     left = plan.left
     if bool(left.any()):
-        out[:, left] = _side_weights(f["delta"], f["B"], f["A"], plan.reduced[left], plan.target[left], True, variant, clamp)
+        out[:, left] = _side_weights(f, plan.reduced[left], plan.target[left], True, variant, clamp)
     right = ~left
     if bool(right.any()):
-        out[:, right] = _side_weights(b["delta"], b["B"], b["A"], plan.reduced[right], plan.target[right], False, variant, clamp)
+        out[:, right] = _side_weights(b, plan.reduced[right], plan.target[right], False, variant, clamp)
     return out
 
 

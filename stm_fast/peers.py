@@ -8,7 +8,8 @@
   before layers 2, 4, ..., i.e. after layers 1, 3, ...), 'lower' / 'upper' (Famba-V: first / second half).
 * ``top``: ToP-ViM pruning. Importance = sum over channels of the clipped (>= 0) SSM output of each
   direction, in token order, summed over the two directions; the least important tokens are dropped
-  after the given layers (default after 0-based layers 4, 9, 14; counts chosen to meet the rate).
+  after the given layers (default after 0-based layers 4, 9, 14 of 24, the same fractions of other depths;
+  counts chosen to meet the rate).
   Hidden-state alignment (``align=True``): a kept token whose scan-order predecessors were pruned decays
   over the whole position gap, Abar = exp(gap * delta * A), its input term unchanged.
 * ``evit``: token-recognition (EViT-style) pruning. Importance = |class-token hidden attention| (eq. 5:
@@ -48,6 +49,11 @@ def _new_state(state, kept):
 class ToMeReducer(Reducer):
     method = "tome"
     keeps_stats = False
+
+    def max_per_step(self, L, cls):
+        # even-index sources and odd-index destinations, the class token (either parity) excluded from both:
+        # at least one destination must remain
+        return (L + 1) // 2 - 1 if L // 2 >= 2 else 0
 
     def step(self, i, k, hidden, residual, state, stats):
         batch, L, _ = hidden.shape
@@ -104,7 +110,8 @@ class ToPReducer(Reducer):
         return torch.cat([one, gap], dim=1), torch.cat([gap, one], dim=1)
 
     def step(self, i, k, hidden, residual, state, stats):
-        imp = sum(stats[d]["y"].clamp_min(0).sum(dim=1) for d in ("forward", "backward")).float()  # (batch, L)
+        imp = sum(stats[d].y.clamp_min(0).sum(dim=1) for d in ("forward", "backward"))  # (batch, L)
+        imp = imp.to(torch.promote_types(imp.dtype, torch.float32))
         rows = torch.arange(hidden.shape[0], device=hidden.device)
         imp[rows, state["cls"]] = float("inf")
         kept = imp.topk(hidden.shape[1] - k, dim=1).indices.sort(dim=1).values
@@ -119,7 +126,8 @@ def class_attention(stats, cls):
     out = None
     for direction in ("forward", "backward"):
         s = stats[direction]
-        delta, B, C, A = s["delta"], s["B"].to(s["delta"].dtype), s["C"].to(s["delta"].dtype), s["A"]
+        delta = s.delta
+        B, C, A = s.B.to(delta.dtype), s.C.to(delta.dtype), s.A
         batch, E, L = delta.shape
         cz = torch.nn.functional.pad(torch.cumsum(delta, dim=-1), (1, 0))  # (batch, E, L+1)
         pos = torch.arange(L, device=delta.device)
@@ -144,10 +152,14 @@ def class_attention(stats, cls):
 class EViTReducer(Reducer):
     method = "evit"
 
+    def max_per_step(self, L, cls):
+        return L - 2  # k + 1 of the L - 1 other tokens are fused into one; the class token stays
+
     def step(self, i, k, hidden, residual, state, stats):
         batch, L, _ = hidden.shape
         rows = torch.arange(batch, device=hidden.device)
-        imp = class_attention(stats, state["cls"]).float()
+        imp = class_attention(stats, state["cls"])
+        imp = imp.to(torch.promote_types(imp.dtype, torch.float32))  # float64 models keep float64 weights
         imp[rows, state["cls"]] = float("inf")
         order = imp.argsort(dim=1)  # ascending importance
         pruned = order[:, : k + 1]  # (batch, k+1), least important first
@@ -193,14 +205,24 @@ def _check_layers(method, layers, depth):
     return layers
 
 
+def default_prune_layers(depth):
+    """ToP-ViM prunes after 0-based layers 4, 9, 14 of 24; other depths get the same fractions of the depth."""
+    return sorted({min(max(round(depth * f / 24) - 1, 0), depth - 2) for f in (5, 10, 15)})
+
+
+def _prune_setup(method, model, options, extra):
+    opts = _check_options(method, options, dict(layers=None, **extra))
+    if opts["layers"] is None:
+        opts["layers"] = default_prune_layers(model.cfg.depth)
+    return opts, _check_layers(method, opts["layers"], model.cfg.depth), 1, model.cfg.num_patches - 1
+
+
 def _top_setup(model, options):
-    opts = _check_options("top", options, dict(layers=(4, 9, 14), align=True))
-    return opts, _check_layers("top", opts["layers"], model.cfg.depth), 1, model.cfg.num_patches - 1
+    return _prune_setup("top", model, options, dict(align=True))
 
 
 def _evit_setup(model, options):
-    opts = _check_options("evit", options, dict(layers=(4, 9, 14)))
-    return opts, _check_layers("evit", opts["layers"], model.cfg.depth), 1, model.cfg.num_patches - 2
+    return _prune_setup("evit", model, options, {})
 
 
 METHODS = {"tome": (_tome_setup, ToMeReducer), "top": (_top_setup, ToPReducer), "evit": (_evit_setup, EViTReducer)}

@@ -65,9 +65,9 @@ class Reducer:
     def step(self, i, k, hidden, residual, state, stats):  # pragma: no cover - abstract
         raise NotImplementedError
 
-    # tokens per side available for reduction, for feasibility checks
     def max_per_step(self, L, cls):
-        return L - 1
+        """Most tokens one step can remove from L (the class token and one other token always stay)."""
+        return L - 2
 
 
 class STMReducer(Reducer):
@@ -113,17 +113,35 @@ def tokens_per_layer(L, schedule, depth):
 def solve_schedule(depth, L, rate, layers, granularity=1, max_total=None):
     """Tokens removed after each layer (list of length depth - 1) meeting ``rate`` within ±1 point.
 
-    k_i = granularity * m_i with m_i in {m, m+1} over ``layers`` (the reduction points), the extra units
-    spread evenly; the (m, extras) pair closest to the rate wins. Raises ValueError with the feasible range.
+    k_i = granularity * m_i with m_i in {m, m+1} over the reduction points, the extra units spread
+    evenly; the (m, extras) pair closest to the rate wins. When the token budget ``max_total`` makes that
+    impossible over all points (e.g. one side only at high rates), the reductions move to the earliest
+    points (a removal after layer i is felt by depth-1-i layers): the longest prefix of the points that
+    reaches the rate is used. Raises ValueError with the feasible range.
     """
     layers = sorted(layers)
     if rate == 0:
         return [0] * (depth - 1)
     if not layers:
         raise ValueError("no layer to reduce at: the chosen layers/start_layer leave none")
+    closest = None
+    for n in range(len(layers), 0, -1):
+        best = _uniform_schedule(depth, L, rate, layers[:n], granularity, max_total)
+        if best is not None and (closest is None or best[0] < closest[0]):
+            closest = best
+        if best is not None and best[0] <= 0.01:
+            return best[1]
+    hi = _max_rate(depth, L, layers, granularity, max_total)
+    got = f"; the closest schedule gives {100 * closest[2]:.1f}%" if closest else ""
+    raise ValueError(
+        f"cannot reach a token reduction rate of {100 * rate:.1f}% within ±1 point{got}. With these options "
+        f"the feasible rates run from 0 to {100 * hi:.1f}% (layers reduced at: {layers[0]}..{layers[-1]}, "
+        f"{granularity} token(s) per step unit); pass schedule=[...] for full control")
+
+
+def _uniform_schedule(depth, L, rate, layers, granularity, max_total):
     target = rate * depth * L  # token-layers to remove
-    weight = {l: depth - 1 - l for l in layers}  # layers that see a token removed after layer l
-    W = sum(weight.values())
+    W = sum(depth - 1 - l for l in layers)
     best = None
     base = int(target // (granularity * W))
     for m in (base - 1, base, base + 1):
@@ -140,14 +158,7 @@ def solve_schedule(depth, L, rate, layers, granularity=1, max_total=None):
             err = abs(achieved - rate)
             if best is None or err < best[0] - 1e-12:
                 best = (err, sched, achieved)
-    if best is None or best[0] > 0.01:
-        hi = _max_rate(depth, L, layers, granularity, max_total)
-        got = f"; the closest schedule gives {100 * best[2]:.1f}%" if best else ""
-        raise ValueError(
-            f"cannot reach a token reduction rate of {100 * rate:.1f}% within ±1 point{got}. With these options "
-            f"the feasible rates run from 0 to {100 * hi:.1f}% (layers reduced at: {layers[0]}..{layers[-1]}, "
-            f"{granularity} token(s) per step unit); pass schedule=[...] for full control")
-    return best[1]
+    return best
 
 
 def _max_rate(depth, L, layers, granularity, max_total):
@@ -254,6 +265,11 @@ def reduce(model, method, rate=None, schedule=None, **options):
         schedule = _validate_schedule(model, schedule, layers, gran, max_total, method)
     reducer = cls(model, schedule, opts)
     tpl = tokens_per_layer(L, schedule, depth)
+    for i, k in enumerate(schedule):
+        limit = reducer.max_per_step(tpl[i], model.token_position)
+        if k > limit:
+            raise ValueError(f"{method}: cannot remove {k} tokens after layer {i}: with {tpl[i]} tokens left, one step "
+                             f"removes at most {limit}; spread the schedule over more layers")
     model.reducer = reducer if reducer.active else None
     model.reduction = {"method": method, "options": opts, "schedule": schedule, "tokens_per_layer": tpl,
                        "rate": rate_of(tpl), "requested_rate": rate}

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from .conv import causal_conv1d
 from .scan import selective_scan
 
-__all__ = ["VimConfig", "VisionMamba", "MambaMixer", "Block", "RMSNorm", "PatchEmbed"]
+__all__ = ["VimConfig", "VisionMamba", "MambaMixer", "Block", "RMSNorm", "PatchEmbed", "DirectionStats"]
 
 
 @dataclass(frozen=True)
@@ -88,6 +88,55 @@ class PatchEmbed(nn.Module):
         return self.proj(x).flatten(2).transpose(1, 2)
 
 
+class DirectionStats:
+    """One direction's per-token statistics of a layer, read lazily at token positions.
+
+    Holds what the branch computed anyway, in scan order (the backward branch's run over the flipped
+    sequence): the pre-bias step ``delta_raw`` (batch, E, L), ``bias`` (E,), ``B``, ``C`` (batch, N, L),
+    ``A`` (E, N), the SSM output ``y`` (batch, E, L). Accessors return token-position order; ``*_at``
+    read only the requested positions, so a merge step touches a handful of tokens, not the sequence.
+    """
+
+    def __init__(self, delta_raw, bias, B, C, A, y, reverse=False):
+        self.delta_raw, self.bias, self._B, self._C, self.A, self._y = delta_raw, bias, B, C, A, y
+        self.reverse = reverse
+        self.L = delta_raw.shape[-1]
+
+    def _idx(self, pos):
+        pos = torch.as_tensor(pos, device=self.delta_raw.device)
+        return self.L - 1 - pos if self.reverse else pos
+
+    def _full(self, t):
+        return t.flip(-1) if self.reverse else t
+
+    def delta_at(self, pos):
+        """softplus(delta + bias) at token positions: (batch, E, len(pos))."""
+        d = self.delta_raw.index_select(-1, self._idx(pos)).to(self.bias.dtype)
+        return F.softplus(d + self.bias[None, :, None])
+
+    def B_at(self, pos):
+        return self._B.index_select(-1, self._idx(pos))
+
+    def C_at(self, pos):
+        return self._C.index_select(-1, self._idx(pos))
+
+    @property
+    def delta(self):
+        return F.softplus(self._full(self.delta_raw).to(self.bias.dtype) + self.bias[None, :, None])
+
+    @property
+    def B(self):
+        return self._full(self._B)
+
+    @property
+    def C(self):
+        return self._full(self._C)
+
+    @property
+    def y(self):
+        return self._full(self._y)
+
+
 class MambaMixer(nn.Module):
     """Bidirectional Mamba mixer (Vim's bimamba v2): forward branch and a flipped backward branch."""
 
@@ -121,9 +170,9 @@ class MambaMixer(nn.Module):
     def branch(self, x, z, conv, x_proj, dt_proj, A_log, Dp, decay_scale=None):
         """One direction on (batch, E, L) inputs in scan order: conv + SiLU, projections, selective scan.
 
-        Returns y (batch, E, L) and this direction's statistics in scan order: ``delta`` (after bias and
-        softplus, (batch, E, L)), ``B`` and ``C`` ((batch, N, L)), ``A`` ((E, N)) — what eq. 5 and
-        eq. 11 need to form Abar and Bbar — computed by the forward itself, no extra projections.
+        Returns y (batch, E, L) and, with ``keep_stats``, this direction's statistics in scan order (pre-bias
+        delta, bias, B, C, A, y): what eq. 5 and eq. 11 need to form Abar and Bbar, computed by the forward
+        itself, no extra projection and no copy.
         ``decay_scale`` (batch, L): multiplies delta in Abar only (hidden-state alignment of pruned
         sequences, ToP-ViM); None for the plain model.
         """
@@ -139,20 +188,14 @@ class MambaMixer(nn.Module):
         if decay_scale is None:
             y = selective_scan(x, delta, A, B, C, Dp.to(ct), z=z, delta_bias=bias, delta_softplus=True,
                                backend=self.scan_backend)
-            stats = None
-            if self.keep_stats:
-                stats = dict(delta=F.softplus(delta.to(ct) + bias[None, :, None]), B=B, C=C, A=A)
         else:
             d = F.softplus(delta.to(ct) + bias[None, :, None])
             y = selective_scan(x, d, A, B, C, Dp.to(ct), z=z, decay_scale=decay_scale, backend=self.scan_backend)
-            stats = dict(delta=d, B=B, C=C, A=A) if self.keep_stats else None
-        if stats is not None:
-            stats["y"] = y
-        return y, stats
+        return y, ((delta, bias, B, C, A, y) if self.keep_stats else None)
 
     def forward(self, hidden, decay_scale=None):
         """Mixer output (batch, L, d). With ``keep_stats``, ``self.stats`` holds both directions'
-        statistics in *token position order* (the backward branch's are flipped back)."""
+        ``DirectionStats`` (read in token position order)."""
         xz = self.in_proj(hidden).transpose(1, 2)  # (batch, 2E, L)
         x, z = xz.chunk(2, dim=1)
         sf = sb = None
@@ -162,8 +205,7 @@ class MambaMixer(nn.Module):
         y_b, st_b = self.branch(x.flip(-1), z.flip(-1), self.conv1d_b, self.x_proj_b, self.dt_proj_b, self.A_b_log,
                                 self.D_b, None if sb is None else sb.flip(-1))
         if self.keep_stats:
-            self.stats = {"forward": st_f,
-                          "backward": {k: (v if k == "A" else v.flip(-1)) for k, v in st_b.items()}}
+            self.stats = {"forward": DirectionStats(*st_f), "backward": DirectionStats(*st_b, reverse=True)}
         y = (y_f + y_b.flip(-1)) / 2
         return self.out_proj(y.transpose(1, 2))
 

@@ -1,0 +1,119 @@
+"""stm_fast.reduce: one API for STM and its peers; rates, schedules, bitwise no-ops, per-image bookkeeping, errors."""
+
+import pytest
+import torch
+
+import stm_fast
+from stm_fast.reduce import rate_of, solve_schedule
+from tests.test_vim import random_model
+
+METHOD_OPTIONS = [("stm", {}), ("stm", {"sides": "left"}), ("stm", {"weights": "avg"}), ("stm", {"positions": "uniform"}),
+                  ("tome", {}), ("tome", {"layers": "all"}), ("top", {}), ("top", {"align": False}), ("evit", {})]
+
+
+@pytest.fixture(scope="module")
+def vim_tiny():
+    return stm_fast.create_model("vim_tiny")
+
+
+@pytest.mark.parametrize("method,options", METHOD_OPTIONS)
+@pytest.mark.parametrize("rate", [0.15, 0.2, 0.3, 0.4])
+def test_rates_are_met_within_one_point_on_vim_tiny(vim_tiny, method, options, rate):
+    """SPEC §6: achieved rate within ±1 point; the schedule, tokens per layer and rate are reported and consistent."""
+    stm_fast.reduce(vim_tiny, method, rate=rate, **options)
+    r = vim_tiny.reduction
+    assert abs(r["rate"] - rate) <= 0.01
+    assert r["method"] == method and r["requested_rate"] == rate
+    tpl = r["tokens_per_layer"]
+    assert tpl[0] == 197 and len(tpl) == 24 and len(r["schedule"]) == 23
+    assert all(tpl[i + 1] == tpl[i] - r["schedule"][i] for i in range(23))
+    assert r["rate"] == pytest.approx(1 - sum(tpl) / (24 * 197))
+    if method == "stm" and options.get("sides", "both") == "both":
+        assert all(k % 2 == 0 for k in r["schedule"]), "both sides lose the same number of tokens"
+    if method == "top":
+        assert {i for i, k in enumerate(r["schedule"]) if k} <= {4, 9, 14}
+    stm_fast.reduce(vim_tiny, "none")
+
+
+@pytest.mark.parametrize("method,options", METHOD_OPTIONS)
+def test_rate_zero_and_none_are_bitwise_the_unreduced_model(method, options):
+    m = random_model(1, 16, 4, 12, 4, 8, dtype=torch.float32)
+    x = torch.randn(3, 3, 16, 16)
+    with torch.no_grad():
+        base = m(x)
+        stm_fast.reduce(m, method, rate=0, **options)
+        assert torch.equal(m(x), base)
+        stm_fast.reduce(m, method, schedule=[0, 0, 0], **options)
+        assert torch.equal(m(x), base)
+        layers = {"layers": [0, 1, 2]} if method in ("top", "evit") or (method == "tome" and "layers" not in options) else {}
+        stm_fast.reduce(m, method, schedule=[2, 2, 0], **options, **layers)
+        assert not torch.equal(m(x), base), "a real reduction changes the logits"
+        stm_fast.reduce(m, "none")
+        assert torch.equal(m(x), base)
+        assert m.reduction["method"] == "none" and m.reduction["rate"] == 0.0
+
+
+@pytest.mark.parametrize("method,options", METHOD_OPTIONS)
+def test_each_image_is_reduced_as_if_alone(method, options):
+    """Data-dependent methods keep per-image indices (the class token can move differently per image):
+    in float64, image i in a batch gives the same logits as image i alone."""
+    m = random_model(2, 16, 4, 12, 4, 8)
+    layers = {"layers": [0, 1, 2]} if method in ("top", "evit") or (method == "tome" and "layers" not in options) else {}
+    stm_fast.reduce(m, method, schedule=[2, 2, 2], **options, **layers)
+    x = torch.randn(4, 3, 16, 16, dtype=torch.float64)
+    with torch.no_grad():
+        batch = m(x)
+        for i in range(4):
+            torch.testing.assert_close(batch[i:i + 1], m(x[i:i + 1]), rtol=1e-12, atol=1e-12)
+
+
+def test_schedule_solver_is_as_uniform_as_possible():
+    s = solve_schedule(24, 197, 0.2, range(23), granularity=2)
+    nonzero = [k for k in s if k]
+    assert max(nonzero) - min(nonzero) <= 2 and all(k % 2 == 0 for k in s)
+    tpl = [197]
+    for k in s:
+        tpl.append(tpl[-1] - k)
+    assert abs(rate_of(tpl) - 0.2) <= 0.01
+
+
+@pytest.mark.parametrize("call,match", [
+    (lambda m: stm_fast.reduce(m, "magic", rate=0.2), "unknown reduction method 'magic'"),
+    (lambda m: stm_fast.reduce(m, "stm", rate=0.2, sidez="both"), r"unknown option\(s\) \['sidez'\]"),
+    (lambda m: stm_fast.reduce(m, "stm", rate=0.2, schedule=[2]), "exactly one of rate= or schedule="),
+    (lambda m: stm_fast.reduce(m, "stm"), "exactly one of rate= or schedule="),
+    (lambda m: stm_fast.reduce(m, "stm", rate=20), r"rate must be in \[0, 1\)"),
+    (lambda m: stm_fast.reduce(m, "stm", rate=0.99), "feasible rates run from 0 to 94"),
+    (lambda m: stm_fast.reduce(m, "stm", schedule=[3]), "must be even"),
+    (lambda m: stm_fast.reduce(m, "stm", schedule=[2] * 30), "only 23 merge points"),
+    (lambda m: stm_fast.reduce(m, "stm", schedule=[-2]), "non-negative integers"),
+    (lambda m: stm_fast.reduce(m, "stm", schedule=[200]), "more than the 194"),
+    (lambda m: stm_fast.reduce(m, "stm", rate=0.2, start_layer=23), "start_layer must be in 0..22"),
+    (lambda m: stm_fast.reduce(m, "stm", rate=0.2, weights="median"), "weights must be one of"),
+    (lambda m: stm_fast.reduce(m, "stm", schedule=[0, 2], start_layer=2), "cannot reduce after layer 1"),
+    (lambda m: stm_fast.reduce(m, "tome", rate=0.2, layers="middle"), "tome: layers must be one of"),
+    (lambda m: stm_fast.reduce(m, "tome", schedule=[0, 120]), "one step removes at most 98"),
+    (lambda m: stm_fast.reduce(m, "top", rate=0.2, layers=[30]), "out of range"),
+    (lambda m: stm_fast.reduce(m, "none", rate=0.2), "takes no rate"),
+])
+def test_bad_requests_are_clear_errors(vim_tiny, call, match):
+    with pytest.raises((ValueError, TypeError), match=match):
+        call(vim_tiny)
+
+
+def test_top_alignment_changes_the_decay_of_later_layers():
+    """ToP's hidden-state alignment (on by default) makes a kept token decay over the pruned gap."""
+    m = random_model(3, 16, 4, 12, 4, 8)
+    x = torch.randn(2, 3, 16, 16, dtype=torch.float64)
+    with torch.no_grad():
+        a = stm_fast.reduce(m, "top", schedule=[0, 6, 0], layers=[1])(x)
+        b = stm_fast.reduce(m, "top", schedule=[0, 6, 0], layers=[1], align=False)(x)
+    assert not torch.allclose(a, b)
+
+
+def test_reduction_is_reported():
+    m = random_model(3, 16, 4, 12, 4, 8)
+    stm_fast.reduce(m, "stm", schedule=2, weights="decay")
+    r = m.reduction
+    assert r["schedule"] == [2, 2, 2] and r["tokens_per_layer"] == [17, 15, 13, 11]
+    assert r["options"] == {"sides": "both", "positions": "ends", "weights": "decay", "start_layer": 0}

@@ -1,0 +1,219 @@
+"""stm_fast.reduce (stm, tome, top, evit) against the float64 oracle stm_ref.vim + stm_ref.reductions.
+
+Each case builds a small random float64 Vim (tests/test_vim.py's ``random_model``), patches it with
+``stm_fast.reduce(model, method, schedule=...)`` and compares its logits with
+``stm_ref.vim.forward(sd, x, reduction=model.reduction)``, which runs the same reduction one image at a
+time in float64 NumPy: max |logit difference| <= 1e-9. Two geometries: 16x16 images with 4x4 patches
+(17 tokens, class token at 8) and 12x12 with 4x4 patches (10 tokens, class token at 4, off-centre).
+A few hand-built cases pin the reference steps themselves to the semantics of ``stm_fast.peers``.
+"""
+
+import numpy as np
+import pytest
+import torch
+
+import stm_fast
+from stm_ref import reductions, ssm
+from stm_ref import vim as ref_vim
+from tests.test_vim import random_model
+
+TOL = 1e-9
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # These models are tiny: one thread avoids intra-op thread start-up dominating (and stalling) the run.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+GEOMETRY = {17: (16, 4), 10: (12, 4)}  # tokens -> (img_size, patch_size)
+
+
+def _case(method, tokens, schedule, seed=0, embed_dim=8, d_state=4, batch=3, **options):
+    """(fast logits, reference logits, unreduced reference logits, model) for one configuration."""
+    img, patch = GEOMETRY[tokens]
+    depth = len(schedule) + 1
+    m = random_model(seed, img, patch, embed_dim, depth, d_state)
+    stm_fast.reduce(m, method, schedule=schedule, **options)
+    assert m.reduction["schedule"] == list(schedule)
+    x = torch.randn(batch, 3, img, img, dtype=torch.float64, generator=torch.Generator().manual_seed(seed + 1))
+    sd = {k: v.numpy() for k, v in m.state_dict().items()}
+    ref = ref_vim.forward(sd, x.numpy(), reduction=m.reduction)
+    plain = ref_vim.forward(sd, x.numpy())
+    with torch.no_grad():
+        y = m(x).numpy()
+    return y, ref, plain, m
+
+
+def _check(method, tokens, schedule, **kw):
+    y, ref, plain, _ = _case(method, tokens, schedule, **kw)
+    err = np.abs(y - ref).max()
+    assert np.abs(ref).max() > 1e-3, "logits must be non-trivial for the comparison to mean something"
+    assert np.abs(ref - plain).max() > 1e-6, "the reduction must change the logits for the comparison to mean something"
+    return err
+
+
+# ------------------------------------------------------------------------------------------------- stm
+
+@pytest.mark.parametrize("tokens, schedule, options", [
+    (17, [4, 2, 0], {}),  # sides='both', positions='ends', weights='lsq'
+    (17, [14, 0], {}),  # the most one step can take: 7 per side
+    (10, [2, 1, 0], dict(sides="right", positions="uniform", weights="mean")),
+    (10, [0, 2, 1], dict(sides="left", weights="decay", start_layer=1)),
+])
+def test_stm_matches_reference(tokens, schedule, options):
+    err = _check("stm", tokens, schedule, **options)
+    assert err <= TOL, f"max |dlogit| {err:.3e}"
+
+
+# ------------------------------------------------------------------------------------------------ tome
+
+@pytest.mark.parametrize("tokens, schedule, options", [
+    (17, [8, 0], dict(layers=[0])),  # one step at its maximum: every even token but the class token merges
+    (10, [0, 4], dict(layers=[1])),  # off-centre class token (4, even), maximum 4 sources
+    (17, [4, 2, 2], dict(layers="all")),  # merged tokens merge again: sizes carried
+    (10, [3, 2, 1], dict(layers="all")),
+    (17, [0, 3, 0, 2], dict(layers="every_other")),
+])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_tome_matches_reference(tokens, schedule, options, seed):
+    err = _check("tome", tokens, schedule, seed=seed, **options)
+    assert err <= TOL, f"max |dlogit| {err:.3e}"
+
+
+def test_tome_reference_step_by_hand():
+    """5 tokens, class token at 2 (even: not a source); sources 0, 4, destinations 1, 3 (sizes 1, 1, 1, 2, 1)."""
+    e = np.eye(3)
+    residual = np.stack([e[0] + 0.1 * e[1], e[0], e[2] * 7, e[1], e[1] + 0.5 * e[0]])
+    hidden = np.zeros_like(residual)
+    state = {"cls": 2, "pos": np.array([0, 3, 5, 6, 9]), "size": np.array([1.0, 1.0, 1.0, 2.0, 1.0])}
+    # best partners: 0 -> 1 (cos 0.995), 4 -> 3 (cos 0.894); k = 1 merges 0 into 1
+    h, r, s = reductions.tome_step(1, hidden, residual, state, None, {})
+    np.testing.assert_allclose(r, np.stack([(residual[0] + residual[1]) / 2, residual[2], residual[3], residual[4]]))
+    assert s["cls"] == 1 and list(s["pos"]) == [3, 5, 6, 9] and list(s["size"]) == [2.0, 1.0, 2.0, 1.0]
+    # k = 2 also merges 4 into 3, weighted by sizes (3 has size 2)
+    h, r, s = reductions.tome_step(2, hidden, residual, state, None, {})
+    np.testing.assert_allclose(r[2], (2 * residual[3] + residual[4]) / 3)
+    assert list(s["size"]) == [2.0, 1.0, 3.0] and s["cls"] == 1
+    with pytest.raises(ValueError):
+        reductions.tome_step(3, hidden, residual, state, None, {})
+
+
+# ------------------------------------------------------------------------------------------------- top
+
+@pytest.mark.parametrize("tokens, schedule, options", [
+    (17, [15, 0], dict(layers=[0])),  # one step at its maximum: the class token and one other remain
+    (17, [5, 4, 3], dict(layers=[0, 1, 2])),
+    (10, [0, 3, 3], dict(layers=[1, 2])),
+    (10, [2, 2, 2], dict(layers=[0, 1, 2], align=False)),
+])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_top_matches_reference(tokens, schedule, options, seed):
+    err = _check("top", tokens, schedule, seed=seed, **options)
+    assert err <= TOL, f"max |dlogit| {err:.3e}"
+
+
+def test_top_alignment_changes_the_logits_and_matches_reference():
+    """align=True decays Abar over the pruned gaps in the layers after a pruning; align=False does not."""
+    out = {}
+    for align in (True, False):
+        y, ref, _, m = _case("top", 17, [6, 4, 0], layers=[0, 1], align=align)
+        assert m.reduction["options"]["align"] is align
+        assert np.abs(y - ref).max() <= TOL, f"align={align}: max |dlogit| {np.abs(y - ref).max():.3e}"
+        out[align] = (y, ref)
+    assert np.abs(out[True][1] - out[False][1]).max() > 1e-6  # the reference sees the alignment ...
+    assert np.abs(out[True][0] - out[False][0]).max() > 1e-6  # ... and so does the fast model
+
+
+def test_top_reference_scales_by_hand():
+    state = {"cls": 1, "pos": np.array([0, 2, 3, 7]), "size": np.ones(4)}
+    fwd, bwd = reductions.decay_scales("top", {"align": True}, state)
+    assert list(fwd) == [1, 2, 1, 4] and list(bwd) == [2, 1, 4, 1]
+    assert reductions.decay_scales("top", {}, state) is not None  # align defaults to True
+    assert reductions.decay_scales("top", {"align": False}, state) is None
+    assert reductions.decay_scales("top", {"align": True}, {**state, "pos": np.arange(4)}) is None  # nothing pruned
+    assert reductions.decay_scales("tome", {}, state) is None
+
+
+def test_top_reference_step_by_hand():
+    """Importance = sum of max(y, 0) over channels and both directions; the class token stays even if least important."""
+    y_f = np.array([[1.0, -5.0, 0.2, 3.0, -1.0], [0.5, -1.0, 0.1, -2.0, 0.3]])
+    y_b = np.array([[0.0, -1.0, 0.0, 0.1, 2.0], [0.0, -1.0, 0.0, 0.0, -1.0]])
+    stats = {"forward": {"y": y_f}, "backward": {"y": y_b}}
+    np.testing.assert_allclose(reductions.top_importance(stats), [1.5, 0.0, 0.3, 3.1, 2.3])
+    hidden = np.arange(10.0).reshape(5, 2)
+    state = {"cls": 1, "pos": np.array([0, 1, 4, 5, 8]), "size": np.ones(5)}
+    h, r, s = reductions.top_step(2, hidden, hidden + 1, state, stats, {})
+    np.testing.assert_array_equal(h, hidden[[1, 3, 4]])
+    assert s["cls"] == 0 and list(s["pos"]) == [1, 5, 8]
+
+
+# ------------------------------------------------------------------------------------------------ evit
+
+@pytest.mark.parametrize("tokens, schedule, options", [
+    (17, [14, 0], dict(layers=[0])),  # one step at its maximum: 15 tokens fused into one, 3 remain
+    (17, [5, 4, 3], dict(layers=[0, 1, 2])),
+    (10, [3, 2, 2], dict(layers=[0, 1, 2])),
+    (10, [0, 4, 0], dict(layers=[1])),
+])
+def test_evit_matches_reference(tokens, schedule, options):
+    err = _check("evit", tokens, schedule, **options)
+    assert err <= TOL, f"max |dlogit| {err:.3e}"
+
+
+def test_evit_reference_class_attention_by_hand():
+    """class_attention against eq. 5 written out: C_cls . exp(A * sum of the deltas between) . delta_j B_j."""
+    rng = np.random.default_rng(0)
+    E, N, L, cls = 3, 2, 6, 2
+    stats = {d: {"delta": rng.uniform(0.1, 1.0, (E, L)), "B": rng.normal(size=(N, L)), "C": rng.normal(size=(N, L)),
+                 "A": -rng.uniform(0.5, 2.0, (E, N))} for d in ("forward", "backward")}
+    want = np.zeros(L)
+    for j in range(L):
+        if j == cls:
+            continue
+        s = stats["forward" if j < cls else "backward"]
+        between = range(j + 1, cls + 1) if j < cls else range(cls, j)
+        S = sum(s["delta"][:, k] for k in between)  # (E,)
+        alpha = np.sum(s["C"][:, cls][None] * np.exp(s["A"] * S[:, None]) * s["B"][:, j][None], axis=1) * s["delta"][:, j]
+        want[j] = np.mean(np.abs(alpha))
+    np.testing.assert_allclose(reductions.class_attention(stats, cls), want, rtol=1e-13, atol=0)
+
+
+def test_evit_reference_step_by_hand(monkeypatch):
+    imp = np.array([0.3, 0.1, 0.0, 0.2, 0.5])
+    monkeypatch.setattr(reductions, "class_attention", lambda stats, cls: imp)
+    hidden = np.arange(10.0).reshape(5, 2)
+    state = {"cls": 2, "pos": np.arange(5), "size": np.ones(5)}
+    # k = 2: the 3 least important (1, 3, 0) fuse into 0, the most important of them
+    h, r, s = reductions.evit_step(2, hidden, 2 * hidden, state, None, {})
+    fused = (0.1 * hidden[1] + 0.2 * hidden[3] + 0.3 * hidden[0]) / 0.6
+    np.testing.assert_allclose(h, np.stack([fused, hidden[2], hidden[4]]))
+    np.testing.assert_allclose(r, 2 * h)
+    assert s["cls"] == 1 and list(s["pos"]) == [0, 2, 4]
+
+
+# ---------------------------------------------------------------------------------------- regression
+
+def test_tome_never_merges_into_the_class_token():
+    """17 tokens, [8, 4, 2, 1] after layers 0-3: 17 -> 9 -> 5 -> 3 with the class token at 1, whatever the data."""
+    m = random_model(0, 16, 4, 8, 5, 4)
+    try:
+        stm_fast.reduce(m, "tome", schedule=[8, 4, 2, 1], layers="all")
+    except ValueError:
+        return  # rejecting the schedule is a correct answer
+    sizes = []
+    step = m.reducer.step
+
+    def spy(i, k, hidden, residual, state, stats):
+        out = step(i, k, hidden, residual, state, stats)
+        new = out[2]
+        sizes.append(new["size"][torch.arange(hidden.shape[0]), new["cls"]])
+        return out
+
+    m.reducer.step = spy
+    with torch.no_grad():
+        m(torch.randn(2, 3, 16, 16, dtype=torch.float64))
+    assert all(bool((s == 1).all()) for s in sizes), f"class-token sizes after each step: {sizes}"
