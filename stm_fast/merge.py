@@ -17,6 +17,8 @@ import torch
 
 from stm_ref.merge import TOKEN_WEIGHT_VARIANTS, merge_plan
 
+_LOG2E = 1.4426950408889634
+
 __all__ = ["PlanIndex", "plan_index", "token_weights", "merge_tokens", "TOKEN_WEIGHT_VARIANTS"]
 
 
@@ -33,6 +35,30 @@ class PlanIndex:
     target_k: torch.Tensor  # (R,) indices into kept
     left: torch.Tensor  # (R,) bool
     new_cls: int
+    sides: tuple = ()  # SideIndex per side with reductions (left first), for the weights
+
+
+@dataclass(frozen=True)
+class SideIndex:
+    """Where one side's weights read the layer statistics: the span of positions between its reduced tokens
+    and their targets, the reduced/target tokens as indices into that span, and the two prefix-sum indices
+    whose difference is the sum of delta over the steps after j up to and including q in scan order."""
+
+    forward: bool
+    span: torch.Tensor
+    j: torch.Tensor
+    q: torch.Tensor
+    upper: torch.Tensor
+    lower: torch.Tensor
+
+
+def _side_index(j, q, forward):
+    lo = int(min(j.min(), q.min()))
+    hi = int(max(j.max(), q.max()))
+    jl, ql = j - lo, q - lo
+    # with cz[t] = sum of delta[span[:t]]: forward sums steps j+1..q, backward steps q..j-1
+    upper, lower = (ql + 1, jl + 1) if forward else (jl, ql)
+    return SideIndex(forward, torch.arange(lo, hi + 1), jl, ql, upper, lower)
 
 
 @lru_cache(maxsize=512)
@@ -42,7 +68,9 @@ def _plan_cpu(L, cls, r_left, r_right, positions):
     reduced = torch.as_tensor(p.reduced, dtype=torch.long)
     target = torch.as_tensor(p.target, dtype=torch.long)
     target_k = torch.searchsorted(kept, target)
-    return PlanIndex(L, cls, kept, reduced, target, target_k, reduced < cls, p.new_cls)
+    left = reduced < cls
+    sides = tuple(_side_index(reduced[m], target[m], fwd) for m, fwd in ((left, True), (~left, False)) if bool(m.any()))
+    return PlanIndex(L, cls, kept, reduced, target, target_k, left, p.new_cls, sides)
 
 
 _DEVICE_CACHE = {}
@@ -54,40 +82,37 @@ def plan_index(L, cls, r_left, r_right, positions="ends", device="cpu"):
     if key not in _DEVICE_CACHE:
         p = _plan_cpu(L, cls, r_left, r_right, positions)
         if torch.device(device).type != "cpu":
-            p = PlanIndex(p.L, p.cls, *(t.to(device) for t in (p.kept, p.reduced, p.target, p.target_k, p.left)), p.new_cls)
+            sides = tuple(SideIndex(sd.forward, *(t.to(device) for t in (sd.span, sd.j, sd.q, sd.upper, sd.lower)))
+                          for sd in p.sides)
+            p = PlanIndex(p.L, p.cls, *(t.to(device) for t in (p.kept, p.reduced, p.target, p.target_k, p.left)),
+                          p.new_cls, sides)
         _DEVICE_CACHE[key] = p
     return _DEVICE_CACHE[key]
 
 
-def _side_weights(st, j, q, forward, variant, clamp):
-    """Scalar weights (batch, R) for reduced positions j merging into q, from one direction's statistics.
+def _side_weights(st, side, variant, clamp):
+    """Scalar weights (batch, R_side) for one side's reduced tokens, from that direction's statistics.
 
-    ``st``: a ``DirectionStats`` (or anything with ``delta_at``, ``B_at``, ``A``). P_{j->q} = exp(A * the sum
-    of delta over the steps after j up to and including q in scan order); Bbar = delta * B. Only the
-    positions between the reduced tokens and their targets are read.
+    ``st``: a ``DirectionStats``; ``side``: its ``SideIndex``. P_{j->q} = exp(A * the sum of delta over the
+    steps after j up to and including q in scan order); Bbar = delta * B. Only the positions between the
+    reduced tokens and their targets are read.
     """
-    lo = int(torch.minimum(j, q).min())
-    hi = int(torch.maximum(j, q).max())
-    span = torch.arange(lo, hi + 1, device=j.device)
-    d = st.delta_at(span)  # (batch, E, span)
+    d = st.delta_at(side.span)  # (batch, E, span)
     batch = d.shape[0]
+    R = len(side.j)
     if variant in ("avg", "drop"):
-        return torch.full((batch, len(j)), 1.0 if variant == "avg" else 0.0, dtype=d.dtype, device=d.device)
-    cz = torch.nn.functional.pad(torch.cumsum(d, dim=-1), (1, 0))  # cz[..., t] = sum of d[..., :t]
-    if forward:  # steps j+1 .. q
-        S = cz[:, :, q + 1 - lo] - cz[:, :, j + 1 - lo]
-    else:  # steps q .. j-1 (the backward scan visits them after j)
-        S = cz[:, :, j - lo] - cz[:, :, q - lo]
-    A = st.A
-    P = torch.exp(A[None, :, :, None] * S[:, :, None, :])  # (batch, E, N, R)
+        return torch.full((batch, R), 1.0 if variant == "avg" else 0.0, dtype=d.dtype, device=d.device)
+    cz = torch.nn.functional.pad(torch.cumsum(d, dim=-1), (1, 0))
+    S = cz.index_select(2, side.upper) - cz.index_select(2, side.lower)  # (batch, E, R)
+    P = torch.mul((st.A * _LOG2E)[None, :, :, None], S[:, :, None, :]).exp2_()  # (batch, E, N, R)
     if variant == "decay":
         return P.mean(dim=(1, 2))
-    dj, dq = d[:, :, j - lo], d[:, :, q - lo]  # (batch, E, R)
-    Bs = st.B_at(span).to(d.dtype)
-    Bj, Bq = Bs[:, :, j - lo], Bs[:, :, q - lo]  # (batch, N, R)
+    dj, dq = d.index_select(2, side.j), d.index_select(2, side.q)  # (batch, E, R)
+    Bs = st.B_at(side.span).to(d.dtype)
+    Bj, Bq = Bs.index_select(2, side.j), Bs.index_select(2, side.q)  # (batch, N, R)
     if variant in ("lsq", "lsq_norm"):
-        # <P*Bbar_j, Bbar_q>_F / |Bbar_q|_F^2 with Bbar = delta (x) B: the denominator factorises.
-        num = torch.einsum("benr,ber,bnr->br", P, dj * dq, Bj * Bq)
+        # <P*Bbar_j, Bbar_q>_F / |Bbar_q|_F^2 with Bbar = delta (x) B: sum over N first, the denominator factorises
+        num = (P.mul_((Bj * Bq)[:, None]).sum(dim=2) * (dj * dq)).sum(dim=1)
         den = (dq * dq).sum(dim=1) * (Bq * Bq).sum(dim=1)
         w = torch.where(den > 0, num / torch.where(den > 0, den, torch.ones_like(den)), torch.zeros_like(num))
         return w.clamp(0.0, 1.0) if variant == "lsq_norm" else w
@@ -109,17 +134,11 @@ def token_weights(stats, plan, variant="lsq", clamp=1e-6):
     Abar/Bbar of each direction."""
     if variant not in TOKEN_WEIGHT_VARIANTS:
         raise ValueError(f"weights must be one of {TOKEN_WEIGHT_VARIANTS}, got {variant!r}")
-    f, b = stats["forward"], stats["backward"]
-    batch = f.delta_raw.shape[0]
-    dtype = f.bias.dtype
-    out = torch.empty(batch, len(plan.reduced), dtype=dtype, device=f.delta_raw.device)
-    left = plan.left
-    if bool(left.any()):
-        out[:, left] = _side_weights(f, plan.reduced[left], plan.target[left], True, variant, clamp)
-    right = ~left
-    if bool(right.any()):
-        out[:, right] = _side_weights(b, plan.reduced[right], plan.target[right], False, variant, clamp)
-    return out
+    parts = [_side_weights(stats["forward" if sd.forward else "backward"], sd, variant, clamp) for sd in plan.sides]
+    if not parts:
+        f = stats["forward"]
+        return torch.empty(f.delta_raw.shape[0], 0, dtype=f.bias.dtype, device=f.delta_raw.device)
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)  # left tokens precede right ones
 
 
 def merge_tokens(x, plan, weights, variant="lsq"):

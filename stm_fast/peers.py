@@ -50,6 +50,10 @@ class ToMeReducer(Reducer):
     method = "tome"
     keeps_stats = False
 
+    def overhead_flops(self, cfg, L, k):
+        # cosine similarities of L/2 sources to L/2 destinations over d channels, normalisation, merges
+        return (L // 2) * ((L + 1) // 2) * cfg.embed_dim + L * cfg.embed_dim + 2 * 2 * k * cfg.embed_dim
+
     def max_per_step(self, L, cls):
         # even-index sources and odd-index destinations, the class token (either parity) excluded from both:
         # at least one destination must remain
@@ -98,6 +102,9 @@ class ToMeReducer(Reducer):
 
 class ToPReducer(Reducer):
     method = "top"
+
+    def overhead_flops(self, cfg, L, k):
+        return 2 * L * cfg.d_inner  # clipped channel sums of both directions' outputs (top-k not counted)
 
     def decay_scales(self, state):
         if not self.options["align"]:
@@ -154,6 +161,10 @@ class EViTReducer(Reducer):
 
     def max_per_step(self, L, cls):
         return L - 2  # k + 1 of the L - 1 other tokens are fused into one; the class token stays
+
+    def overhead_flops(self, cfg, L, k):
+        # class-token attention: exp(A * S) times C_cls and B over (E, N) for every token, both sides
+        return 3 * L * cfg.d_inner * cfg.d_state + 2 * (k + 1) * cfg.embed_dim
 
     def step(self, i, k, hidden, residual, state, stats):
         batch, L, _ = hidden.shape

@@ -37,7 +37,7 @@ class Reducer:
         """Per-direction decay scales (batch, L) for the next layer, or None (no alignment)."""
         return None
 
-    def forward_features(self, model, hidden):
+    def forward_features(self, model, hidden, observer=None):
         batch, L, _ = hidden.shape
         state = {
             "cls": torch.full((batch,), model.token_position, dtype=torch.long, device=hidden.device),
@@ -54,6 +54,9 @@ class Reducer:
                 hidden, residual = layer(hidden, residual, decay_scale=self.decay_scales(state))
                 if k > 0:
                     hidden, residual, state = self.step(i, k, hidden, residual, state, layer.mixer.stats)
+                if observer is not None:
+                    rows = torch.arange(batch, device=hidden.device)
+                    observer(i, residual[rows, state["cls"]] + hidden[rows, state["cls"]])
             finally:
                 layer.mixer.keep_stats = False
                 layer.mixer.stats = None
@@ -69,6 +72,10 @@ class Reducer:
         """Most tokens one step can remove from L (the class token and one other token always stay)."""
         return L - 2
 
+    def overhead_flops(self, cfg, L, k):
+        """Multiply-adds of one reduction step removing k of L tokens (selection + merge), per image."""
+        return 0
+
 
 class STMReducer(Reducer):
     """STM: BNNM plan (SPEC §3) and HSP weights (SPEC §4, eq. 11) from the layer just run."""
@@ -81,6 +88,12 @@ class STMReducer(Reducer):
         if sides == "both":
             return k // 2, k // 2
         return (k, 0) if sides == "left" else (0, k)
+
+    def overhead_flops(self, cfg, L, k):
+        # weights: per reduced token, P = exp(A * S) and the lsq products over (E, N) (~4 E N), plus the
+        # merge itself: a multiply-add of d channels on each of the two streams
+        weights = 0 if self.options["weights"] in ("avg", "drop") else 4 * k * cfg.d_inner * cfg.d_state
+        return weights + 2 * k * cfg.embed_dim
 
     def step(self, i, k, hidden, residual, state, stats):
         L = hidden.shape[1]
@@ -272,7 +285,9 @@ def reduce(model, method, rate=None, schedule=None, **options):
                              f"removes at most {limit}; spread the schedule over more layers")
     model.reducer = reducer if reducer.active else None
     model.reduction = {"method": method, "options": opts, "schedule": schedule, "tokens_per_layer": tpl,
-                       "rate": rate_of(tpl), "requested_rate": rate}
+                       "rate": rate_of(tpl), "requested_rate": rate,
+                       "overhead_flops_per_layer": [reducer.overhead_flops(model.cfg, tpl[i], k) if k else 0
+                                                    for i, k in enumerate(schedule)]}
     return model
 
 

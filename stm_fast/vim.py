@@ -269,16 +269,21 @@ class VisionMamba(nn.Module):
         x = torch.cat([x[:, :c], cls, x[:, c:]], dim=1)
         return x + self.pos_embed.to(x.dtype)
 
-    def forward_features(self, images):
+    def forward_features(self, images, observer=None):
+        """Class-token features. ``observer(i, cls_state)`` (optional) sees, after each layer i, the class
+        token's entry in the stream the next layer adds up (residual + mixer output), (batch, d)."""
         hidden = self.embed(images)
         reducer = getattr(self, "reducer", None)
         if reducer is None or not reducer.active:
             residual = None
-            for layer in self.layers:
+            c = self.token_position
+            for i, layer in enumerate(self.layers):
                 hidden, residual = layer(hidden, residual)
+                if observer is not None:
+                    observer(i, residual[:, c] + hidden[:, c])
             out = self.norm_f(residual + hidden)
-            return out[:, self.token_position]
-        return reducer.forward_features(self, hidden)
+            return out[:, c]
+        return reducer.forward_features(self, hidden, observer)
 
     def forward(self, images):
         feats = self.forward_features(images)
