@@ -123,7 +123,7 @@ def tokens_per_layer(L, schedule, depth):
     return out
 
 
-def solve_schedule(depth, L, rate, layers, granularity=1, max_total=None):
+def solve_schedule(depth, L, rate, layers, granularity=1, max_total=None, step_limit=None):
     """Tokens removed after each layer (list of length depth - 1) meeting ``rate`` within ±1 point.
 
     k_i = granularity * m_i with m_i in {m, m+1} over the reduction points, the extra units spread
@@ -139,7 +139,7 @@ def solve_schedule(depth, L, rate, layers, granularity=1, max_total=None):
         raise ValueError("no layer to reduce at: the chosen layers/start_layer leave none")
     closest = None
     for n in range(len(layers), 0, -1):
-        best = _uniform_schedule(depth, L, rate, layers[:n], granularity, max_total)
+        best = _uniform_schedule(depth, L, rate, layers[:n], granularity, max_total, step_limit)
         if best is not None and (closest is None or best[0] < closest[0]):
             closest = best
         if best is not None and best[0] <= 0.01:
@@ -152,7 +152,7 @@ def solve_schedule(depth, L, rate, layers, granularity=1, max_total=None):
         f"{granularity} token(s) per step unit); pass schedule=[...] for full control")
 
 
-def _uniform_schedule(depth, L, rate, layers, granularity, max_total):
+def _uniform_schedule(depth, L, rate, layers, granularity, max_total, step_limit=None):
     target = rate * depth * L  # token-layers to remove
     W = sum(depth - 1 - l for l in layers)
     best = None
@@ -167,7 +167,10 @@ def _uniform_schedule(depth, L, rate, layers, granularity, max_total):
                 sched[l] = granularity * (m + (l in chosen))
             if max_total is not None and sum(sched) > max_total:
                 continue
-            achieved = rate_of(tokens_per_layer(L, sched, depth))
+            tpl = tokens_per_layer(L, sched, depth)
+            if step_limit is not None and any(k > step_limit(tpl[i]) for i, k in enumerate(sched)):
+                continue
+            achieved = rate_of(tpl)
             err = abs(achieved - rate)
             if best is None or err < best[0] - 1e-12:
                 best = (err, sched, achieved)
@@ -273,7 +276,8 @@ def reduce(model, method, rate=None, schedule=None, **options):
     opts, layers, gran, max_total = setup(model, options)
     depth, L = model.cfg.depth, model.cfg.num_patches + 1
     if schedule is None:
-        schedule = solve_schedule(depth, L, rate, layers, gran, max_total)
+        limit = lambda n: cls.max_per_step(cls.__new__(cls), n, model.token_position)  # noqa: E731
+        schedule = solve_schedule(depth, L, rate, layers, gran, max_total, limit)
     else:
         schedule = _validate_schedule(model, schedule, layers, gran, max_total, method)
     reducer = cls(model, schedule, opts)

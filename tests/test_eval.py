@@ -1,0 +1,188 @@
+"""End-to-end tests of ``python -m stm_fast.eval`` on data the tests make."""
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import stm_fast
+from stm_fast import eval as ev
+
+SYNS = ["n01440764", "n01443537", "n15075141"]  # canonical indices 0, 1, 999
+SMALL = dict(img_size=32, patch_size=4, embed_dim=16, depth=4, d_state=8)  # 64 patches + class token
+OVERRIDES = [f"--override={k}={v}" for k, v in SMALL.items()]
+FAST = ["--methods", "stm", "tome", "--rates", "0.2", "0.4", "--quiet", "--batch-size", "4"]
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    """A small-config checkpoint in the official format: state dict under 'model', plus training args."""
+    torch.manual_seed(0)
+    m = stm_fast.create_model("vim_tiny", **SMALL)
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(torch.randn_like(p) * 0.2)
+    path = tmp_path_factory.mktemp("ckpt") / "vim_small_config.pth"
+    torch.save({"model": m.state_dict(), "epoch": 3, "args": argparse.Namespace(model="vim_tiny")}, path)
+    return str(path)
+
+
+def _image(rng, mode):
+    arr = rng.integers(0, 256, (40, 48, 3), dtype=np.uint8)
+    im = Image.fromarray(arr)
+    return im.convert(mode) if mode != "RGB" else im
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    """An ImageFolder (synset sub-folders) and the same images flat with a CSV; one corrupt file in each."""
+    rng = np.random.default_rng(0)
+    root = tmp_path_factory.mktemp("data")
+    tree, flat = root / "val", root / "flat"
+    flat.mkdir()
+    rows = ["filename,label"]
+    n = 0
+    for s in SYNS:
+        (tree / s).mkdir(parents=True)
+        for j, mode in enumerate(["RGB", "L", "CMYK", "PNG"]):
+            name = f"img_{n:03d}.JPEG"
+            im = _image(rng, "RGB" if mode == "PNG" else mode)
+            for folder in (tree / s, flat):
+                im.save(folder / name, format="PNG" if mode == "PNG" else "JPEG")  # PNG bytes in a .JPEG file
+            rows.append(f"{name},{s if j % 2 else SYNS.index(s) if s != 'n15075141' else 999}")
+            n += 1
+    for folder in (tree / SYNS[0], flat):
+        (folder / "broken.JPEG").write_bytes(b"\xff\xd8\xff\xe0 this is not really a jpeg")
+    rows.append(f"broken.JPEG,{SYNS[0]}")
+    (root / "labels.csv").write_text("\n".join(rows) + "\n")
+    return str(tree), str(flat), str(root / "labels.csv")
+
+
+def run(args):
+    """The CLI in-process; returns (exit code, records or None)."""
+    code = ev.main(args)
+    out = args[args.index("--out") + 1]
+    path = os.path.join(out, "results.json")
+    return code, (json.load(open(path)) if code == 0 and os.path.exists(path) else None)
+
+
+def _cells(records):
+    return {(r["method"], r["rate"], json.dumps(r["options"], sort_keys=True)): (r["top1"], r["top5"], r["images"])
+            for r in records}
+
+
+def test_imagefolder_run_writes_every_output(tmp_path, checkpoint, folders):
+    tree, _, _ = folders
+    out = str(tmp_path / "run")
+    code, recs = run(["--checkpoint", checkpoint, "--data", tree, "--out", out, *OVERRIDES, *FAST])
+    assert code == 0
+    assert {"results.json", "results.csv", "table.md", "accuracy_vs_flops.png", "run.json"} <= set(os.listdir(out))
+    base = [r for r in recs if r["method"] == "none"]
+    assert len(base) == 1 and base[0]["images"] == 12 and base[0]["bad_images"] == 1
+    (bad,) = base[0]["bad_image_files"]
+    assert bad.startswith(os.path.join(tree, "n01440764", "broken.JPEG") + ": "), "the file and the reason are reported"
+    for r in recs:
+        assert set(r) >= {"model", "method", "rate", "achieved_rate", "options", "top1", "top5", "images", "bad_images",
+                          "gflops_paper", "gflops_full", "images_per_s"}
+        if r.get("error"):  # tome at 40% has one reduction point here (after layer 1) and cannot get there
+            assert (r["method"], r["rate"]) == ("tome", 0.4) and "cannot" in r["error"] and r["top1"] is None
+        elif r["method"] != "none":
+            assert abs(r["achieved_rate"] - r["rate"]) <= 0.01 and r["gflops_paper"] < base[0]["gflops_paper"]
+    table = open(os.path.join(out, "table.md")).read()
+    assert "baseline (no reduction)" in table and "| tome |" in table and "1 unreadable image(s) excluded" in table
+    assert "| tome | 0.4 | — | n/a: cannot reach" in table
+
+
+def test_flat_folder_with_labels_scores_the_same_images_identically(tmp_path, checkpoint, folders):
+    tree, flat, labels = folders
+    _, a = run(["--checkpoint", checkpoint, "--data", tree, "--out", str(tmp_path / "a"), *OVERRIDES, *FAST])
+    _, b = run(["--checkpoint", checkpoint, "--data", flat, "--labels", labels, "--out", str(tmp_path / "b"), *OVERRIDES, *FAST])
+    assert _cells(a) == _cells(b)
+
+
+def test_bad_image_can_fail_the_run(tmp_path, checkpoint, folders, capsys):
+    code, _ = run(["--checkpoint", checkpoint, "--data", folders[0], "--out", str(tmp_path / "x"), "--on-bad-image", "error",
+                   *OVERRIDES, *FAST])
+    assert code == 2 and "broken.JPEG" in capsys.readouterr().err
+
+
+def test_interrupted_run_resumes_without_recomputing(tmp_path, checkpoint, folders, monkeypatch):
+    tree = folders[0]
+    full = str(tmp_path / "full")
+    _, expected = run(["--checkpoint", checkpoint, "--data", tree, "--out", full, *OVERRIDES, *FAST])
+    calls = {"n": 0}
+    real = stm_fast.vim.VisionMamba.forward
+
+    def flaky(self, x):
+        calls["n"] += 1
+        if calls["n"] == 7:
+            raise KeyboardInterrupt
+        return real(self, x)
+
+    monkeypatch.setattr(stm_fast.vim.VisionMamba, "forward", flaky)
+    out = str(tmp_path / "resumed")
+    code, _ = run(["--checkpoint", checkpoint, "--data", tree, "--out", out, *OVERRIDES, *FAST])
+    assert code == 130 and not os.path.exists(os.path.join(out, "results.json"))
+    before = calls["n"]
+    code, resumed = run(["--checkpoint", checkpoint, "--data", tree, "--out", out, *OVERRIDES, *FAST])
+    assert code == 0
+    n_cfg = sum(1 for r in expected if not r.get("error"))  # 4 feasible configurations
+    n_batches = 4  # 13 files, batch 4
+    # the interrupt came during batch 1: batch 0 was saved and is not recomputed; batch 1 (in flight) is redone
+    assert calls["n"] - before == n_cfg * (n_batches - 1), "finished batches are not recomputed"
+    assert _cells(resumed) == _cells(expected)
+
+
+def test_resume_refuses_other_settings(tmp_path, checkpoint, folders, capsys):
+    out = str(tmp_path / "r")
+    assert run(["--checkpoint", checkpoint, "--data", folders[0], "--out", out, *OVERRIDES, *FAST])[0] == 0
+    code, _ = run(["--checkpoint", checkpoint, "--data", folders[0], "--out", out, "--limit", "5", *OVERRIDES, *FAST])
+    assert code == 2 and "holds a run with other settings" in capsys.readouterr().err
+
+
+def test_two_process_gloo_run_equals_single_process(tmp_path, checkpoint, folders):
+    tree = folders[0]
+    _, single = run(["--checkpoint", checkpoint, "--data", tree, "--out", str(tmp_path / "one"), *OVERRIDES, *FAST])
+    out = str(tmp_path / "two")
+    env = {**os.environ, "STM_DIST_BACKEND": "gloo", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29531",
+                           "-m", "stm_fast.eval", "--checkpoint", checkpoint, "--data", tree, "--out", out, "--device", "cpu",
+                           *OVERRIDES, *FAST], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    two = json.load(open(os.path.join(out, "results.json")))
+    assert _cells(two) == _cells(single)
+    assert {"progress.rank0.json", "progress.rank1.json"} <= set(os.listdir(out))
+
+
+@pytest.mark.parametrize("make_args,message", [
+    (lambda c, f, t: ["--checkpoint", c, "--data", str(t / "nope")], "no such folder"),
+    (lambda c, f, t: ["--checkpoint", c, "--data", str(t / "empty")], "no images found"),
+    (lambda c, f, t: ["--checkpoint", c], "needs both --checkpoint and --data"),
+    (lambda c, f, t: ["--checkpoint", c, "--data", f[1]], "pass --labels"),
+    (lambda c, f, t: ["--checkpoint", c, "--data", f[1], "--labels", str(t / "wrong.csv")], "does not match the images"),
+    (lambda c, f, t: ["--checkpoint", c, "--data", f[0], "--model", "vim_small"], "looks like"),
+    (lambda c, f, t: ["--checkpoint", str(t / "missing.pth"), "--data", f[0]], "checkpoint file not found"),
+    (lambda c, f, t: ["--checkpoint", c, "--data", f[0], "--rates", "20"], "fractions in"),
+])
+def test_bad_input_is_a_clear_error_before_any_work(tmp_path, checkpoint, folders, capsys, make_args, message):
+    (tmp_path / "wrong.csv").write_text("filename,label\nother.JPEG,n01440764\n")
+    (tmp_path / "empty").mkdir()
+    args = make_args(checkpoint, folders, tmp_path) + ["--out", str(tmp_path / "o"), "--quiet"]
+    if "--model" not in args:
+        args += OVERRIDES
+    code = ev.main(args)
+    assert code == 2
+    assert message in capsys.readouterr().err
+    assert not os.path.exists(tmp_path / "o"), "nothing is written before the inputs are known to be good"
+
+
+def test_non_synset_subfolders_are_rejected(tmp_path, checkpoint):
+    (tmp_path / "cats").mkdir()
+    Image.new("RGB", (8, 8)).save(tmp_path / "cats" / "a.jpg")
+    assert ev.main(["--checkpoint", checkpoint, "--data", str(tmp_path), "--out", str(tmp_path / "o"), "--quiet", *OVERRIDES]) == 2
