@@ -168,6 +168,10 @@ def _settings(args):
 def evaluate(args):
     rank, world = _dist()
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cpu":
+        # Trained decays exp(delta*A) reach float32's subnormal range, where x86 arithmetic is several times
+        # slower; flushing them to zero changes no prediction (they are below 1e-38).
+        torch.set_flush_denormal(True)
     if device.type == "cuda" and world > 1:
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
     out = args.out

@@ -36,6 +36,7 @@ class PlanIndex:
     left: torch.Tensor  # (R,) bool
     new_cls: int
     sides: tuple = ()  # SideIndex per side with reductions (left first), for the weights
+    stacked: torch.Tensor = None  # (4, 2, R) upper/lower/j/q of both sides when they mirror each other
 
 
 @dataclass(frozen=True)
@@ -70,7 +71,10 @@ def _plan_cpu(L, cls, r_left, r_right, positions):
     target_k = torch.searchsorted(kept, target)
     left = reduced < cls
     sides = tuple(_side_index(reduced[m], target[m], fwd) for m, fwd in ((left, True), (~left, False)) if bool(m.any()))
-    return PlanIndex(L, cls, kept, reduced, target, target_k, left, p.new_cls, sides)
+    stacked = None
+    if len(sides) == 2 and len(sides[0].j) == len(sides[1].j) and len(sides[0].span) == len(sides[1].span):
+        stacked = torch.stack([torch.stack([sd.upper, sd.lower, sd.j, sd.q]) for sd in sides], dim=1)
+    return PlanIndex(L, cls, kept, reduced, target, target_k, left, p.new_cls, sides, stacked)
 
 
 _DEVICE_CACHE = {}
@@ -85,7 +89,7 @@ def plan_index(L, cls, r_left, r_right, positions="ends", device="cpu"):
             sides = tuple(SideIndex(sd.forward, *(t.to(device) for t in (sd.span, sd.j, sd.q, sd.upper, sd.lower)))
                           for sd in p.sides)
             p = PlanIndex(p.L, p.cls, *(t.to(device) for t in (p.kept, p.reduced, p.target, p.target_k, p.left)),
-                          p.new_cls, sides)
+                          p.new_cls, sides, None if p.stacked is None else p.stacked.to(device))
         _DEVICE_CACHE[key] = p
     return _DEVICE_CACHE[key]
 
@@ -114,7 +118,7 @@ def _side_weights(st, side, variant, clamp):
         # <P*Bbar_j, Bbar_q>_F / |Bbar_q|_F^2 with Bbar = delta (x) B: sum over N first, the denominator factorises
         num = (P.mul_((Bj * Bq)[:, None]).sum(dim=2) * (dj * dq)).sum(dim=1)
         den = (dq * dq).sum(dim=1) * (Bq * Bq).sum(dim=1)
-        w = torch.where(den > 0, num / torch.where(den > 0, den, torch.ones_like(den)), torch.zeros_like(num))
+        w = num / den.clamp_min(torch.finfo(den.dtype).tiny)  # den = 0 only if Bbar_q = 0, and then num = 0 too
         return w.clamp(0.0, 1.0) if variant == "lsq_norm" else w
     if variant == "mean":
         Bbar_j = dj[:, :, None, :] * Bj[:, None, :, :]  # (batch, E, N, R)
@@ -127,6 +131,31 @@ def _side_weights(st, side, variant, clamp):
     raise ValueError(f"weights must be one of {TOKEN_WEIGHT_VARIANTS}, got {variant!r}")
 
 
+def _both_sides_lsq(stats, plan, variant):
+    """``lsq``/``lsq_norm`` weights of both sides at once when they mirror each other (same number of reduced
+    tokens, same span length: the default ``ends`` plan), stacking the two directions along a new axis so the
+    step runs half as many small kernels. Same arithmetic as ``_side_weights``."""
+    left, right = plan.sides
+    f, b = stats["forward"], stats["backward"]
+    d = torch.stack([f.delta_at(left.span), b.delta_at(right.span)])  # (2, batch, E, S)
+    two, batch, E, _ = d.shape
+    R = len(left.j)
+    idx = plan.stacked  # (4, 2, R): upper, lower, j, q
+    cz = torch.nn.functional.pad(torch.cumsum(d, dim=-1), (1, 0))
+    take = lambda t, i: torch.gather(t, 3, i[:, None, None, :].expand(two, batch, t.shape[2], R))  # noqa: E731
+    S = take(cz, idx[0]) - take(cz, idx[1])  # (2, batch, E, R)
+    A2 = torch.stack([f.A, b.A]) * _LOG2E  # (2, E, N)
+    P = torch.mul(A2[:, None, :, :, None], S[:, :, :, None, :]).exp2_()  # (2, batch, E, N, R)
+    Bs = torch.stack([f.B_at(left.span), b.B_at(right.span)]).to(d.dtype)  # (2, batch, N, S)
+    dj, dq, Bj, Bq = take(d, idx[2]), take(d, idx[3]), take(Bs, idx[2]), take(Bs, idx[3])
+    num = (P.mul_((Bj * Bq)[:, :, None]).sum(dim=3) * (dj * dq)).sum(dim=2)  # (2, batch, R)
+    den = (dq * dq).sum(dim=2) * (Bq * Bq).sum(dim=2)
+    w = num / den.clamp_min(torch.finfo(den.dtype).tiny)
+    if variant == "lsq_norm":
+        w = w.clamp(0.0, 1.0)
+    return w.permute(1, 0, 2).reshape(batch, 2 * R)  # left tokens first, as the plan orders them
+
+
 def token_weights(stats, plan, variant="lsq", clamp=1e-6):
     """One scalar weight per reduced token and image, (batch, R) in plan order (SPEC §4; eq. 11 with the
     statistics of the layer just run). ``stats``: {"forward": DirectionStats, "backward": DirectionStats}
@@ -134,6 +163,8 @@ def token_weights(stats, plan, variant="lsq", clamp=1e-6):
     Abar/Bbar of each direction."""
     if variant not in TOKEN_WEIGHT_VARIANTS:
         raise ValueError(f"weights must be one of {TOKEN_WEIGHT_VARIANTS}, got {variant!r}")
+    if variant in ("lsq", "lsq_norm") and plan.stacked is not None:
+        return _both_sides_lsq(stats, plan, variant)
     parts = [_side_weights(stats["forward" if sd.forward else "backward"], sd, variant, clamp) for sd in plan.sides]
     if not parts:
         f = stats["forward"]

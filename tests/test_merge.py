@@ -78,3 +78,20 @@ def test_plan_index_is_cached_and_matches_plan():
     assert fast.plan_index(197, 98, 3, 3) is a
     assert a.kept.tolist() == list(range(3, 194)) and a.new_cls == 95
     assert a.target_k.tolist() == [0, 0, 0, 190, 190, 190]
+
+
+@pytest.mark.parametrize("variant", ["lsq", "lsq_norm"])
+@pytest.mark.parametrize("L,cls,r,positions", [(197, 98, 3, "ends"), (65, 32, 5, "ends"), (41, 20, 4, "uniform")])
+def test_stacked_two_sided_path_equals_per_side_path(variant, L, cls, r, positions):
+    """The symmetric fast path (both directions stacked) computes exactly what the per-side path computes."""
+    g = torch.Generator().manual_seed(L)
+    stats = {d: DirectionStats(torch.randn(2, 6, L, generator=g, dtype=torch.float64),
+                               torch.randn(6, generator=g, dtype=torch.float64),
+                               torch.randn(2, 4, L, generator=g, dtype=torch.float64), None,
+                               -torch.rand(6, 4, generator=g, dtype=torch.float64) * 8, None, reverse=d == "backward")
+             for d in ("forward", "backward")}
+    plan = fast.plan_index(L, cls, r, r, positions)
+    assert plan.stacked is not None
+    per_side = torch.cat([fast._side_weights(stats["forward" if sd.forward else "backward"], sd, variant, 1e-6)
+                          for sd in plan.sides], dim=1)
+    torch.testing.assert_close(fast.token_weights(stats, plan, variant), per_side, rtol=1e-13, atol=1e-13)
