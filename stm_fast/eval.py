@@ -240,12 +240,12 @@ def evaluate(args):
                 else:
                     seconds = 0.0
                 progress.add(key, b, top1, top5, 0 if x is None else len(y), seconds)
+                images_seen += 0 if x is None else len(y)
                 bar.update(1)
         model.reducer = None
-        images_seen += 0 if x is None else len(y)
         progress.save()
-        if bar.format_dict.get("elapsed"):
-            bar.set_postfix(img_per_s=f"{images_seen / max(bar.format_dict['elapsed'], 1e-9):.1f}")
+        if bar.format_dict.get("elapsed"):  # images through the model per second, over all configurations
+            bar.set_postfix(img_per_s=f"{images_seen / max(bar.format_dict['elapsed'], 1e-9):.0f}")
     bar.close()
     for _, model in models:
         reduce(model, "none")
@@ -308,7 +308,8 @@ def _finish(args, rank, world, models, exps, plans, errors, progress, n_images):
 def _parser():
     ap = argparse.ArgumentParser(prog="python -m stm_fast.eval", description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default="vim_tiny", choices=list_models(), help="architecture of --checkpoint")
+    ap.add_argument("--model", default="vim_tiny", choices=list_models(), metavar="NAME",
+                    help="architecture of --checkpoint: vim_tiny, vim_small, vim_base or an official registry name")
     ap.add_argument("--checkpoint", help="official hustvl/Vim .pth (state dict under 'model'), or a bare state dict")
     ap.add_argument("--ema", action="store_true", help="load the checkpoint's 'model_ema' weights")
     ap.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",

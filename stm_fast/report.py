@@ -23,14 +23,15 @@ def _label(rec):
     return rec["method"] + (f" ({', '.join(f'{k}={v}' for k, v in opts.items())})" if opts else "")
 
 
-def _stat(values, digits=1):
+def _stat(values, digits=1, fmt=None):
     values = [v for v in values if v is not None]
     if not values:
         return "n/a"
+    f = (lambda v: format(v, fmt)) if fmt else (lambda v: f"{v:.{digits}f}")  # noqa: E731
     mean = sum(values) / len(values)
-    if len(values) == 1:
-        return f"{mean:.{digits}f}"
-    return f"{mean:.{digits}f} [{min(values):.{digits}f}-{max(values):.{digits}f}]"
+    if len(values) == 1 or max(values) == min(values):
+        return f(mean)
+    return f"{f(mean)} [{f(min(values))}-{f(max(values))}]"
 
 
 def _groups(records):
@@ -59,8 +60,8 @@ def markdown_table(records, bad):
         deltas = [r["top1"] - base[r["model"]] for r in recs if r["model"] in base]
         rows.append("| " + " | ".join([
             label, rate, _stat([100 * r["achieved_rate"] for r in recs]), _stat([r["top1"] for r in recs]),
-            _stat(deltas), _stat([r["top5"] for r in recs]), _stat([r["gflops_paper"] for r in recs], 3),
-            _stat([r["gflops_full"] for r in recs], 3), _stat([r["images_per_s"] for r in recs], 0)]) + " |")
+            _stat(deltas), _stat([r["top5"] for r in recs]), _stat([r["gflops_paper"] for r in recs], fmt=".4g"),
+            _stat([r["gflops_full"] for r in recs], fmt=".4g"), _stat([r["images_per_s"] for r in recs], 0)]) + " |")
     n_img = max((r["images"] for r in records), default=0)
     note = (f"\n{n_img} images per cell; " + (f"mean [min-max] over {n_models} models ({', '.join(models)}); "
             if n_models > 1 else f"model {models[0]}; ") + f"{len(bad)} unreadable image(s) excluded.")

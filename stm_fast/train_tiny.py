@@ -2,7 +2,8 @@
 
 Deterministic for a given seed on a given machine (fixed seeds for torch and the augmentation, a fixed
 thread count, data in a fixed order per epoch, subnormals flushed to zero). Recipe (measured in NOTES.md): AdamW lr 3e-3, weight
-decay 0.05, cosine decay, label smoothing 0.1, batch 32, random shifts of up to 1 pixel, 25 epochs.
+decay 0.05, cosine decay, label smoothing 0.1, batch 32, random shifts of up to 1 pixel, 30 epochs, one
+thread (as fast as two for a model this small, and it fixes the summation order).
 Writes ``{'model': state_dict, 'config': DIGITS_CONFIG, 'meta': {...}}`` (loads with weights_only=True).
 """
 
@@ -38,7 +39,7 @@ def evaluate(model, x, y, batch=120):
     return correct / len(x)
 
 
-def train(seed, epochs=25, batch=32, lr=3e-3, out=None, threads=2, progress=True, max_steps=None):
+def train(seed, epochs=30, batch=32, lr=3e-3, out=None, threads=1, progress=True, max_steps=None):
     """Train seed ``seed`` and write its checkpoint; returns (test accuracy, meta, path). ``max_steps`` stops
     early (for tests of determinism)."""
     torch.manual_seed(seed)
@@ -90,7 +91,7 @@ def train(seed, epochs=25, batch=32, lr=3e-3, out=None, threads=2, progress=True
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seed", type=int, required=True)
-    ap.add_argument("--epochs", type=int, default=25)
+    ap.add_argument("--epochs", type=int, default=30)
     ap.add_argument("--out", default=None, help="where to write the checkpoint (default: the package's shipped file)")
     args = ap.parse_args(argv)
     acc, meta, out = train(args.seed, epochs=args.epochs, out=args.out)
