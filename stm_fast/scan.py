@@ -23,10 +23,30 @@ import os
 import torch
 import torch.nn.functional as F
 
-__all__ = ["selective_scan", "available_backends", "resolve_backend", "BACKENDS", "BackendUnavailable"]
+__all__ = ["selective_scan", "available_backends", "resolve_backend", "BACKENDS", "BackendUnavailable", "flush_denormals"]
 
 BACKENDS = ("torch", "triton", "mamba_ssm", "loop")
 _LOG2E = 1.4426950408889634
+
+
+class flush_denormals:
+    """Within the block, CPU float arithmetic flushes subnormals to zero; the previous mode is restored after.
+
+    Trained Vim decays exp(delta*A) reach float32's subnormal range, where x86 arithmetic is several times
+    slower; values below 1e-38 change no prediction. torch has no getter for the mode, so the state this
+    module set is tracked here (the process default is off)."""
+
+    _on = False
+
+    def __enter__(self):
+        self.prev = flush_denormals._on
+        flush_denormals._on = torch.set_flush_denormal(True) or self.prev
+        return self
+
+    def __exit__(self, *exc):
+        torch.set_flush_denormal(self.prev)
+        flush_denormals._on = self.prev
+        return False
 
 
 class BackendUnavailable(RuntimeError):

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from .digits import DIGITS_CONFIG, checkpoint_path, create_digits_model, load_split
+from .scan import flush_denormals
 
 
 def shift(x, rng):
@@ -41,12 +42,19 @@ def evaluate(model, x, y, batch=120):
 
 def train(seed, epochs=30, batch=32, lr=3e-3, out=None, threads=1, progress=True, max_steps=None):
     """Train seed ``seed`` and write its checkpoint; returns (test accuracy, meta, path). ``max_steps`` stops
-    early (for tests of determinism)."""
+    early (for tests of determinism). Subnormals are flushed meanwhile (epochs went from 15 s to ~60 s
+    without: trained decays exp(delta*A) reach float32's subnormal range)."""
+    prev_threads = torch.get_num_threads()
+    try:
+        with flush_denormals():
+            return _train(seed, epochs, batch, lr, out, threads, progress, max_steps)
+    finally:
+        torch.set_num_threads(prev_threads)
+
+
+def _train(seed, epochs, batch, lr, out, threads, progress, max_steps):
     torch.manual_seed(seed)
     torch.set_num_threads(threads)
-    # Trained decays exp(delta*A) reach float32's subnormal range, where x86 arithmetic is many times
-    # slower (epochs went from 15 s to ~60 s); flushing them to zero changes nothing measurable.
-    torch.set_flush_denormal(True)
     rng = np.random.default_rng(seed)
     x_tr, y_tr, x_te, y_te = load_split()
     model = create_digits_model().train()

@@ -189,3 +189,12 @@ def test_handwritten_backward_matches_autograd_through_the_loop(kw):
 
     for g_fast, g_loop in zip(grads("torch"), grads("loop")):
         torch.testing.assert_close(g_fast, g_loop, rtol=1e-10, atol=1e-10)
+
+
+def test_flush_denormals_is_scoped():
+    """Flushing subnormals (used by eval/train/bench) must not leak into the rest of the process."""
+    tiny = torch.tensor([1e-39])
+    assert float(tiny * 1.0) > 0
+    with fast.flush_denormals():
+        assert float(torch.tensor([1e-39]) * 1.0) == 0.0
+    assert float(tiny * 1.0) > 0
