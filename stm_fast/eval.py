@@ -15,7 +15,6 @@ Outputs in ``--out``: results.json, results.csv, table.md, accuracy_vs_flops.png
 from __future__ import annotations
 
 import argparse
-import csv
 import datetime
 import json
 import math
@@ -375,7 +374,7 @@ def main(argv=None):
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"\ninterrupted: finished batches are saved; rerun with the same --out to resume", file=sys.stderr)
+        print("\ninterrupted: finished batches are saved; rerun with the same --out to resume", file=sys.stderr)
         return 130
     return 0
 

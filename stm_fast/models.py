@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import torch
-
 from .checkpoint import load_into, read_state_dict
 from .vim import VimConfig, VisionMamba
 

@@ -54,7 +54,8 @@ class ToMeReducer(Reducer):
         # cosine similarities of L/2 sources to L/2 destinations over d channels, normalisation, merges
         return (L // 2) * ((L + 1) // 2) * cfg.embed_dim + L * cfg.embed_dim + 2 * 2 * k * cfg.embed_dim
 
-    def max_per_step(self, L, cls):
+    @staticmethod
+    def max_per_step(L, cls):
         # even-index sources and odd-index destinations, the class token (either parity) excluded from both:
         # at least one destination must remain
         return (L + 1) // 2 - 1 if L // 2 >= 2 else 0
@@ -158,9 +159,6 @@ def class_attention(stats, cls):
 
 class EViTReducer(Reducer):
     method = "evit"
-
-    def max_per_step(self, L, cls):
-        return L - 2  # k + 1 of the L - 1 other tokens are fused into one; the class token stays
 
     def overhead_flops(self, cfg, L, k):
         # class-token attention: exp(A * S) times C_cls and B over (E, N) for every token, both sides

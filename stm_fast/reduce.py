@@ -68,7 +68,8 @@ class Reducer:
     def step(self, i, k, hidden, residual, state, stats):  # pragma: no cover - abstract
         raise NotImplementedError
 
-    def max_per_step(self, L, cls):
+    @staticmethod
+    def max_per_step(L, cls):
         """Most tokens one step can remove from L (the class token and one other token always stay)."""
         return L - 2
 
@@ -81,8 +82,6 @@ class STMReducer(Reducer):
     """STM: BNNM plan (SPEC §3) and HSP weights (SPEC §4, eq. 11) from the layer just run."""
 
     method = "stm"
-    granularity = property(lambda self: 2 if self.options["sides"] == "both" else 1)
-
     def split(self, k):
         sides = self.options["sides"]
         if sides == "both":
@@ -276,8 +275,8 @@ def reduce(model, method, rate=None, schedule=None, **options):
     opts, layers, gran, max_total = setup(model, options)
     depth, L = model.cfg.depth, model.cfg.num_patches + 1
     if schedule is None:
-        limit = lambda n: cls.max_per_step(cls.__new__(cls), n, model.token_position)  # noqa: E731
-        schedule = solve_schedule(depth, L, rate, layers, gran, max_total, limit)
+        schedule = solve_schedule(depth, L, rate, layers, gran, max_total,
+                                  lambda n: cls.max_per_step(n, model.token_position))
     else:
         schedule = _validate_schedule(model, schedule, layers, gran, max_total, method)
     reducer = cls(model, schedule, opts)

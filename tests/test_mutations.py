@@ -5,7 +5,6 @@ property test that guards that claim (SPEC §5) under a short Hypothesis search 
 and asserts that the property fails. A tolerance loose enough to hide a 1e-9 error fails here.
 """
 
-import numpy as np
 import pytest
 from hypothesis import Phase, settings
 

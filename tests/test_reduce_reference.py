@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import stm_fast
-from stm_ref import reductions, ssm
+from stm_ref import reductions
 from stm_ref import vim as ref_vim
 from tests.test_vim import random_model
 

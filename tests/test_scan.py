@@ -1,7 +1,5 @@
 """stm_fast.scan backends against the float64 reference ``stm_ref.ssm.selective_scan`` (mamba-ssm semantics)."""
 
-import importlib.util
-
 import numpy as np
 import pytest
 import torch
