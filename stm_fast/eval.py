@@ -221,6 +221,7 @@ def _evaluate(args):
             if args.on_bad_image == "error":
                 raise DataError("unreadable image(s): " + "; ".join(bad[:5]) + " (use --on-bad-image skip to exclude them)")
             progress.bad[str(b)] = bad
+        xd = None if x is None else x.to(device, non_blocking=True)  # once per batch, for every configuration
         for name, model in models:
             for e in exps:
                 key = exp_key(name, e)
@@ -231,7 +232,7 @@ def _evaluate(args):
                 t0 = time.perf_counter()
                 if x is not None:
                     with torch.inference_mode(), torch.autocast(device.type, dtype=amp, enabled=amp != torch.float32):
-                        logits = model(x.to(device, non_blocking=True))
+                        logits = model(xd)
                     if device.type == "cuda":
                         torch.cuda.synchronize()
                     seconds = time.perf_counter() - t0
@@ -243,7 +244,6 @@ def _evaluate(args):
                 progress.add(key, b, top1, top5, 0 if x is None else len(y), seconds)
                 images_seen += 0 if x is None else len(y)
                 bar.update(1)
-        model.reducer = None
         progress.save()
         if bar.format_dict.get("elapsed"):  # images through the model per second, over all configurations
             bar.set_postfix(img_per_s=f"{images_seen / max(bar.format_dict['elapsed'], 1e-9):.0f}")
@@ -288,10 +288,11 @@ def _finish(args, rank, world, models, exps, plans, errors, progress, n_images):
                 model.reducer, model.reduction = plans[key]
                 c = counts[key]
                 n = max(c["images"], 1)
+                paper = flops(model, img, "paper")
                 rec.update(achieved_rate=model.reduction["rate"], tokens_per_layer=model.reduction["tokens_per_layer"],
                            top1=100.0 * c["top1"] / n, top5=100.0 * c["top5"] / n, images=c["images"],
-                           gflops_paper=flops(model, img, "paper")["total"], gflops_full=flops(model, img, "full")["total"],
-                           gflops_overhead=flops(model, img, "paper")["overhead"],
+                           gflops_paper=paper["total"], gflops_full=flops(model, img, "full")["total"],
+                           gflops_overhead=paper["overhead"],
                            images_per_s=c["images"] / c["seconds"] if c["seconds"] > 0 else None)
             records.append(rec)
         reduce(model, "none")

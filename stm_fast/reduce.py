@@ -28,7 +28,6 @@ class Reducer:
     keeps_stats = True  # whether step() needs the statistics of the layer just run
 
     def __init__(self, model, schedule, options):
-        self.model_depth = model.cfg.depth
         self.schedule = list(schedule)
         self.options = dict(options)
         self.active = any(k > 0 for k in self.schedule)
@@ -82,6 +81,7 @@ class STMReducer(Reducer):
     """STM: BNNM plan (SPEC §3) and HSP weights (SPEC §4, eq. 11) from the layer just run."""
 
     method = "stm"
+
     def split(self, k):
         sides = self.options["sides"]
         if sides == "both":
@@ -143,7 +143,7 @@ def solve_schedule(depth, L, rate, layers, granularity=1, max_total=None, step_l
             closest = best
         if best is not None and best[0] <= 0.01:
             return best[1]
-    hi = _max_rate(depth, L, layers, granularity, max_total)
+    hi = _max_rate(depth, L, layers, granularity, max_total, step_limit)
     got = f"; the closest schedule gives {100 * closest[2]:.1f}%" if closest else ""
     raise ValueError(
         f"cannot reach a token reduction rate of {100 * rate:.1f}% within ±1 point{got}. With these options "
@@ -176,17 +176,14 @@ def _uniform_schedule(depth, L, rate, layers, granularity, max_total, step_limit
     return best
 
 
-def _max_rate(depth, L, layers, granularity, max_total):
-    if max_total is None:
-        max_total = L - 2
-    sched = [0] * (depth - 1)
-    left = max_total
+def _max_rate(depth, L, layers, granularity, max_total, step_limit=None):
+    """The highest rate reachable: remove as early as the token budget and the per-step limit allow."""
+    left = L - 2 if max_total is None else max_total
+    sched, n = [0] * (depth - 1), L
     for l in sorted(layers):  # front-load: earliest removals count for the most layers
-        take = min(left, max_total) // granularity * granularity
-        sched[l] = take
-        left -= take
-        if left <= 0:
-            break
+        take = left if step_limit is None else min(left, step_limit(n))
+        take = take // granularity * granularity
+        sched[l], left, n = take, left - take, n - take
     return rate_of(tokens_per_layer(L, sched, depth))
 
 
