@@ -19,7 +19,8 @@ from stm_ref.merge import TOKEN_WEIGHT_VARIANTS, merge_plan
 
 _LOG2E = 1.4426950408889634
 
-__all__ = ["PlanIndex", "plan_index", "token_weights", "merge_tokens", "TOKEN_WEIGHT_VARIANTS"]
+__all__ = ["PlanIndex", "plan_index", "token_weights", "ends_weights", "merge_tokens", "merge_ends",
+           "TOKEN_WEIGHT_VARIANTS"]
 
 
 @dataclass(frozen=True)
@@ -36,7 +37,15 @@ class PlanIndex:
     left: torch.Tensor  # (R,) bool
     new_cls: int
     sides: tuple = ()  # SideIndex per side with reductions (left first), for the weights
-    stacked: torch.Tensor = None  # (4, 2, R) upper/lower/j/q of both sides when they mirror each other
+    ends: tuple = None  # (r_left, r_right) for the ``ends`` plan: each side's reduced tokens are the first
+    # r scan steps of its direction and its target is step r, so the weights read slices, not gathers
+    kept_range: tuple = None  # (start, stop) when the kept positions are one contiguous run
+
+    def take(self, t):
+        """t[:, kept] for t (batch, L, ...): a view when the kept positions are contiguous."""
+        if self.kept_range is not None:
+            return t[:, self.kept_range[0]:self.kept_range[1]]
+        return t.index_select(1, self.kept)
 
 
 @dataclass(frozen=True)
@@ -71,10 +80,10 @@ def _plan_cpu(L, cls, r_left, r_right, positions):
     target_k = torch.searchsorted(kept, target)
     left = reduced < cls
     sides = tuple(_side_index(reduced[m], target[m], fwd) for m, fwd in ((left, True), (~left, False)) if bool(m.any()))
-    stacked = None
-    if len(sides) == 2 and len(sides[0].j) == len(sides[1].j) and len(sides[0].span) == len(sides[1].span):
-        stacked = torch.stack([torch.stack([sd.upper, sd.lower, sd.j, sd.q]) for sd in sides], dim=1)
-    return PlanIndex(L, cls, kept, reduced, target, target_k, left, p.new_cls, sides, stacked)
+    contiguous = len(kept) > 0 and int(kept[-1]) - int(kept[0]) + 1 == len(kept)
+    kept_range = (int(kept[0]), int(kept[-1]) + 1) if contiguous else None
+    return PlanIndex(L, cls, kept, reduced, target, target_k, left, p.new_cls, sides,
+                     (r_left, r_right) if positions == "ends" else None, kept_range)
 
 
 _DEVICE_CACHE = {}
@@ -89,82 +98,144 @@ def plan_index(L, cls, r_left, r_right, positions="ends", device="cpu"):
             sides = tuple(SideIndex(sd.forward, *(t.to(device) for t in (sd.span, sd.j, sd.q, sd.upper, sd.lower)))
                           for sd in p.sides)
             p = PlanIndex(p.L, p.cls, *(t.to(device) for t in (p.kept, p.reduced, p.target, p.target_k, p.left)),
-                          p.new_cls, sides, None if p.stacked is None else p.stacked.to(device))
+                          p.new_cls, sides, p.ends, p.kept_range)
         _DEVICE_CACHE[key] = p
     return _DEVICE_CACHE[key]
+
+
+def _decay_products(A2, S):
+    """P = exp(A * S) = exp2(A2 * S): (..., R, N, E) from S (..., R, E) and A2 = A * log2(e) as (N, E)."""
+    return torch.mul(A2, S[..., None, :]).exp2_()
+
+
+def _weights_from(variant, P, dj, dq, Bj, Bq, clamp):
+    """Per reduced token j -> target q, the scalar weight of SPEC §4 from that direction's statistics.
+
+    ``P`` (..., N, E): P_{j->q} = exp(A * the sum of delta over the steps after j up to and including q in
+    scan order) (eq. 11); ``dj, dq`` (..., E): delta; ``Bj, Bq`` (..., N): B (leading axes broadcast);
+    Bbar = delta (x) B. Channels are the last, contiguous axis throughout, so every op is a row-wise vector
+    op and the sum over states is one small matrix product.
+    """
+    if variant == "decay":
+        return P.mean(dim=(-2, -1))
+    if variant in ("lsq", "lsq_norm"):
+        # <P*Bbar_j, Bbar_q>_F / |Bbar_q|_F^2 with Bbar = delta (x) B: sum over N first, the denominator factorises
+        inner = torch.matmul((Bj * Bq)[..., None, :], P)[..., 0, :]  # (..., E)
+        num = torch.linalg.vecdot(inner, dj * dq)
+        den = torch.linalg.vecdot(dq, dq) * torch.linalg.vecdot(Bq, Bq)
+        w = num / den.clamp_min(torch.finfo(den.dtype).tiny)  # den = 0 only if Bbar_q = 0, and then num = 0 too
+        return w.clamp(0.0, 1.0) if variant == "lsq_norm" else w
+    if variant == "mean":
+        Bbar_j = dj[..., None, :] * Bj[..., :, None]  # (..., N, E)
+        Bbar_q = dq[..., None, :] * Bq[..., :, None]
+        floor = clamp * Bbar_q.abs().amax(dim=(-2, -1), keepdim=True)
+        sign = torch.where(Bbar_q < 0, -1.0, 1.0).to(P.dtype)
+        den = sign * torch.maximum(Bbar_q.abs(), floor)
+        w = (P * Bbar_j / torch.where(floor > 0, den, torch.ones_like(den))).mean(dim=(-2, -1))
+        return torch.where(floor[..., 0, 0] > 0, w, torch.zeros_like(w))
+    raise ValueError(f"weights must be one of {TOKEN_WEIGHT_VARIANTS}, got {variant!r}")
 
 
 def _side_weights(st, side, variant, clamp):
     """Scalar weights (batch, R_side) for one side's reduced tokens, from that direction's statistics.
 
-    ``st``: a ``DirectionStats``; ``side``: its ``SideIndex``. P_{j->q} = exp(A * the sum of delta over the
-    steps after j up to and including q in scan order); Bbar = delta * B. Only the positions between the
-    reduced tokens and their targets are read.
+    ``st``: a ``DirectionStats``; ``side``: its ``SideIndex``. Only the positions between the reduced
+    tokens and their targets are read.
     """
-    d = st.delta_at(side.span)  # (batch, E, span)
-    batch = d.shape[0]
-    R = len(side.j)
+    d = st.delta_rows(side.span)  # (batch, span, E)
     if variant in ("avg", "drop"):
-        return torch.full((batch, R), 1.0 if variant == "avg" else 0.0, dtype=d.dtype, device=d.device)
-    cz = torch.nn.functional.pad(torch.cumsum(d, dim=-1), (1, 0))
-    S = cz.index_select(2, side.upper) - cz.index_select(2, side.lower)  # (batch, E, R)
-    P = torch.mul((st.A * _LOG2E)[None, :, :, None], S[:, :, None, :]).exp2_()  # (batch, E, N, R)
-    if variant == "decay":
-        return P.mean(dim=(1, 2))
-    dj, dq = d.index_select(2, side.j), d.index_select(2, side.q)  # (batch, E, R)
-    Bs = st.B_at(side.span).to(d.dtype)
-    Bj, Bq = Bs.index_select(2, side.j), Bs.index_select(2, side.q)  # (batch, N, R)
-    if variant in ("lsq", "lsq_norm"):
-        # <P*Bbar_j, Bbar_q>_F / |Bbar_q|_F^2 with Bbar = delta (x) B: sum over N first, the denominator factorises
-        num = (P.mul_((Bj * Bq)[:, None]).sum(dim=2) * (dj * dq)).sum(dim=1)
-        den = (dq * dq).sum(dim=1) * (Bq * Bq).sum(dim=1)
-        w = num / den.clamp_min(torch.finfo(den.dtype).tiny)  # den = 0 only if Bbar_q = 0, and then num = 0 too
-        return w.clamp(0.0, 1.0) if variant == "lsq_norm" else w
-    if variant == "mean":
-        Bbar_j = dj[:, :, None, :] * Bj[:, None, :, :]  # (batch, E, N, R)
-        Bbar_q = dq[:, :, None, :] * Bq[:, None, :, :]
-        floor = clamp * Bbar_q.abs().amax(dim=(1, 2), keepdim=True)
-        sign = torch.where(Bbar_q < 0, -1.0, 1.0).to(d.dtype)
-        den = sign * torch.maximum(Bbar_q.abs(), floor)
-        w = (P * Bbar_j / torch.where(floor > 0, den, torch.ones_like(den))).mean(dim=(1, 2))
-        return torch.where(floor[:, 0, 0, :] > 0, w, torch.zeros_like(w))
-    raise ValueError(f"weights must be one of {TOKEN_WEIGHT_VARIANTS}, got {variant!r}")
+        return torch.full((d.shape[0], len(side.j)), 1.0 if variant == "avg" else 0.0, dtype=d.dtype, device=d.device)
+    cz = torch.nn.functional.pad(torch.cumsum(d, dim=1), (0, 0, 1, 0))
+    S = cz.index_select(1, side.upper) - cz.index_select(1, side.lower)  # (batch, R, E)
+    Bs = st.B_rows(side.span).to(d.dtype)  # (batch, span, N)
+    P = _decay_products(st.A.t() * _LOG2E, S)
+    return _weights_from(variant, P, d.index_select(1, side.j), d.index_select(1, side.q),
+                         Bs.index_select(1, side.j), Bs.index_select(1, side.q), clamp)
 
 
-def _both_sides_lsq(stats, plan, variant):
-    """``lsq``/``lsq_norm`` weights of both sides at once when they mirror each other (same number of reduced
-    tokens, same span length: the default ``ends`` plan), stacking the two directions along a new axis so the
-    step runs half as many small kernels. Same arithmetic as ``_side_weights``."""
-    left, right = plan.sides
-    f, b = stats["forward"], stats["backward"]
-    d = torch.stack([f.delta_at(left.span), b.delta_at(right.span)])  # (2, batch, E, S)
-    two, batch, E, _ = d.shape
-    R = len(left.j)
-    idx = plan.stacked  # (4, 2, R): upper, lower, j, q
-    cz = torch.nn.functional.pad(torch.cumsum(d, dim=-1), (1, 0))
-    take = lambda t, i: torch.gather(t, 3, i[:, None, None, :].expand(two, batch, t.shape[2], R))  # noqa: E731
-    S = take(cz, idx[0]) - take(cz, idx[1])  # (2, batch, E, R)
-    A2 = torch.stack([f.A, b.A]) * _LOG2E  # (2, E, N)
-    P = torch.mul(A2[:, None, :, :, None], S[:, :, :, None, :]).exp2_()  # (2, batch, E, N, R)
-    Bs = torch.stack([f.B_at(left.span), b.B_at(right.span)]).to(d.dtype)  # (2, batch, N, S)
-    dj, dq, Bj, Bq = take(d, idx[2]), take(d, idx[3]), take(Bs, idx[2]), take(Bs, idx[3])
-    num = (P.mul_((Bj * Bq)[:, :, None]).sum(dim=3) * (dj * dq)).sum(dim=2)  # (2, batch, R)
-    den = (dq * dq).sum(dim=2) * (Bq * Bq).sum(dim=2)
-    w = num / den.clamp_min(torch.finfo(den.dtype).tiny)
-    if variant == "lsq_norm":
-        w = w.clamp(0.0, 1.0)
-    return w.permute(1, 0, 2).reshape(batch, 2 * R)  # left tokens first, as the plan orders them
+def _lsq_from_heads(P, d, Bh, r, variant):
+    """``lsq``/``lsq_norm`` weights (r, sides, batch) from step-major P (r, sides, batch, N, E), delta
+    (r + 1, sides, batch, E) and B (r + 1, sides, batch, N): ``_weights_from``'s arithmetic written as
+    batched small matrix products, the kernels the scan itself runs (a step that runs right after a
+    layer finds them, and their data, in cache)."""
+    _, s, b, N, E = P.shape
+    G = r * s * b
+    inner = torch.bmm(torch.mul(Bh[:r], Bh[r]).reshape(G, 1, N), P.reshape(G, N, E))  # sum over N of P*Bj*Bq
+    num = torch.bmm(inner, torch.mul(d[:r], d[r]).reshape(G, E, 1)).view(r, s, b)
+    dq, Bq = d[r].reshape(s * b, E), Bh[r].reshape(s * b, N)
+    den = (torch.bmm(dq[:, None], dq[..., None]) * torch.bmm(Bq[:, None], Bq[..., None])).view(s, b)
+    w = num / den.clamp_min(torch.finfo(den.dtype).tiny)  # den = 0 only if Bbar_q = 0, and then num = 0 too
+    return w.clamp(0.0, 1.0) if variant == "lsq_norm" else w
+
+
+def _ends_weights(sts, r, variant, clamp, heads=None):
+    """Weights (len(sts), batch, r) of the ``ends`` plan, in each direction's scan order.
+
+    There a side's reduced tokens are its direction's first r scan steps and their common target is
+    step r, so only the first r + 1 rows of each direction are read (slices, no gathers), and the
+    directions of both sides stack along a leading axis: one set of small kernels for the whole step.
+    P_j = Abar_{j+1} ... Abar_r. ``heads``: the scan's own delta (n, sides, batch, E), Abar
+    (n, sides, batch, N, E) and B (n, sides, batch, N) or None, of the first n > r steps
+    (``MambaMixer.stats["heads"]``), reused (no exp; the Abar buffer is overwritten with P); without
+    them, delta and P are recomputed from the statistics.
+    """
+    if heads is not None:  # step-major: (step, sides, batch, ...), so the slices below are contiguous
+        d, a, Bh = heads
+        d = d[:r + 1]
+        if variant in ("avg", "drop"):
+            return torch.full((len(sts), d.shape[2], r), 1.0 if variant == "avg" else 0.0, dtype=d.dtype, device=d.device)
+        P = a[1:r + 1]
+        for j in range(r - 2, -1, -1):  # suffix products in place; r is a few tokens (cumprod is slower)
+            torch.mul(P[j], P[j + 1], out=P[j])
+        if Bh is None:
+            Bh = torch.stack([st._B[..., :r + 1].permute(2, 0, 1) for st in sts], dim=1)
+        Bh = Bh[:r + 1].to(d.dtype)
+        if variant in ("lsq", "lsq_norm"):
+            w = _lsq_from_heads(P, d, Bh, r, variant)
+        else:
+            w = _weights_from(variant, P, d[:r], d[r:], Bh[:r], Bh[r:], clamp)  # (r, sides, batch)
+        return w.permute(1, 2, 0).contiguous()  # contiguous rows: bmm on strided operands loops per image
+    rows = [st.scan_rows(r + 1) for st in sts]
+    d = torch.stack([dr for dr, _ in rows])  # (sides, batch, r + 1, E)
+    if variant in ("avg", "drop"):
+        return torch.full(d.shape[:2] + (r,), 1.0 if variant == "avg" else 0.0, dtype=d.dtype, device=d.device)
+    B = torch.stack([Br for _, Br in rows]).to(d.dtype)  # (sides, batch, r + 1, N)
+    dd = d[:, :, 1:]
+    c = dd.cumsum(2)
+    S = c[:, :, -1:] - c + dd  # S_j = delta summed over steps j+1 .. r
+    A2 = torch.stack([st.A for st in sts]).transpose(1, 2)[:, None, None] * _LOG2E  # (sides, 1, 1, N, E)
+    return _weights_from(variant, _decay_products(A2, S), d[:, :, :r], d[:, :, r:], B[:, :, :r], B[:, :, r:], clamp)
+
+
+def ends_weights(stats, r_left, r_right, variant="lsq", clamp=1e-6):
+    """Weights of the ``ends`` plan as (left (batch, r_left), right (batch, r_right)), each in token
+    position order; what ``token_weights`` returns for that plan, split by side. A "heads" entry of
+    ``stats`` (the scan's exported first steps) is used and consumed: its Abar buffer is overwritten."""
+    heads = stats.get("heads")
+    if heads is not None and heads[0].shape[0] <= max(r_left, r_right):
+        heads = None
+    if r_left == r_right and r_left > 0:
+        w = _ends_weights([stats["forward"], stats["backward"]], r_left, variant, clamp, heads)
+        left, right = w[0], w[1]
+    else:
+        one = lambda d, i, r: _ends_weights([stats[d]], r, variant, clamp, None if heads is None else tuple(  # noqa: E731
+            None if h is None else h[:, i:i + 1] for h in heads))[0]
+        f = stats["forward"]
+        empty = torch.empty(f.delta_raw.shape[0], 0, dtype=f.bias.dtype, device=f.delta_raw.device)
+        left = one("forward", 0, r_left) if r_left else empty
+        right = one("backward", 1, r_right) if r_right else empty
+    return left, right.flip(-1)  # right-side tokens in position order are the backward scan's steps reversed
 
 
 def token_weights(stats, plan, variant="lsq", clamp=1e-6):
     """One scalar weight per reduced token and image, (batch, R) in plan order (SPEC §4; eq. 11 with the
     statistics of the layer just run). ``stats``: {"forward": DirectionStats, "backward": DirectionStats}
     as ``MambaMixer.stats`` holds them. Twin of ``stm_ref.merge.token_weights`` applied with the Euler
-    Abar/Bbar of each direction."""
+    Abar/Bbar of each direction. A "heads" entry of ``stats`` is consumed (its Abar buffer is overwritten)."""
     if variant not in TOKEN_WEIGHT_VARIANTS:
         raise ValueError(f"weights must be one of {TOKEN_WEIGHT_VARIANTS}, got {variant!r}")
-    if variant in ("lsq", "lsq_norm") and plan.stacked is not None:
-        return _both_sides_lsq(stats, plan, variant)
+    if plan.ends is not None:
+        return torch.cat(ends_weights(stats, *plan.ends, variant, clamp), dim=1)  # left tokens precede right ones
     parts = [_side_weights(stats["forward" if sd.forward else "backward"], sd, variant, clamp) for sd in plan.sides]
     if not parts:
         f = stats["forward"]
@@ -172,16 +243,46 @@ def token_weights(stats, plan, variant="lsq", clamp=1e-6):
     return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)  # left tokens precede right ones
 
 
-def merge_tokens(x, plan, weights, variant="lsq"):
+def merge_ends(x, r_left, r_right, w_left, w_right, variant="lsq", inplace=False):
+    """``merge_tokens`` for the ``ends`` plan: the first r_left tokens (weights w_left (batch, r_left)) go
+    into the first kept token, the last r_right (w_right, position order) into the last kept one;
+    (batch, L, C) -> (batch, L - r_left - r_right, C). One small matrix product per side. ``inplace``:
+    the result is a view of x, updated in place."""
+    L = x.shape[1]
+    out = x[:, r_left:L - r_right]
+    if not inplace:
+        out = out.clone()
+    if variant == "drop":
+        return out
+    for r, w, src, tgt in ((r_left, w_left, x[:, :r_left], out[:, :1]), (r_right, w_right, x[:, L - r_right:], out[:, -1:])):
+        if r:
+            w = w.to(x.dtype)
+            tgt.add_(torch.bmm(w[:, None, :], src))
+            if variant in ("lsq_norm", "avg"):
+                tgt.div_((1 + w.sum(1))[:, None, None])
+    return out
+
+
+def merge_tokens(x, plan, weights, variant="lsq", inplace=False):
     """Merge tokens x (batch, L, C) by the plan with weights (batch, R); returns (batch, K, C). Twin of
     ``stm_ref.merge.merge_tokens``: x*_q = x_q + sum_j w_j x_j; normalised by 1 + sum_j w_j for ``lsq_norm``
-    and ``avg``; ``drop`` keeps x_q. One gather and one index_add, no loop over tokens or images."""
-    out = x.index_select(1, plan.kept)
+    and ``avg``; ``drop`` keeps x_q. One gather and one index_add (``merge_ends`` for the ends plan), no
+    loop over tokens or images. ``inplace``: when the kept tokens are contiguous (the ``ends`` plan) the
+    result is a view of x, updated in place (x's kept rows change); the reducers use it on streams the
+    forward owns."""
+    if plan.ends is not None:
+        rl, rr = plan.ends
+        w = (None, None) if weights is None else (weights[:, :rl], weights[:, rl:])
+        return merge_ends(x, rl, rr, *w, variant, inplace)
+    if inplace and plan.kept_range is not None:
+        out = plan.take(x)
+    else:
+        out = plan.take(x).clone() if plan.kept_range is not None else x.index_select(1, plan.kept)
     if variant == "drop" or len(plan.reduced) == 0:
         return out
     w = weights.to(x.dtype)
-    out = out.index_add(1, plan.target_k, x.index_select(1, plan.reduced) * w[..., None])
+    out.index_add_(1, plan.target_k, x.index_select(1, plan.reduced) * w[..., None])
     if variant in ("lsq_norm", "avg"):
-        mass = torch.ones(x.shape[0], len(plan.kept), dtype=x.dtype, device=x.device).index_add(1, plan.target_k, w)
+        mass = torch.ones(x.shape[0], len(plan.kept), dtype=x.dtype, device=x.device).index_add_(1, plan.target_k, w)
         out = out / mass[..., None]
     return out

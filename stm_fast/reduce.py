@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from .merge import TOKEN_WEIGHT_VARIANTS, merge_tokens, plan_index, token_weights
+from .merge import TOKEN_WEIGHT_VARIANTS, ends_weights, merge_ends, merge_tokens, plan_index, token_weights
 
 __all__ = ["reduce", "METHODS", "solve_schedule", "Reducer", "STMReducer", "rate_of"]
 
@@ -36,6 +36,10 @@ class Reducer:
         """Per-direction decay scales (batch, L) for the next layer, or None (no alignment)."""
         return None
 
+    def stats_head(self, k):
+        """How many leading scan steps' delta/Abar a layer followed by a k-token step should export (0: none)."""
+        return 0
+
     def forward_features(self, model, hidden, observer=None):
         batch, L, _ = hidden.shape
         state = {
@@ -49,6 +53,7 @@ class Reducer:
         for i, layer in enumerate(model.layers):
             k = self.schedule[i] if i < len(self.schedule) else 0
             layer.mixer.keep_stats = k > 0 and self.keeps_stats
+            layer.mixer.stats_head = self.stats_head(k) if layer.mixer.keep_stats else 0
             try:
                 hidden, residual = layer(hidden, residual, decay_scale=self.decay_scales(state))
                 if k > 0:
@@ -58,6 +63,7 @@ class Reducer:
                     observer(i, residual[rows, state["cls"]] + hidden[rows, state["cls"]])
             finally:
                 layer.mixer.keep_stats = False
+                layer.mixer.stats_head = 0
                 layer.mixer.stats = None
         out = model.norm_f(residual + hidden)
         if state["uniform_cls"] is not None:
@@ -88,6 +94,12 @@ class STMReducer(Reducer):
             return k // 2, k // 2
         return (k, 0) if sides == "left" else (0, k)
 
+    def stats_head(self, k):
+        # the ends plan reads only each direction's first r + 1 scan steps: reuse the scan's delta and Abar there
+        if self.options["positions"] != "ends" or self.options["weights"] in ("avg", "drop"):
+            return 0
+        return max(self.split(k)) + 1
+
     def overhead_flops(self, cfg, L, k):
         # weights: per reduced token, P = exp(A * S) and the lsq products over (E, N) (~4 E N), plus the
         # merge itself: a multiply-add of d channels on each of the two streams
@@ -100,12 +112,18 @@ class STMReducer(Reducer):
         r_left, r_right = self.split(k)
         plan = plan_index(L, cls, r_left, r_right, self.options["positions"], hidden.device)
         variant = self.options["weights"]
-        w = None if variant == "drop" else token_weights(stats, plan, variant)
-        hidden = merge_tokens(hidden, plan, w, variant)
-        residual = merge_tokens(residual, plan, w, variant)
-        state = dict(state, uniform_cls=plan.new_cls,
-                     cls=torch.full_like(state["cls"], plan.new_cls),
-                     pos=state["pos"].index_select(1, plan.kept), size=state["size"].index_select(1, plan.kept))
+        # the layer's outputs belong to this forward: merge into them in place (a view for ends plans)
+        inplace = not torch.is_grad_enabled()
+        if plan.ends is not None:  # slices and one small matrix product per side, weights kept split by side
+            w = (None, None) if variant == "drop" else ends_weights(stats, r_left, r_right, variant)
+            hidden = merge_ends(hidden, r_left, r_right, *w, variant, inplace=inplace)
+            residual = merge_ends(residual, r_left, r_right, *w, variant, inplace=inplace)
+        else:
+            w = None if variant == "drop" else token_weights(stats, plan, variant)
+            hidden = merge_tokens(hidden, plan, w, variant, inplace=inplace)
+            residual = merge_tokens(residual, plan, w, variant, inplace=inplace)
+        state = dict(state, uniform_cls=plan.new_cls, cls=torch.full_like(state["cls"], plan.new_cls),
+                     pos=plan.take(state["pos"]), size=plan.take(state["size"]))
         return hidden, residual, state
 
 

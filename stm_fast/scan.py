@@ -18,7 +18,9 @@ else ``torch``. The environment variable ``STM_SCAN_BACKEND`` overrides the auto
 from __future__ import annotations
 
 import importlib.util
+import math
 import os
+import threading
 
 import torch
 import torch.nn.functional as F
@@ -99,20 +101,24 @@ def resolve_backend(backend, device):
     return name
 
 
-def _expand_BC(M, batch, D, N, L, name):
-    """B or C as a time-major (L, batch, D or 1, N) view; (D, N) constants become (1, 1, D, N)."""
+def _expand_BC(M, batch, D, N, L, name, states_first=False):
+    """B or C as a time-major view: (L, batch, D or 1, N), or (L, batch, N, D or 1) with ``states_first``.
+
+    (D, N) constants become (1, 1, D, N) (resp. (1, 1, N, D))."""
     if M.dim() == 2:
         if M.shape != (D, N):
             raise ValueError(f"selective_scan: {name} of shape {tuple(M.shape)}, expected (D, N)={(D, N)}")
-        return M[None, None]
+        return M.t()[None, None] if states_first else M[None, None]
     if M.dim() == 3:
         if M.shape != (batch, N, L):
             raise ValueError(f"selective_scan: {name} of shape {tuple(M.shape)}, expected (batch, N, L)={(batch, N, L)}")
-        return M.permute(2, 0, 1)[:, :, None, :]
+        return M.permute(2, 0, 1)[..., None] if states_first else M.permute(2, 0, 1)[:, :, None, :]
     if M.dim() == 4:
         G = M.shape[1]
         if D % G or M.shape[0] != batch or M.shape[2:] != (N, L):
             raise ValueError(f"selective_scan: {name} of shape {tuple(M.shape)} does not fit (batch, G, N, L) with D={D}")
+        if states_first:
+            return M.permute(3, 0, 2, 1).repeat_interleave(D // G, dim=3)
         return M.permute(3, 0, 1, 2).repeat_interleave(D // G, dim=2)
     raise ValueError(f"selective_scan: {name} must have 2, 3 or 4 dimensions, got {M.dim()}")
 
@@ -130,53 +136,128 @@ def _compute_dtype(*ts):
     return torch.float64 if any(t is not None and t.dtype == torch.float64 for t in ts) else torch.float32
 
 
-def _scan_torch(u, delta, A, B, C, chunk=8, mode="sequential", decay_scale=None):
-    """y_ssm (batch, D, L) = C·h and the last state (batch, D, N); delta already biased/softplused.
+class _Workspace:
+    """Per-thread scratch buffers for the inference scan, grown to the largest request and then sliced.
 
-    Time-major and chunked: per chunk of ``chunk`` steps, Abar = exp2(delta*A*log2 e), Bbar*u and the
-    readout C·h are each one vectorised op over (chunk, batch, D, N), on buffers that stay in cache.
-    The recurrence inside a chunk is either ``sequential`` (one fused multiply-add per step on a
-    contiguous (batch, D, N) slice; the default, fastest measured on CPU) or ``doubling`` (log2(chunk)
-    Hillis-Steele rounds, no per-step Python; twice the arithmetic). See the README's scan notes.
+    Every fresh multi-megabyte CPU buffer is page-faulted in by the kernel on first touch (NOTES.md);
+    at Vim-Ti shapes that was about a quarter of the scan's time. Reusing buffers also means that a
+    sequence that shrinks layer by layer (token reduction) never reallocates. Only temporaries live
+    here: everything returned to the caller is freshly allocated.
     """
-    batch, D, L = u.shape
+
+    _local = threading.local()
+
+    @classmethod
+    def get(cls, name, shape, like):
+        bufs = cls._local.__dict__.setdefault("bufs", {})
+        # tensors made under inference_mode cannot be written outside it (and vice versa for views): one set each
+        key = (name, like.device, like.dtype, torch.is_inference_mode_enabled())
+        numel = math.prod(shape)
+        buf = bufs.get(key)
+        if buf is None or buf.numel() < numel:
+            buf = like.new_empty(numel)
+            bufs[key] = buf
+        return buf[:numel].view(shape)
+
+    @classmethod
+    def clear(cls):
+        cls._local.__dict__.pop("bufs", None)
+
+
+def _scan_torch(u, delta, A, B, C, chunk=16, mode="sequential", decay_scale=None, delta_bias=None,
+                delta_softplus=False, D=None, z=None, head=None):
+    """y (batch, D, L) = (C·h + D*u) * silu(z) and the last state (batch, D, N), in u's dtype.
+
+    Time-major, states-first and chunked: states are held as (batch, N, D), so every op runs along the
+    contiguous channel axis (broadcasts over N or D are row-wise, and the readout over N is a small
+    matrix product or a sum of whole channel rows, not a reduction of 16-element inner rows: ~2x faster
+    than a (D, N) layout on CPU). Per chunk of ``chunk`` steps, Abar = exp2(delta*A*log2 e) and Bbar*u
+    are each one vectorised op over (chunk, batch, N, D) into reused buffers (``_Workspace``). The
+    recurrence inside a chunk is either ``sequential`` (one fused multiply-add per step on a contiguous
+    (batch, N, D) slice; the default, fastest measured on CPU) or ``doubling`` (log2(chunk)
+    Hillis-Steele rounds, no per-step Python; twice the arithmetic). See the README's scan notes.
+    ``head``: see ``selective_scan``.
+    """
+    batch, E, L = u.shape
     N = A.shape[1]
-    Bt = _expand_BC(B, batch, D, N, L, "B")
-    Ct = _expand_BC(C, batch, D, N, L, "C")
-    du = (delta * u).permute(2, 0, 1).contiguous()
-    if decay_scale is not None:
-        delta = delta * decay_scale[:, None, :]
-    dt = delta.permute(2, 0, 1).contiguous()  # (L, batch, D), the step that enters Abar
-    A2 = A * _LOG2E  # exp2 is markedly faster than exp on CPU (NOTES.md)
-    h = u.new_zeros(batch, D, N)
-    # In-place updates into reused buffers are much faster on CPU but break autograd; training takes
-    # the functional path (same arithmetic).
-    if torch.is_grad_enabled() and any(t.requires_grad for t in (u, delta, A, B, C)):
+    grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (u, delta, A, B, C, D, z,
+                                                                                        delta_bias))
+    if grad:
         # Training: a forward that keeps the states and a hand-written reverse scan for the backward,
         # instead of recording one autograd node per time step (much slower on CPU, NOTES.md).
-        Bf = Bt.expand(L, batch, D, N) if Bt.shape[1:] != (batch, D, N) else Bt
-        Cf = Ct.expand(L, batch, D, N) if Ct.shape[1:] != (batch, D, N) else Ct
-        y, h = _ScanFn.apply(dt, du, A, Bf, Cf)
-        return y.permute(1, 2, 0), h
-    y = u.new_empty(L, batch, D)
-    abuf = u.new_empty(chunk, batch, D, N)
-    xbuf = u.new_empty(chunk, batch, D, N)
+        # In-place updates into reused buffers would break autograd; same arithmetic, functional.
+        if delta_bias is not None:
+            delta = delta + delta_bias[None, :, None]
+        if delta_softplus:
+            delta = F.softplus(delta)
+        du = (delta * u).permute(2, 0, 1)
+        dt = (delta if decay_scale is None else delta * decay_scale[:, None, :]).permute(2, 0, 1)
+        Bt = _expand_BC(B, batch, E, N, L, "B")
+        Ct = _expand_BC(C, batch, E, N, L, "C")
+        Bf = Bt.expand(L, batch, E, N) if Bt.shape[1:] != (batch, E, N) else Bt
+        Cf = Ct.expand(L, batch, E, N) if Ct.shape[1:] != (batch, E, N) else Ct
+        y, h = _ScanFn.apply(dt.contiguous(), du.contiguous(), A, Bf, Cf)
+        y = y.permute(1, 2, 0)
+        if D is not None:
+            y = y + D[None, :, None] * u
+        if z is not None:
+            y = y * F.silu(z)
+        return y, h
+    ws = lambda name, *shape: _Workspace.get(name, shape, u)  # noqa: E731
+    dt = ws("dt", L, batch, E)  # (L, batch, D): the step, time-major (a transposing write, no extra copy)
+    if delta_bias is not None:
+        torch.add(delta.permute(2, 0, 1), delta_bias, out=dt)
+    else:
+        dt.copy_(delta.permute(2, 0, 1))
+    if delta_softplus:
+        torch.ops.aten.softplus.out(dt, 1, 20, out=dt)  # F.softplus's beta and threshold, in place
+    du = torch.mul(dt, u.permute(2, 0, 1), out=ws("du", L, batch, E))
+    if decay_scale is not None:
+        dt.mul_(decay_scale.t()[:, :, None])  # only the step that enters Abar is scaled
+    Bt = _expand_BC(B, batch, E, N, L, "B", states_first=True)  # (L or 1, batch or 1, N, D or 1)
+    per_step_C = C.dim() == 3  # (batch, N, L): the readout is a (1 x N) @ (N x D) product per (t, b)
+    Cm = C.permute(2, 0, 1).contiguous() if per_step_C else None
+    Ct = None if per_step_C else _expand_BC(C, batch, E, N, L, "C", states_first=True)
+    A2 = (A * _LOG2E).t().contiguous()  # (N, D); exp2 is markedly faster than exp on CPU (NOTES.md)
+    h = u.new_zeros(batch, N, E)
+    y = ws("y", L, batch, E)
+    chunk = max(1, min(chunk, L))
+    abuf = ws("a", chunk, batch, N, E)
+    xbuf = ws("x", chunk, batch, N, E)
     for s in range(0, L, chunk):
         e = min(s + chunk, L)
         n = e - s
-        a = torch.mul(dt[s:e, :, :, None], A2, out=abuf[:n]).exp2_()  # Abar
-        x = torch.mul(du[s:e, :, :, None], Bt[s:e] if Bt.shape[0] > 1 else Bt, out=xbuf[:n])  # Bbar * u
+        k = head["n"] if s == 0 and head is not None and decay_scale is None and head["n"] <= n else 0
+        if k:  # the first k steps' Abar go straight into the export buffer (no copy), the rest into the chunk's
+            hd, ha, hB = head.get("out") or (u.new_empty(k, batch, E), u.new_empty(k, batch, N, E), u.new_empty(k, batch, N))
+            head.update(delta=hd.copy_(dt[:k]), Abar=torch.mul(dt[:k, :, None, :], A2, out=ha).exp2_(),
+                        B=hB.copy_(Bt[:k, :, :, 0]) if B.dim() == 3 else None)
+            a = torch.mul(dt[k:e, :, None, :], A2, out=abuf[k:n]).exp2_()
+            a_rows = ha.unbind(0) + a.unbind(0)
+            a = abuf[:n].copy_(torch.cat([ha, a])) if mode == "doubling" else None
+        else:
+            a = torch.mul(dt[s:e, :, None, :], A2, out=abuf[:n]).exp2_()  # Abar
+            a_rows = a.unbind(0)
+        x = torch.mul(du[s:e, :, None, :], Bt[s:e] if Bt.shape[0] > 1 else Bt, out=xbuf[:n])  # Bbar * u
         if mode == "sequential":
-            for t in range(n):
-                x[t].addcmul_(a[t], h)
-                h = x[t]
+            for xt, at in zip(x.unbind(0), a_rows):
+                xt.addcmul_(at, h)
+                h = xt
         elif mode == "doubling":
             x = _doubling_scan(a, x, h)
         else:
             raise ValueError(f"mode must be 'sequential' or 'doubling', got {mode!r}")
-        h = x[-1].clone()  # the buffer is reused by the readout and the next chunk
-        torch.sum(x.mul_(Ct[s:e] if Ct.shape[0] > 1 else Ct), dim=-1, out=y[s:e])
-    return y.permute(1, 2, 0), h
+        h = x[-1].clone()  # the buffer is reused by the next chunk
+        if per_step_C:
+            torch.bmm(Cm[s:e].view(n * batch, 1, N), x.view(n * batch, N, E), out=y[s:e].view(n * batch, 1, E))
+        else:
+            torch.sum(x.mul_(Ct[s:e] if Ct.shape[0] > 1 else Ct), dim=2, out=y[s:e])
+    out = y.permute(1, 2, 0).contiguous()  # the one fresh buffer: returned to the caller
+    if D is not None:
+        out.addcmul_(u, D[:, None])
+    if z is not None:
+        out.mul_(torch.ops.aten.silu.out(z, out=ws("z", batch, E, L)))
+    return out, h.transpose(1, 2)
 
 
 class _ScanFn(torch.autograd.Function):
@@ -251,7 +332,7 @@ def _scan_loop(u, delta, A, B, C, decay_scale=None):
 
 
 def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
-                   return_last_state=False, backend=None, decay_scale=None):
+                   return_last_state=False, backend=None, decay_scale=None, head=None):
     """Selective scan with mamba-ssm's layout and semantics (twin of ``stm_ref.ssm.selective_scan``).
 
     ``u, delta, z``: (batch, D, L); ``A``: (D, N); ``B, C``: (batch, N, L), (batch, G, N, L) or (D, N);
@@ -260,6 +341,12 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
     (float64 if any input is float64) and returns y in u's dtype, plus the last state if asked.
     ``decay_scale`` (batch, L): Abar = exp(scale * delta * A), Bbar unchanged (pruned-sequence alignment);
     mamba-ssm's kernel has no such input, so the automatic choice skips it then.
+    ``head``: None, or a dict {"n": n} into which the torch backend puts the first n scan steps' delta
+    (after bias and softplus; (n, batch, D)), Abar = exp(delta*A) ((n, batch, N, D)) and B ((n, batch, N);
+    None unless B is (batch, N, L)), values it computes
+    anyway, for STM's merge weights to reuse (when n fits one chunk and there is no decay_scale; otherwise,
+    and on the other backends, the dict is left as it was); with {"n": n, "out": (delta_buf, Abar_buf, B_buf)}
+    it writes them into those buffers.
     """
     _check(u, delta, A)
     if decay_scale is not None and backend is None and os.environ.get("STM_SCAN_BACKEND") in (None, "", "mamba_ssm"):
@@ -278,17 +365,21 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
                                      decay_scale=decay_scale)
     dtype_in = u.dtype
     ct = _compute_dtype(u, delta, A, B, C)
+    cast = lambda t: None if t is None else t.to(ct)  # noqa: E731
     uc, dc = u.to(ct), delta.to(ct)
-    if delta_bias is not None:
-        dc = dc + delta_bias.to(ct)[None, :, None]
-    if delta_softplus:
-        dc = F.softplus(dc)
-    scan = _scan_torch if name == "torch" else _scan_loop
-    y, last = scan(uc, dc, A.to(ct), B.to(ct), C.to(ct),
-                   decay_scale=None if decay_scale is None else decay_scale.to(ct))
-    if D is not None:
-        y = y + D.to(ct)[None, :, None] * uc
-    if z is not None:
-        y = y * F.silu(z.to(ct))
+    if name == "torch":
+        y, last = _scan_torch(uc, dc, cast(A), cast(B), cast(C), decay_scale=cast(decay_scale),
+                              delta_bias=cast(delta_bias), delta_softplus=delta_softplus, D=cast(D), z=cast(z),
+                              head=head)
+    else:
+        if delta_bias is not None:
+            dc = dc + delta_bias.to(ct)[None, :, None]
+        if delta_softplus:
+            dc = F.softplus(dc)
+        y, last = _scan_loop(uc, dc, A.to(ct), B.to(ct), C.to(ct), decay_scale=cast(decay_scale))
+        if D is not None:
+            y = y + D.to(ct)[None, :, None] * uc
+        if z is not None:
+            y = y * F.silu(z.to(ct))
     y = y.to(dtype_in)
     return (y, last) if return_last_state else y

@@ -117,6 +117,21 @@ class DirectionStats:
     def B_at(self, pos):
         return self._B.index_select(-1, self._idx(pos))
 
+    def delta_rows(self, pos):
+        """softplus(delta + bias) at token positions, channels last: (batch, len(pos), E)."""
+        d = self.delta_raw.transpose(1, 2).index_select(1, self._idx(pos)).to(self.bias.dtype)
+        return F.softplus(d + self.bias)
+
+    def B_rows(self, pos):
+        """B at token positions, states last: (batch, len(pos), N)."""
+        return self._B.transpose(1, 2).index_select(1, self._idx(pos))
+
+    def scan_rows(self, n):
+        """softplus(delta + bias) and B of this direction's first n scan steps: (batch, n, E), (batch, n, N).
+        The mixer's projections are (batch, L, channels) in memory, so these are slices, not gathers."""
+        d = self.delta_raw.transpose(1, 2)[:, :n].to(self.bias.dtype)
+        return F.softplus(d + self.bias), self._B.transpose(1, 2)[:, :n]
+
     def C_at(self, pos):
         return self._C.index_select(-1, self._idx(pos))
 
@@ -156,6 +171,7 @@ class MambaMixer(nn.Module):
             setattr(self, "D" + suffix, nn.Parameter(torch.ones(E)))
         self.scan_backend = None  # None: automatic (see stm_fast.scan)
         self.keep_stats = False  # token reducers switch this on to read delta/B/C/y of the layer just run
+        self.stats_head = 0  # and ask for the first n scan steps' delta and Abar of each direction (STM's ends plan)
         self.stats = None
 
     def reset_dt(self, dt_min=1e-3, dt_max=0.1, dt_init_floor=1e-4):
@@ -167,14 +183,14 @@ class MambaMixer(nn.Module):
             with torch.no_grad():
                 dt_proj.bias.copy_(dt + torch.log(-torch.expm1(-dt)))
 
-    def branch(self, x, z, conv, x_proj, dt_proj, A_log, Dp, decay_scale=None):
+    def branch(self, x, z, conv, x_proj, dt_proj, A_log, Dp, decay_scale=None, head=None):
         """One direction on (batch, E, L) inputs in scan order: conv + SiLU, projections, selective scan.
 
         Returns y (batch, E, L) and, with ``keep_stats``, this direction's statistics in scan order (pre-bias
         delta, bias, B, C, A, y): what eq. 5 and eq. 11 need to form Abar and Bbar, computed by the forward
         itself, no extra projection and no copy.
         ``decay_scale`` (batch, L): multiplies delta in Abar only (hidden-state alignment of pruned
-        sequences, ToP-ViM); None for the plain model.
+        sequences, ToP-ViM); None for the plain model. ``head``: see ``stm_fast.scan.selective_scan``.
         """
         x = causal_conv1d(x, conv.weight, conv.bias)
         x_dbl = x_proj(x.transpose(1, 2))  # (batch, L, R + 2N)
@@ -187,7 +203,7 @@ class MambaMixer(nn.Module):
         bias = dt_proj.bias.to(ct)
         if decay_scale is None:
             y = selective_scan(x, delta, A, B, C, Dp.to(ct), z=z, delta_bias=bias, delta_softplus=True,
-                               backend=self.scan_backend)
+                               backend=self.scan_backend, head=head)
         else:
             d = F.softplus(delta.to(ct) + bias[None, :, None])
             y = selective_scan(x, d, A, B, C, Dp.to(ct), z=z, decay_scale=decay_scale, backend=self.scan_backend)
@@ -195,17 +211,29 @@ class MambaMixer(nn.Module):
 
     def forward(self, hidden, decay_scale=None):
         """Mixer output (batch, L, d). With ``keep_stats``, ``self.stats`` holds both directions'
-        ``DirectionStats`` (read in token position order)."""
+        ``DirectionStats`` (read in token position order) and, with ``stats_head`` = n and a backend that
+        exports them, "heads": delta (n, 2, batch, E), Abar (n, 2, batch, N, E) and B (n, 2, batch, N) of each
+        direction's first n scan steps (forward first on the second axis)."""
         xz = self.in_proj(hidden).transpose(1, 2)  # (batch, 2E, L)
         x, z = xz.chunk(2, dim=1)
         sf = sb = None
         if decay_scale is not None:
             sf, sb = decay_scale
-        y_f, st_f = self.branch(x, z, self.conv1d, self.x_proj, self.dt_proj, self.A_log, self.D, sf)
+        heads = hf = hb = None
+        if self.keep_stats and self.stats_head:
+            # the scan's delta and Abar of the first n steps of both directions, in one buffer each
+            batch, E, _ = x.shape
+            ct = torch.float64 if self.A_log.dtype == torch.float64 else torch.float32
+            n = self.stats_head
+            heads = tuple(x.new_empty((n, 2, batch) + shape, dtype=ct) for shape in ((E,), (self.d_state, E), (self.d_state,)))
+            hf, hb = ({"n": n, "out": tuple(h[:, i] for h in heads)} for i in (0, 1))
+        y_f, st_f = self.branch(x, z, self.conv1d, self.x_proj, self.dt_proj, self.A_log, self.D, sf, hf)
         y_b, st_b = self.branch(x.flip(-1), z.flip(-1), self.conv1d_b, self.x_proj_b, self.dt_proj_b, self.A_b_log,
-                                self.D_b, None if sb is None else sb.flip(-1))
+                                self.D_b, None if sb is None else sb.flip(-1), hb)
         if self.keep_stats:
             self.stats = {"forward": DirectionStats(*st_f), "backward": DirectionStats(*st_b, reverse=True)}
+            if heads is not None and "Abar" in hf and "Abar" in hb:  # the backend exported them
+                self.stats["heads"] = heads if hf["B"] is not None and hb["B"] is not None else heads[:2] + (None,)
         y = (y_f + y_b.flip(-1)) / 2
         return self.out_proj(y.transpose(1, 2))
 

@@ -80,10 +80,11 @@ def test_plan_index_is_cached_and_matches_plan():
     assert a.target_k.tolist() == [0, 0, 0, 190, 190, 190]
 
 
-@pytest.mark.parametrize("variant", ["lsq", "lsq_norm"])
-@pytest.mark.parametrize("L,cls,r,positions", [(197, 98, 3, "ends"), (65, 32, 5, "ends"), (41, 20, 4, "uniform")])
-def test_stacked_two_sided_path_equals_per_side_path(variant, L, cls, r, positions):
-    """The symmetric fast path (both directions stacked) computes exactly what the per-side path computes."""
+@pytest.mark.parametrize("variant", ref.TOKEN_WEIGHT_VARIANTS)
+@pytest.mark.parametrize("L,cls,r,positions", [(197, 98, 3, "ends"), (65, 32, 5, "ends"), (65, 20, 1, "ends"), (41, 20, 4, "uniform")])
+def test_ends_path_equals_per_side_path(variant, L, cls, r, positions):
+    """The ends fast path (slices of the first r+1 scan steps, both directions stacked) computes exactly what
+    the general per-side path (gathers by position) computes."""
     g = torch.Generator().manual_seed(L)
     stats = {d: DirectionStats(torch.randn(2, 6, L, generator=g, dtype=torch.float64),
                                torch.randn(6, generator=g, dtype=torch.float64),
@@ -91,7 +92,34 @@ def test_stacked_two_sided_path_equals_per_side_path(variant, L, cls, r, positio
                                -torch.rand(6, 4, generator=g, dtype=torch.float64) * 8, None, reverse=d == "backward")
              for d in ("forward", "backward")}
     plan = fast.plan_index(L, cls, r, r, positions)
-    assert plan.stacked is not None
+    assert (plan.ends is not None) == (positions == "ends")
     per_side = torch.cat([fast._side_weights(stats["forward" if sd.forward else "backward"], sd, variant, 1e-6)
                           for sd in plan.sides], dim=1)
     torch.testing.assert_close(fast.token_weights(stats, plan, variant), per_side, rtol=1e-13, atol=1e-13)
+
+
+@pytest.mark.parametrize("variant", ref.TOKEN_WEIGHT_VARIANTS)
+@pytest.mark.parametrize("rl,rr", [(3, 3), (4, 0), (0, 2), (2, 5)])
+def test_weights_from_the_scans_exported_steps_equal_recomputed_ones(variant, rl, rr):
+    """float64: the ends-plan weights built from the scan's exported delta/Abar/B of the first steps
+    (``stats["heads"]``: suffix products of Abar, no exp) equal those recomputed from the layer statistics
+    (softplus and exp(A * sum of delta)), for both sides, one side and unequal sides."""
+    from stm_fast import create_model
+
+    torch.manual_seed(rl * 10 + rr)
+    model = create_model("vim_tiny", img_size=16, patch_size=4, embed_dim=8, depth=1, d_state=4, num_classes=3,
+                         dtype=torch.float64)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    mixer = model.layers[0].mixer
+    mixer.keep_stats, mixer.stats_head = True, max(rl, rr) + 1
+    with torch.no_grad():
+        mixer(torch.randn(2, 17, 8, dtype=torch.float64))
+    stats = mixer.stats
+    assert stats["heads"][2] is not None
+    without = {k: v for k, v in stats.items() if k != "heads"}
+    plan = fast.plan_index(17, 8, rl, rr, "ends")
+    expected = fast.token_weights(without, plan, variant)
+    got = fast.token_weights(stats, plan, variant)
+    torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-14)

@@ -196,3 +196,59 @@ def test_flush_denormals_is_scoped():
     with fast.flush_denormals():
         assert float(torch.tensor([1e-39]) * 1.0) == 0.0
     assert float(tiny * 1.0) > 0
+
+
+@pytest.mark.parametrize("mode", ["sequential", "doubling"])
+@settings(max_examples=12)
+@given(kw=scan_inputs(max_L=40), n=st.integers(1, 20))
+def test_exported_head_is_the_scans_own_delta_abar_and_B(kw, n, mode):
+    """``head``: the first n steps' softplus(delta + bias), exp(delta*A) and B, time-major, exactly as the
+    scan uses them (float64 vs the reference's discretisation); exporting changes nothing in y; nothing
+    is exported when n exceeds the first chunk (16 steps) or the sequence."""
+    t = _torch(kw, torch.float64)
+    L = t["u"].shape[2]
+    head = {"n": n}
+    y = fast.selective_scan(**t, backend="torch", head=head)
+    np.testing.assert_array_equal(y.numpy(), fast.selective_scan(**t, backend="torch").numpy())
+    if n > min(16, L):
+        assert "Abar" not in head
+        return
+    d = kw["delta"] + (kw["delta_bias"][None, :, None] if kw["delta_bias"] is not None else 0)
+    d = np.where(d > 20, d, np.log1p(np.exp(d)))  # (batch, D, L)
+    np.testing.assert_allclose(head["delta"].numpy(), d[:, :, :n].transpose(2, 0, 1), rtol=1e-14)
+    abar = np.exp(d[:, :, :n, None] * kw["A"][None, :, None, :])  # (batch, D, n, N)
+    np.testing.assert_allclose(head["Abar"].numpy(), abar.transpose(2, 0, 3, 1), rtol=1e-13, atol=1e-300)
+    if kw["B"].ndim == 3:
+        np.testing.assert_array_equal(head["B"].numpy(), kw["B"][:, :, :n].transpose(2, 0, 1))
+    else:
+        assert head["B"] is None
+    with torch.no_grad():
+        y2, _ = fast._scan_torch(t["u"], t["delta"], t["A"], t["B"], t["C"], mode=mode, delta_bias=t["delta_bias"],
+                                 delta_softplus=True, D=t["D"], z=t["z"], head={"n": n})
+    np.testing.assert_allclose(y2.numpy(), y.numpy(), rtol=1e-12, atol=1e-12 * (1 + np.abs(y.numpy()).max()))
+
+
+def test_head_is_not_exported_with_decay_scale_or_by_other_backends():
+    rng = np.random.default_rng(0)
+    u, delta = (torch.as_tensor(rng.uniform(0.01, 1, (2, 5, 9))) for _ in range(2))
+    A = -torch.as_tensor(rng.uniform(0.1, 10, (5, 4)))
+    B, C = (torch.as_tensor(rng.standard_normal((2, 4, 9))) for _ in range(2))
+    for kw in (dict(backend="torch", decay_scale=torch.full((2, 9), 2.0, dtype=torch.float64)), dict(backend="loop")):
+        head = {"n": 3}
+        fast.selective_scan(u, delta, A, B, C, head=head, **kw)
+        assert head == {"n": 3}
+
+
+def test_scratch_buffers_survive_switching_between_inference_mode_and_no_grad():
+    """The scan's reused buffers are kept per inference-mode state: tensors created under inference_mode
+    cannot be written outside it (a RuntimeError torch raises), so one cache for both would break."""
+    rng = np.random.default_rng(1)
+    args = [torch.as_tensor(rng.standard_normal(s), dtype=torch.float32) for s in ((2, 6, 33), (2, 6, 33))]
+    A = -torch.as_tensor(rng.uniform(0.1, 5, (6, 4)), dtype=torch.float32)
+    B, C = (torch.as_tensor(rng.standard_normal((2, 4, 33)), dtype=torch.float32) for _ in range(2))
+    outs = []
+    for ctx in (torch.inference_mode, torch.no_grad, torch.inference_mode, torch.no_grad):
+        with ctx():
+            outs.append(fast.selective_scan(*args, A, B, C, delta_softplus=True, backend="torch"))
+    for o in outs[1:]:
+        torch.testing.assert_close(o, outs[0], rtol=0, atol=0)
