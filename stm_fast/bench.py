@@ -7,6 +7,10 @@ alike); the median over rounds is reported. CUDA is synchronised around each tim
 left at PyTorch's default and reported. speedup = baseline median / configuration median (same run);
 ideal_speedup = baseline GFLOPs / configuration GFLOPs under the ``full`` convention (both scan
 directions, what actually runs); realized_over_ideal = speedup / ideal_speedup.
+After the throughput rounds, each reduced configuration runs ``rounds`` more forwards with its reduction
+step timed inside the forward (CUDA synchronised around it; these forwards are not used for throughput):
+step_ms is the median time per forward spent in reduction steps (selection + merge/prune), step_share
+that time over the same forward's time.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ import time
 import torch
 
 from .flops import flops
-from .models import create_model
+from .models import create_model, parse_overrides
 from .reduce import reduce
 from .scan import flush_denormals
 
@@ -34,14 +38,15 @@ def _sync(device):
 
 
 def run_bench(model_names=("vim_tiny",), methods=("stm", "tome", "top", "evit"), rates=(0.15, 0.2, 0.3, 0.4),
-              device=None, batch_size=None, dtype="fp32", rounds=5, warmup=2, progress=True):
+              device=None, batch_size=None, dtype="fp32", rounds=5, warmup=2, progress=True, overrides=None):
+    """Rows of the benchmark table (see the module docstring); ``overrides`` go to ``create_model``."""
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     batch_size = batch_size or (256 if device.type == "cuda" else 8)
     amp = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
     rows = []
     for name in model_names:
         torch.manual_seed(0)
-        model = create_model(name, device=device)
+        model = create_model(name, device=device, **(overrides or {}))
         x = torch.randn(batch_size, model.cfg.channels, model.cfg.img_size, model.cfg.img_size, device=device)
         configs = [("none", 0.0, None)]
         for m in methods:
@@ -75,6 +80,9 @@ def run_bench(model_names=("vim_tiny",), methods=("stm", "tome", "top", "evit"),
         base = statistics.median(times[0])
         for i, (m, rate, plan) in enumerate(configs):
             med = statistics.median(times[i])
+            step_ms = step_share = None
+            if plan:
+                step_ms, step_share = _step_cost(plan[0], lambda: forward(configs[i]), rounds, device)
             if plan:
                 model.reducer, model.reduction = plan
             else:
@@ -86,9 +94,35 @@ def run_bench(model_names=("vim_tiny",), methods=("stm", "tome", "top", "evit"),
                          "batch_size": batch_size, "dtype": dtype, "device": _device_name(device),
                          "images_per_s": batch_size / med, "speedup": base / med, "ideal_speedup": ideal,
                          "realized_over_ideal": (base / med) / ideal, "median_s": med,
+                         "step_ms": step_ms, "step_share": step_share,
                          "tf32": bool(torch.backends.cuda.matmul.allow_tf32) if device.type == "cuda" else None})
         reduce(model, "none")
     return rows
+
+
+def _step_cost(reducer, forward, rounds, device):
+    """Median over ``rounds`` forwards of the time spent in ``reducer.step`` (ms) and of its share of the forward."""
+    real, spent = reducer.step, [0.0]
+
+    def timed(*args):
+        _sync(device)
+        t0 = time.perf_counter()
+        out = real(*args)
+        _sync(device)
+        spent[0] += time.perf_counter() - t0
+        return out
+
+    reducer.step = timed  # an instance attribute shadows the method until deleted
+    try:
+        ms, share = [], []
+        for _ in range(rounds):
+            spent[0] = 0.0
+            total = forward()
+            ms.append(1e3 * spent[0])
+            share.append(spent[0] / total)
+    finally:
+        del reducer.step
+    return statistics.median(ms), statistics.median(share)
 
 
 def _device_name(device):
@@ -98,10 +132,13 @@ def _device_name(device):
 
 
 def table(rows):
-    out = ["| model | method | rate | images/s | speedup | ideal | realized/ideal |", "|---|---|---|---|---|---|---|"]
+    out = ["| model | method | rate | images/s | speedup | ideal | realized/ideal | step ms/forward | step share |",
+           "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
+        step = ("| - | - |" if r.get("step_ms") is None
+                else f"| {r['step_ms']:.1f} | {100 * r['step_share']:.2f}% |")
         out.append(f"| {r['model']} | {r['method']} | {100 * r['rate']:.0f}% | {r['images_per_s']:.1f} | "
-                   f"{r['speedup']:.2f} | {r['ideal_speedup']:.2f} | {r['realized_over_ideal']:.2f} |")
+                   f"{r['speedup']:.2f} | {r['ideal_speedup']:.2f} | {r['realized_over_ideal']:.2f} " + step)
     dev = rows[0]["device"] if rows else "?"
     return "\n".join(out) + f"\n\nbatch {rows[0]['batch_size'] if rows else '?'}, {rows[0]['dtype'] if rows else ''}, {dev}"
 
@@ -117,10 +154,16 @@ def main(argv=None):
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--json", help="write the rows to this file")
+    ap.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
+                    help="architecture override (img_size, patch_size, embed_dim, depth, d_state, ...); repeatable")
     args = ap.parse_args(argv)
+    try:
+        overrides = parse_overrides(args.override)
+    except ValueError as e:
+        ap.error(str(e))
     with flush_denormals():  # as stm_fast.eval: subnormal decays would time the FPU, not the method
         rows = run_bench(args.model, args.methods, args.rates, args.device, args.batch_size, args.dtype, args.rounds,
-                         args.warmup)
+                         args.warmup, overrides=overrides)
     print(table(rows))
     if args.json:
         with open(args.json, "w") as f:

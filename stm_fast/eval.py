@@ -28,7 +28,7 @@ from . import digits
 from .checkpoint import CheckpointError
 from .data import DataError, ImageNetVal, collate_skip_bad, eval_transform
 from .flops import flops
-from .models import create_model, list_models
+from .models import create_model, list_models, parse_overrides
 from .reduce import reduce
 from .scan import flush_denormals
 
@@ -353,12 +353,10 @@ def parse_args(argv=None):
         both = args.stm_sides == "both"
         # per side per layer -> tokens removed per layer; one value means every layer
         args.schedule = (per_side[0] * (2 if both else 1)) if len(per_side) == 1 else [v * (2 if both else 1) for v in per_side]
-    args.overrides = {}
-    for item in args.override:
-        k, sep, v = item.partition("=")
-        if not sep or not v.isdigit():
-            raise RunError(f"--override takes KEY=INTEGER, got {item!r}")
-        args.overrides[k] = int(v)
+    try:
+        args.overrides = parse_overrides(args.override)
+    except ValueError as e:
+        raise RunError(str(e)) from None
     args.stm_options = {"sides": args.stm_sides, "positions": args.stm_positions, "weights": args.stm_weights,
                         "start_layer": args.stm_start_layer}
     if args.batch_size is None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from .checkpoint import load_into, read_state_dict
 from .vim import VimConfig, VisionMamba
 
-__all__ = ["create_model", "list_models", "MODEL_CONFIGS", "ALIASES", "name_for"]
+__all__ = ["create_model", "list_models", "MODEL_CONFIGS", "ALIASES", "name_for", "parse_overrides"]
 
 MODEL_CONFIGS = {
     "vim_tiny": VimConfig(embed_dim=192, depth=24),
@@ -18,6 +18,17 @@ ALIASES = {
     "vim_base_patch16_224_bimambav2_final_pool_mean_abs_pos_embed_with_middle_cls_token_div2": "vim_base",
 }
 _OVERRIDES = ("img_size", "patch_size", "embed_dim", "depth", "d_state", "num_classes", "channels")
+
+
+def parse_overrides(items):
+    """``["embed_dim=16", "depth=4"]`` (command-line KEY=INTEGER items) -> {"embed_dim": 16, "depth": 4}."""
+    out = {}
+    for item in items:
+        k, sep, v = item.partition("=")
+        if not sep or not v.isdigit():
+            raise ValueError(f"--override takes KEY=INTEGER, got {item!r}")
+        out[k] = int(v)
+    return out
 
 
 def list_models():

@@ -1,0 +1,52 @@
+"""stm_fast.bench on a small configuration: the rows carry what the README's table and --json promise."""
+
+import json
+
+import pytest
+
+from stm_fast import bench
+
+SMALL = dict(img_size=32, patch_size=4, embed_dim=16, depth=6, d_state=4, num_classes=5)
+
+
+@pytest.fixture(scope="module")
+def rows():
+    return bench.run_bench(["vim_tiny"], methods=["stm", "tome"], rates=[0.2, 0.3], batch_size=2, rounds=2,
+                           warmup=1, progress=False, overrides=SMALL)
+
+
+def test_rows_have_throughput_speedup_and_step_cost(rows):
+    assert [(r["method"], r["rate"]) for r in rows] == [("none", 0.0), ("stm", 0.2), ("stm", 0.3),
+                                                          ("tome", 0.2), ("tome", 0.3)]
+    base = rows[0]
+    assert base["speedup"] == 1.0 and base["step_ms"] is None and base["step_share"] is None
+    for r in rows:
+        assert r["images_per_s"] > 0 and r["ideal_speedup"] > 0
+        assert r["realized_over_ideal"] == pytest.approx(r["speedup"] / r["ideal_speedup"])
+        assert r["batch_size"] == 2 and r["dtype"] == "fp32" and r["device"].startswith("cpu")
+    for r in rows[1:]:
+        assert abs(r["achieved_rate"] - r["rate"]) <= 0.01
+        assert r["ideal_speedup"] > 1
+        assert r["step_ms"] > 0 and 0 < r["step_share"] < 1
+
+
+def test_table_and_json_output(rows, tmp_path, capsys):
+    text = bench.table(rows)
+    assert text.splitlines()[0].startswith("| model | method | rate | images/s | speedup | ideal | realized/ideal")
+    assert len([line for line in text.splitlines() if line.startswith("| vim_tiny")]) == len(rows)
+    out = tmp_path / "b.json"
+    assert bench.main(["--model", "vim_tiny", "--methods", "stm", "--rates", "0.2", "--rounds", "1", "--warmup", "0",
+                       "--batch-size", "1", "--json", str(out)]
+                      + [a for kv in ("img_size=32", "patch_size=4", "embed_dim=16", "depth=4", "d_state=4")
+                         for a in ("--override", kv)]) == 0
+    data = json.loads(out.read_text())
+    for key in ("model", "method", "rate", "batch_size", "dtype", "device", "images_per_s", "speedup",
+                "ideal_speedup", "realized_over_ideal", "step_ms", "step_share"):
+        assert key in data[0]
+    assert "| vim_tiny | stm | 20% |" in capsys.readouterr().out
+
+
+def test_bad_override_is_a_clear_error(capsys):
+    with pytest.raises(SystemExit):
+        bench.main(["--override", "depth=four"])
+    assert "--override takes KEY=INTEGER, got 'depth=four'" in capsys.readouterr().err
