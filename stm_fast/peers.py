@@ -23,6 +23,8 @@ from __future__ import annotations
 
 import torch
 
+_LOG2E = 1.4426950408889634
+
 from .reduce import Reducer, _check_options
 
 __all__ = ["ToMeReducer", "ToPReducer", "EViTReducer", "METHODS"]
@@ -126,34 +128,47 @@ class ToPReducer(Reducer):
         return _gather_tokens(hidden, kept), _gather_tokens(residual, kept), _new_state(state, kept)
 
 
+def _class_row(delta, B, C_cls, A, S):
+    """mean over channels of |alpha[d, cls, j]| = |delta_j sum_n C_cls[n] exp(A[d, n] S_j[d]) B_j[n]| (eq. 5).
+
+    delta, S: (batch, E, J); B: (batch, N, J); C_cls: (batch, N); A: (E, N). One state at a time keeps
+    memory at (batch, E, J); exp2 with A * log2(e) (faster than exp on CPU)."""
+    CB = C_cls[:, :, None] * B  # (batch, N, J)
+    A2 = A * _LOG2E
+    alpha = torch.zeros_like(S)
+    for n in range(A.shape[1]):
+        alpha.addcmul_(torch.mul(A2[None, :, n, None], S).exp2_(), CB[:, n, None, :])
+    return alpha.mul_(delta).abs_().mean(dim=1)
+
+
 def class_attention(stats, cls):
     """|alpha[d, cls, j]| averaged over channels d (eq. 5), forward direction for j < cls, backward for j > cls.
 
     stats: MambaMixer.stats (position order); cls: (batch,) indices. Returns (batch, L); 0 at cls.
+    Each direction reads only the positions on its side of the class tokens (positions up to max(cls)
+    forward, from min(cls) backward): half the work of a masked whole-sequence computation.
     """
-    out = None
-    for direction in ("forward", "backward"):
-        s = stats[direction]
-        delta = s.delta
-        B, C, A = s.B.to(delta.dtype), s.C.to(delta.dtype), s.A
-        batch, E, L = delta.shape
-        cz = torch.nn.functional.pad(torch.cumsum(delta, dim=-1), (1, 0))  # (batch, E, L+1)
-        pos = torch.arange(L, device=delta.device)
-        c = cls[:, None, None]
-        if direction == "forward":  # steps j+1 .. cls
-            S = torch.gather(cz, 2, (c + 1).expand(batch, E, 1)) - cz[:, :, 1:]
-            valid = pos[None, :] < cls[:, None]
-        else:  # steps cls .. j-1
-            S = cz[:, :, :-1] - torch.gather(cz, 2, c.expand(batch, E, 1))
-            valid = pos[None, :] > cls[:, None]
-        S = torch.where(valid[:, None, :], S, torch.zeros_like(S)).clamp_min(0)
-        C_cls = torch.gather(C, 2, c.expand(batch, C.shape[1], 1))[:, :, 0]  # (batch, N)
-        alpha = torch.zeros_like(delta)
-        for n in range(A.shape[1]):  # one state at a time keeps memory at (batch, E, L)
-            alpha += C_cls[:, n, None, None] * torch.exp(A[None, :, n, None] * S) * B[:, n, None, :]
-        alpha = alpha * delta
-        imp = alpha.abs().mean(dim=1) * valid
-        out = imp if out is None else out + imp
+    f, b = stats["forward"], stats["backward"]
+    batch, L = cls.shape[0], f.L
+    lo, hi = int(cls.min()), int(cls.max())
+    c = cls[:, None, None]
+    out = torch.zeros(batch, L, dtype=f.bias.dtype, device=cls.device)
+    if hi > 0:  # forward, j < cls: S_j = delta summed over steps j+1 .. cls
+        pos = torch.arange(0, hi + 1, device=cls.device)
+        delta = f.delta_at(pos)  # (batch, E, hi + 1)
+        cz = torch.cumsum(delta, dim=-1)
+        S = (torch.gather(cz, 2, c.expand(-1, cz.shape[1], 1)) - cz[:, :, :hi]).clamp_min_(0)
+        C_cls = torch.gather(f.C_at(pos), 2, c.expand(-1, f.A.shape[1], 1))[:, :, 0].to(delta.dtype)
+        row = _class_row(delta[:, :, :hi], f.B_at(pos[:hi]).to(delta.dtype), C_cls, f.A, S)
+        out[:, :hi] = row if lo == hi else row * (pos[None, :hi] < cls[:, None])
+    if lo < L - 1:  # backward, j > cls: S_j = delta summed over steps cls .. j-1
+        pos = torch.arange(lo, L, device=cls.device)
+        delta = b.delta_at(pos)  # (batch, E, L - lo)
+        cz = torch.nn.functional.pad(torch.cumsum(delta, dim=-1), (1, 0))  # cz[k] = sum of delta[lo .. lo+k-1]
+        S = (cz[:, :, 1:-1] - torch.gather(cz, 2, (c - lo).expand(-1, cz.shape[1], 1))).clamp_min_(0)
+        C_cls = torch.gather(b.C_at(pos), 2, (c - lo).expand(-1, b.A.shape[1], 1))[:, :, 0].to(delta.dtype)
+        row = _class_row(delta[:, :, 1:], b.B_at(pos[1:]).to(delta.dtype), C_cls, b.A, S)
+        out[:, lo + 1:] += row if lo == hi else row * (pos[None, 1:] > cls[:, None])  # sides overlap unless lo == hi
     return out
 
 

@@ -117,3 +117,34 @@ def test_reduction_is_reported():
     r = m.reduction
     assert r["schedule"] == [2, 2, 2] and r["tokens_per_layer"] == [17, 15, 13, 11]
     assert r["options"] == {"sides": "both", "positions": "ends", "weights": "decay", "start_layer": 0}
+
+
+@pytest.mark.parametrize("cls", [[0, 0, 0], [1, 1, 1], [8, 8, 8], [16, 16, 16], [3, 9, 8], [0, 16, 5]])
+def test_evit_class_attention_is_eq5_written_out(cls):
+    """float64: class_attention (each direction reads only its side of the class tokens) equals eq. 5 summed
+    by hand, |delta_j sum_n C_cls[n] exp(A S_j) B_j[n]| averaged over channels, per image and per-image class
+    positions, including a class token at either end."""
+    from stm_fast.peers import class_attention
+
+    torch.manual_seed(sum(cls))
+    model = stm_fast.create_model("vim_tiny", img_size=16, patch_size=4, embed_dim=8, depth=1, d_state=4,
+                                  num_classes=3, dtype=torch.float64)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    mixer = model.layers[0].mixer
+    mixer.keep_stats = True
+    with torch.no_grad():
+        mixer(torch.randn(3, 17, 8, dtype=torch.float64))
+    got = class_attention(mixer.stats, torch.tensor(cls))
+    for i, c in enumerate(cls):
+        for j in range(17):
+            if j == c:
+                assert got[i, j] == 0
+                continue
+            s = mixer.stats["forward" if j < c else "backward"]
+            d, B, C, A = s.delta[i], s.B[i], s.C[i], s.A  # position order: (E, L), (N, L), (N, L), (E, N)
+            steps = range(j + 1, c + 1) if j < c else range(c, j)
+            S = sum((d[:, t] for t in steps), torch.zeros(d.shape[0], dtype=torch.float64))
+            alpha = d[:, j] * (torch.exp(A * S[:, None]) * (C[:, c] * B[:, j])[None, :]).sum(1)
+            torch.testing.assert_close(got[i, j], alpha.abs().mean(), rtol=1e-12, atol=1e-300)
