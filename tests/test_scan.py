@@ -200,17 +200,19 @@ def test_flush_denormals_is_scoped():
 
 @pytest.mark.parametrize("mode", ["sequential", "doubling"])
 @settings(max_examples=12)
-@given(kw=scan_inputs(max_L=40), n=st.integers(1, 20))
+@given(kw=scan_inputs(max_L=40), n=st.integers(1, 40))
 def test_exported_head_is_the_scans_own_delta_abar_and_B(kw, n, mode):
     """``head``: the first n steps' softplus(delta + bias), exp(delta*A) and B, time-major, exactly as the
-    scan uses them (float64 vs the reference's discretisation); exporting changes nothing in y; nothing
-    is exported when n exceeds the first chunk (16 steps) or the sequence."""
+    scan uses them (float64 vs the reference's discretisation); exporting changes y only by the last-bit
+    differences of evaluating exp in two calls; nothing is exported when n exceeds the first chunk or
+    the sequence."""
     t = _torch(kw, torch.float64)
     L = t["u"].shape[2]
     head = {"n": n}
     y = fast.selective_scan(**t, backend="torch", head=head)
-    np.testing.assert_array_equal(y.numpy(), fast.selective_scan(**t, backend="torch").numpy())
-    if n > min(16, L):
+    plain = fast.selective_scan(**t, backend="torch").numpy()
+    np.testing.assert_allclose(y.numpy(), plain, rtol=1e-13, atol=1e-13 * (1 + np.abs(plain).max()))
+    if n > min(fast.CHUNK, L):
         assert "Abar" not in head
         return
     d = kw["delta"] + (kw["delta_bias"][None, :, None] if kw["delta_bias"] is not None else 0)
