@@ -25,7 +25,8 @@ import threading
 import torch
 import torch.nn.functional as F
 
-__all__ = ["selective_scan", "available_backends", "resolve_backend", "BACKENDS", "BackendUnavailable", "flush_denormals"]
+__all__ = ["selective_scan", "available_backends", "resolve_backend", "BACKENDS", "BackendUnavailable", "flush_denormals",
+           "release_workspace"]
 
 BACKENDS = ("torch", "triton", "mamba_ssm", "loop")
 _LOG2E = 1.4426950408889634
@@ -142,13 +143,18 @@ class _Workspace:
     Every fresh multi-megabyte CPU buffer is page-faulted in by the kernel on first touch (NOTES.md);
     at Vim-Ti shapes that was about a quarter of the scan's time. Reusing buffers also means that a
     sequence that shrinks layer by layer (token reduction) never reallocates. Only temporaries live
-    here: everything returned to the caller is freshly allocated.
+    here: everything returned to the caller is freshly allocated. The buffers stay allocated between
+    calls (about 5 * L * batch * D + 2 * 16 * batch * N * D floats: ~18 MB at Vim-Ti batch 8);
+    ``release_workspace()`` frees them. Other devices allocate per call (CUDA's caching allocator
+    already reuses memory).
     """
 
     _local = threading.local()
 
     @classmethod
     def get(cls, name, shape, like):
+        if like.device.type != "cpu":
+            return like.new_empty(shape)
         bufs = cls._local.__dict__.setdefault("bufs", {})
         # tensors made under inference_mode cannot be written outside it (and vice versa for views): one set each
         key = (name, like.device, like.dtype, torch.is_inference_mode_enabled())
@@ -162,6 +168,11 @@ class _Workspace:
     @classmethod
     def clear(cls):
         cls._local.__dict__.pop("bufs", None)
+
+
+def release_workspace():
+    """Free this thread's scratch buffers of the CPU torch scan (they are reallocated on the next call)."""
+    _Workspace.clear()
 
 
 CHUNK = 16  # time steps per chunk of the torch backend (16-32 measure alike at Vim shapes, 4-8 slower)

@@ -254,3 +254,7 @@ def test_scratch_buffers_survive_switching_between_inference_mode_and_no_grad():
             outs.append(fast.selective_scan(*args, A, B, C, delta_softplus=True, backend="torch"))
     for o in outs[1:]:
         torch.testing.assert_close(o, outs[0], rtol=0, atol=0)
+    fast.release_workspace()  # frees them; the next call allocates afresh and computes the same
+    with torch.inference_mode():
+        again = fast.selective_scan(*args, A, B, C, delta_softplus=True, backend="torch")
+    torch.testing.assert_close(again, outs[0], rtol=0, atol=0)
