@@ -375,6 +375,11 @@ def main(argv=None):
     except KeyboardInterrupt:
         print("\ninterrupted: finished batches are saved; rerun with the same --out to resume", file=sys.stderr)
         return 130
+    finally:
+        # shut the process group down here, not in interpreter teardown: a gloo group destroyed at exit
+        # can abort the process ("terminate called without an active exception") after a good run
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
     return 0
 
 
