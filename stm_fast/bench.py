@@ -38,7 +38,7 @@ def _sync(device):
 
 
 def run_bench(model_names=("vim_tiny",), methods=("stm", "tome", "top", "evit"), rates=(0.15, 0.2, 0.3, 0.4),
-              device=None, batch_size=None, dtype="fp32", rounds=5, warmup=2, progress=True, overrides=None):
+              device=None, batch_size=None, dtype="fp32", rounds=7, warmup=2, progress=True, overrides=None):
     """Rows of the benchmark table (see the module docstring); ``overrides`` go to ``create_model``."""
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     batch_size = batch_size or (256 if device.type == "cuda" else 8)
@@ -151,7 +151,7 @@ def main(argv=None):
     ap.add_argument("--rates", nargs="+", type=float, default=[0.15, 0.2, 0.3, 0.4])
     ap.add_argument("--batch-size", type=int)
     ap.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
-    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--rounds", type=int, default=7, help="interleaved timed rounds (medians); 5 proved too few on a noisy 2-core machine")
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--json", help="write the rows to this file")
     ap.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
