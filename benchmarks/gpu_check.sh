@@ -17,7 +17,7 @@ python3 -m pytest -q -p no:cacheprovider -m cuda tests/ 2>&1 | tee "$OUT/cuda_te
 python3 -m pytest -q -p no:cacheprovider tests/test_scan.py tests/test_vim.py 2>&1 | tail -5 | tee -a "$OUT/cuda_tests.log"
 timeout 300 python3 -m pytest -q -p no:cacheprovider benchmarks/bench_scan.py --benchmark-only \
   --benchmark-json="$OUT/bench_scan.json" 2>&1 | tail -15 | tee "$OUT/bench_scan.log"
-timeout 300 python3 -m stm_fast.bench --device cuda --model vim_tiny vim_small --dtype bf16 --json "$OUT/bench_bf16.json" \
+timeout 300 python3 -m stm_fast.bench --device cuda --rounds 5 --model vim_tiny vim_small --dtype bf16 --json "$OUT/bench_bf16.json" \
   2>&1 | tee "$OUT/bench_bf16.log"
-timeout 200 python3 -m stm_fast.bench --device cuda --model vim_tiny --dtype fp32 --json "$OUT/bench_fp32.json" \
+timeout 200 python3 -m stm_fast.bench --device cuda --rounds 5 --model vim_tiny --dtype fp32 --json "$OUT/bench_fp32.json" \
   2>&1 | tee "$OUT/bench_fp32.log"
