@@ -180,7 +180,8 @@ CHUNK = 16  # time steps per chunk of the torch backend (16-32 measure alike at 
 
 def _scan_torch(u, delta, A, B, C, chunk=CHUNK, mode="sequential", decay_scale=None, delta_bias=None,
                 delta_softplus=False, D=None, z=None, head=None):
-    """y (batch, D, L) = (C·h + D*u) * silu(z) and the last state (batch, D, N), in u's dtype.
+    """y (batch, D, L) = (C·h + D*u) * silu(z) and the last state (batch, D, N); inference only (writes into
+    reused buffers), ``_scan_train`` is the differentiable path.
 
     Time-major, states-first and chunked: states are held as (batch, N, D), so every op runs along the
     contiguous channel axis (broadcasts over N or D are row-wise, and the readout over N is a small
@@ -194,29 +195,6 @@ def _scan_torch(u, delta, A, B, C, chunk=CHUNK, mode="sequential", decay_scale=N
     """
     batch, E, L = u.shape
     N = A.shape[1]
-    grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (u, delta, A, B, C, D, z,
-                                                                                        delta_bias))
-    if grad:
-        # Training: a forward that keeps the states and a hand-written reverse scan for the backward,
-        # instead of recording one autograd node per time step (much slower on CPU, NOTES.md).
-        # In-place updates into reused buffers would break autograd; same arithmetic, functional.
-        if delta_bias is not None:
-            delta = delta + delta_bias[None, :, None]
-        if delta_softplus:
-            delta = F.softplus(delta)
-        du = (delta * u).permute(2, 0, 1)
-        dt = (delta if decay_scale is None else delta * decay_scale[:, None, :]).permute(2, 0, 1)
-        Bt = _expand_BC(B, batch, E, N, L, "B")
-        Ct = _expand_BC(C, batch, E, N, L, "C")
-        Bf = Bt.expand(L, batch, E, N) if Bt.shape[1:] != (batch, E, N) else Bt
-        Cf = Ct.expand(L, batch, E, N) if Ct.shape[1:] != (batch, E, N) else Ct
-        y, h = _ScanFn.apply(dt.contiguous(), du.contiguous(), A, Bf, Cf)
-        y = y.permute(1, 2, 0)
-        if D is not None:
-            y = y + D[None, :, None] * u
-        if z is not None:
-            y = y * F.silu(z)
-        return y, h
     ws = lambda name, *shape: _Workspace.get(name, shape, u)  # noqa: E731
     # delta and delta*u in the callers' (batch, D, L) layout first, then one transposing copy each into the
     # time-major buffers: a transpose reading freshly written data is ~2x faster than one reading cold inputs
@@ -276,6 +254,22 @@ def _scan_torch(u, delta, A, B, C, chunk=CHUNK, mode="sequential", decay_scale=N
     if z is not None:
         out.mul_(torch.ops.aten.silu.out(z, out=ws("z", batch, E, L)))
     return out, h.transpose(1, 2)
+
+
+def _scan_train(u, delta, A, B, C, decay_scale=None):
+    """Differentiable twin of ``_scan_torch``: y_ssm (batch, D, L) = C·h and the last state; delta already
+    biased/softplused. A forward that keeps the states and a hand-written reverse scan for the backward,
+    instead of one autograd node per time step (much slower on CPU, NOTES.md)."""
+    batch, E, L = u.shape
+    N = A.shape[1]
+    du = (delta * u).permute(2, 0, 1)
+    dt = (delta if decay_scale is None else delta * decay_scale[:, None, :]).permute(2, 0, 1)
+    Bt = _expand_BC(B, batch, E, N, L, "B")
+    Ct = _expand_BC(C, batch, E, N, L, "C")
+    Bf = Bt.expand(L, batch, E, N) if Bt.shape[1:] != (batch, E, N) else Bt
+    Cf = Ct.expand(L, batch, E, N) if Ct.shape[1:] != (batch, E, N) else Ct
+    y, h = _ScanFn.apply(dt.contiguous(), du.contiguous(), A, Bf, Cf)
+    return y.permute(1, 2, 0), h
 
 
 class _ScanFn(torch.autograd.Function):
@@ -385,7 +379,9 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
     ct = _compute_dtype(u, delta, A, B, C)
     cast = lambda t: None if t is None else t.to(ct)  # noqa: E731
     uc, dc = u.to(ct), delta.to(ct)
-    if name == "torch":
+    grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad
+                                           for t in (u, delta, A, B, C, D, z, delta_bias, decay_scale))
+    if name == "torch" and not grad:  # bias, softplus, D and z fused into the buffered inference scan
         y, last = _scan_torch(uc, dc, cast(A), cast(B), cast(C), decay_scale=cast(decay_scale),
                               delta_bias=cast(delta_bias), delta_softplus=delta_softplus, D=cast(D), z=cast(z),
                               head=head)
@@ -394,7 +390,8 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
             dc = dc + delta_bias.to(ct)[None, :, None]
         if delta_softplus:
             dc = F.softplus(dc)
-        y, last = _scan_loop(uc, dc, A.to(ct), B.to(ct), C.to(ct), decay_scale=cast(decay_scale))
+        scan = _scan_loop if name == "loop" else _scan_train
+        y, last = scan(uc, dc, A.to(ct), B.to(ct), C.to(ct), decay_scale=cast(decay_scale))
         if D is not None:
             y = y + D.to(ct)[None, :, None] * uc
         if z is not None:
