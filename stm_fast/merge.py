@@ -103,6 +103,15 @@ def plan_index(L, cls, r_left, r_right, positions="ends", device="cpu"):
     return _DEVICE_CACHE[key]
 
 
+def _filled(stats, R, value):
+    """(batch, R) weights all equal to ``value`` (``avg``: 1, ``drop``: 0, or an empty side), in the statistics' dtype."""
+    f = stats["forward"]
+    return torch.full((f.delta_raw.shape[0], R), value, dtype=f.bias.dtype, device=f.delta_raw.device)
+
+
+_CONSTANT = {"avg": 1.0, "drop": 0.0}  # weight variants that need no statistics
+
+
 def _decay_products(A2, S):
     """P = exp(A * S) = exp2(A2 * S): (..., R, N, E) from S (..., R, E) and A2 = A * log2(e) as (N, E)."""
     return torch.mul(A2, S[..., None, :]).exp2_()
@@ -143,8 +152,8 @@ def _side_weights(st, side, variant, clamp):
     tokens and their targets are read.
     """
     d = st.delta_rows(side.span)  # (batch, span, E)
-    if variant in ("avg", "drop"):
-        return torch.full((d.shape[0], len(side.j)), 1.0 if variant == "avg" else 0.0, dtype=d.dtype, device=d.device)
+    if variant in _CONSTANT:
+        return torch.full((d.shape[0], len(side.j)), _CONSTANT[variant], dtype=d.dtype, device=d.device)
     cz = torch.nn.functional.pad(torch.cumsum(d, dim=1), (0, 0, 1, 0))
     S = cz.index_select(1, side.upper) - cz.index_select(1, side.lower)  # (batch, R, E)
     Bs = st.B_rows(side.span).to(d.dtype)  # (batch, span, N)
@@ -183,8 +192,6 @@ def _ends_weights(sts, r, variant, clamp, heads=None):
     if heads is not None:  # step-major: (step, sides, batch, ...), so the slices below are contiguous
         d, a, Bh = heads
         d = d[:r + 1]
-        if variant in ("avg", "drop"):
-            return torch.full((len(sts), d.shape[2], r), 1.0 if variant == "avg" else 0.0, dtype=d.dtype, device=d.device)
         P = a[1:r + 1]
         for j in range(r - 2, -1, -1):  # suffix products in place; r is a few tokens (cumprod is slower)
             torch.mul(P[j], P[j + 1], out=P[j])
@@ -198,8 +205,6 @@ def _ends_weights(sts, r, variant, clamp, heads=None):
         return w.permute(1, 2, 0).contiguous()  # contiguous rows: bmm on strided operands loops per image
     rows = [st.scan_rows(r + 1) for st in sts]
     d = torch.stack([dr for dr, _ in rows])  # (sides, batch, r + 1, E)
-    if variant in ("avg", "drop"):
-        return torch.full(d.shape[:2] + (r,), 1.0 if variant == "avg" else 0.0, dtype=d.dtype, device=d.device)
     B = torch.stack([Br for _, Br in rows]).to(d.dtype)  # (sides, batch, r + 1, N)
     dd = d[:, :, 1:]
     c = dd.cumsum(2)
@@ -212,6 +217,8 @@ def ends_weights(stats, r_left, r_right, variant="lsq", clamp=1e-6):
     """Weights of the ``ends`` plan as (left (batch, r_left), right (batch, r_right)), each in token
     position order; what ``token_weights`` returns for that plan, split by side. A "heads" entry of
     ``stats`` (the scan's exported first steps) is used and consumed: its Abar buffer is overwritten."""
+    if variant in _CONSTANT:
+        return _filled(stats, r_left, _CONSTANT[variant]), _filled(stats, r_right, _CONSTANT[variant])
     heads = stats.get("heads")
     if heads is not None and heads[0].shape[0] <= max(r_left, r_right):
         heads = None
@@ -221,10 +228,8 @@ def ends_weights(stats, r_left, r_right, variant="lsq", clamp=1e-6):
     else:
         one = lambda d, i, r: _ends_weights([stats[d]], r, variant, clamp, None if heads is None else tuple(  # noqa: E731
             None if h is None else h[:, i:i + 1] for h in heads))[0]
-        f = stats["forward"]
-        empty = torch.empty(f.delta_raw.shape[0], 0, dtype=f.bias.dtype, device=f.delta_raw.device)
-        left = one("forward", 0, r_left) if r_left else empty
-        right = one("backward", 1, r_right) if r_right else empty
+        left = one("forward", 0, r_left) if r_left else _filled(stats, 0, 0.0)
+        right = one("backward", 1, r_right) if r_right else _filled(stats, 0, 0.0)
     return left, right.flip(-1)  # right-side tokens in position order are the backward scan's steps reversed
 
 
@@ -237,10 +242,9 @@ def token_weights(stats, plan, variant="lsq", clamp=1e-6):
         raise ValueError(f"weights must be one of {TOKEN_WEIGHT_VARIANTS}, got {variant!r}")
     if plan.ends is not None:
         return torch.cat(ends_weights(stats, *plan.ends, variant, clamp), dim=1)  # left tokens precede right ones
+    if not plan.sides:
+        return _filled(stats, 0, 0.0)
     parts = [_side_weights(stats["forward" if sd.forward else "backward"], sd, variant, clamp) for sd in plan.sides]
-    if not parts:
-        f = stats["forward"]
-        return torch.empty(f.delta_raw.shape[0], 0, dtype=f.bias.dtype, device=f.delta_raw.device)
     return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)  # left tokens precede right ones
 
 
@@ -275,10 +279,9 @@ def merge_tokens(x, plan, weights, variant="lsq", inplace=False):
         rl, rr = plan.ends
         w = (None, None) if weights is None else (weights[:, :rl], weights[:, rl:])
         return merge_ends(x, rl, rr, *w, variant, inplace)
-    if inplace and plan.kept_range is not None:
-        out = plan.take(x)
-    else:
-        out = plan.take(x).clone() if plan.kept_range is not None else x.index_select(1, plan.kept)
+    out = plan.take(x)  # a view when the kept tokens are contiguous, else a fresh gather
+    if plan.kept_range is not None and not inplace:
+        out = out.clone()
     if variant == "drop" or len(plan.reduced) == 0:
         return out
     w = weights.to(x.dtype)
