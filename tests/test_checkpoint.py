@@ -129,14 +129,19 @@ def test_loaded_model_is_in_eval_mode(src, tmp_path):
 # ---------------------------------------------------------------- 2. keys and shapes
 
 
+def load_error(sd, f):
+    """The CheckpointError message of loading state dict ``sd``, saved to ``f`` in the official format, into ``tiny()``."""
+    torch.save({"model": sd}, f)
+    with pytest.raises(CheckpointError) as ei:
+        tiny(f)
+    return str(ei.value)
+
+
 def test_missing_key(src, tmp_path):
     sd = src.state_dict()
     del sd["layers.1.mixer.A_b_log"]
     f = tmp_path / "missing.pth"
-    torch.save({"model": sd}, f)
-    with pytest.raises(CheckpointError) as ei:
-        tiny(f)
-    msg = str(ei.value)
+    msg = load_error(sd, f)
     assert "missing" in msg
     assert "layers.1.mixer.A_b_log" in msg
     assert "unexpected" not in msg
@@ -146,20 +151,13 @@ def test_missing_key(src, tmp_path):
 def test_unexpected_key(src, tmp_path):
     sd = src.state_dict()
     sd["layers.0.mixer.bogus_extra"] = torch.zeros(3)
-    f = tmp_path / "extra.pth"
-    torch.save({"model": sd}, f)
-    with pytest.raises(CheckpointError, match=r"unexpected key\(s\) in the file: layers\.0\.mixer\.bogus_extra") as ei:
-        tiny(f)
-    assert "missing" not in str(ei.value)
+    msg = load_error(sd, tmp_path / "extra.pth")
+    assert "unexpected key(s) in the file: layers.0.mixer.bogus_extra" in msg
+    assert "missing" not in msg
 
 
 def test_shape_mismatch_embed_dim(tmp_path):
-    wide = randomise(tiny(embed_dim=16))
-    f = tmp_path / "wide.pth"
-    torch.save({"model": wide.state_dict()}, f)
-    with pytest.raises(CheckpointError) as ei:
-        tiny(f)
-    msg = str(ei.value)
+    msg = load_error(randomise(tiny(embed_dim=16)).state_dict(), tmp_path / "wide.pth")
     assert "shape mismatch" in msg
     # key: model expects -> file has
     assert "cls_token: (1, 1, 8) -> (1, 1, 16)" in msg
@@ -168,12 +166,7 @@ def test_shape_mismatch_embed_dim(tmp_path):
 
 
 def test_depth_mismatch(tmp_path):
-    deep = randomise(tiny(depth=3))
-    f = tmp_path / "deep.pth"
-    torch.save({"model": deep.state_dict()}, f)
-    with pytest.raises(CheckpointError) as ei:
-        tiny(f)
-    msg = str(ei.value)
+    msg = load_error(randomise(tiny(depth=3)).state_dict(), tmp_path / "deep.pth")
     assert "unexpected key(s)" in msg
     assert "layers.2.mixer.A_log" in msg  # the first 8 unexpected keys, sorted, are listed
     unexpected_line = next(line for line in msg.splitlines() if "unexpected" in line)
@@ -185,11 +178,8 @@ def test_depth_mismatch(tmp_path):
 
 
 def test_depth_mismatch_other_way(tmp_path):
-    shallow = randomise(tiny(depth=1))
-    f = tmp_path / "shallow.pth"
-    torch.save({"model": shallow.state_dict()}, f)
-    with pytest.raises(CheckpointError, match=r"missing from the file: layers\.1\."):
-        tiny(f)
+    assert "missing from the file: layers.1." in load_error(randomise(tiny(depth=1)).state_dict(),
+                                                            tmp_path / "shallow.pth")
 
 
 def test_vim_small_file_into_vim_tiny(tmp_path):
