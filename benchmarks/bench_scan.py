@@ -27,14 +27,24 @@ def _run(backend, kw):
     return y
 
 
+def _channel_last(kw):
+    """The same values held (batch, L, channels) in memory: how Vim's mixer hands them to the scan."""
+    return {k: v.transpose(1, 2).contiguous().transpose(1, 2) if k in ("u", "delta", "z", "B", "C") else v
+            for k, v in kw.items()}
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channel_last"])
 @pytest.mark.parametrize("model", list(SHAPES))
 @pytest.mark.parametrize("backend", [b for b in scan.available_backends(DEVICE) if not (b == "triton" and DEVICE == "cpu")])
-def test_scan_backend(benchmark, backend, model):
+def test_scan_backend(benchmark, backend, model, layout):
+    """``contiguous``: (batch, D, L) inputs as mamba-ssm documents them; ``channel_last``: as Vim's mixer makes them."""
     if backend == "loop" and model == "vim_small" and DEVICE == "cpu":
         pytest.skip("the naive floor is measured at Vim-Ti shapes only, to keep the suite short")
     kw = _inputs(*SHAPES[model])
-    benchmark.group = f"scan {model} {DEVICE}"
-    benchmark.extra_info.update(backend=backend, shape=SHAPES[model])
+    if layout == "channel_last":
+        kw = _channel_last(kw)
+    benchmark.group = f"scan {model} {layout} {DEVICE}"
+    benchmark.extra_info.update(backend=backend, shape=SHAPES[model], layout=layout)
     with torch.inference_mode():
         _run(backend, kw)  # warm-up (allocations, kernel compilation)
         y = benchmark(_run, backend, kw)

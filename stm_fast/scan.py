@@ -178,37 +178,57 @@ def release_workspace():
 CHUNK = 16  # time steps per chunk of the torch backend (16-32 measure alike at Vim shapes, 4-8 slower)
 
 
+def _rows(t):
+    """(batch, D, L) -> its (batch, L, D) view: channel-last memory (what Vim's projections produce) gives
+    a view whose rows are contiguous; a (batch, D, L)-contiguous tensor gives a strided view."""
+    return t.transpose(1, 2)
+
+
+def _channel_last(t):
+    return t.stride(1) == 1 and t.shape[1] > 1 or t.shape[1] == 1
+
+
 def _scan_torch(u, delta, A, B, C, chunk=CHUNK, mode="sequential", decay_scale=None, delta_bias=None,
                 delta_softplus=False, D=None, z=None, head=None):
     """y (batch, D, L) = (C·h + D*u) * silu(z) and the last state (batch, D, N); inference only (writes into
     reused buffers), ``_scan_train`` is the differentiable path.
 
-    Time-major, states-first and chunked: states are held as (batch, N, D), so every op runs along the
-    contiguous channel axis (broadcasts over N or D are row-wise, and the readout over N is a small
-    matrix product or a sum of whole channel rows, not a reduction of 16-element inner rows: ~2x faster
-    than a (D, N) layout on CPU). Per chunk of ``chunk`` steps, Abar = exp2(delta*A*log2 e) and Bbar*u
-    are each one vectorised op over (chunk, batch, N, D) into reused buffers (``_Workspace``). The
-    recurrence inside a chunk is either ``sequential`` (one fused multiply-add per step on a contiguous
-    (batch, N, D) slice; the default, fastest measured on CPU) or ``doubling`` (log2(chunk)
-    Hillis-Steele rounds, no per-step Python; twice the arithmetic). See the README's scan notes.
-    ``head``: see ``selective_scan``.
+    Time-major, states-first and chunked over time: the states are held as (chunk, batch, N, D), so
+    every op runs along the contiguous channel axis (broadcasts over N or D are row-wise, and the readout
+    over N is a small matrix product, not a reduction of 16-element inner rows: ~2x faster than a (D, N)
+    layout on CPU). Inputs whose memory is channel-last (Vim's mixer: ``x.stride(1) == 1``) are read as
+    (batch, L, D) rows without any transpose, and y comes back in that layout; (batch, D, L)-contiguous
+    inputs cost two transposing copies in and one out, and get y contiguous. Per chunk of ``chunk`` steps,
+    Abar = exp2(delta*A*log2 e) and Bbar*u are each one vectorised op into reused buffers
+    (``_Workspace``). The recurrence inside a chunk is either ``sequential`` (one fused multiply-add per
+    step on a contiguous (batch, N, D) slice; the default, fastest measured on CPU) or ``doubling``
+    (log2(chunk) Hillis-Steele rounds, no per-step Python; twice the arithmetic). See the README's scan
+    notes. ``head``: see ``selective_scan``.
     """
     batch, E, L = u.shape
     N = A.shape[1]
     ws = lambda name, *shape: _Workspace.get(name, shape, u)  # noqa: E731
-    # delta and delta*u in the callers' (batch, D, L) layout first, then one transposing copy each into the
-    # time-major buffers: a transpose reading freshly written data is ~2x faster than one reading cold inputs
-    dc = ws("dc", batch, E, L)
+    # elementwise work happens in the callers' layout ("native": rows if channel-last, else (batch, D, L));
+    # only the step and the input term are turned into rows, by one copy each of freshly written data
+    # (~2x faster than transposing cold inputs)
+    cl = _channel_last(u) and _channel_last(delta)
+    native = _rows if cl else (lambda t: t)  # noqa: E731
+    per_channel = (lambda v: v) if cl else (lambda v: v[:, None])  # noqa: E731
+    dc = ws("dc", *native(u).shape)
     if delta_bias is not None:
-        torch.add(delta, delta_bias[:, None], out=dc)
+        torch.add(native(delta), per_channel(delta_bias), out=dc)
     else:
-        dc.copy_(delta)
+        dc.copy_(native(delta))
     if delta_softplus:
         torch.ops.aten.softplus.out(dc, 1, 20, out=dc)  # F.softplus's beta and threshold, in place
-    dt = ws("dt", L, batch, E).copy_(dc.permute(2, 0, 1))  # (L, batch, D): the step, time-major
-    du = ws("du", L, batch, E).copy_(torch.mul(dc, u, out=dc).permute(2, 0, 1))
+    du = torch.mul(dc, native(u), out=ws("dun", *dc.shape))
+    if cl:
+        dt = dc
+    else:
+        dt, du = ws("dt", batch, L, E).copy_(_rows(dc)), ws("du", batch, L, E).copy_(_rows(du))
     if decay_scale is not None:
-        dt.mul_(decay_scale.t()[:, :, None])  # only the step that enters Abar is scaled
+        dt.mul_(decay_scale[:, :, None])  # only the step that enters Abar is scaled
+    dtt, dut = dt.transpose(0, 1), du.transpose(0, 1)  # (L, batch, D) views with contiguous rows
     Bt = _expand_BC(B, batch, E, N, L, "B", states_first=True)  # (L or 1, batch or 1, N, D or 1)
     per_step_C = C.dim() == 3  # (batch, N, L): the readout is a (1 x N) @ (N x D) product per (t, b)
     Cm = C.permute(2, 0, 1).contiguous() if per_step_C else None
@@ -225,15 +245,15 @@ def _scan_torch(u, delta, A, B, C, chunk=CHUNK, mode="sequential", decay_scale=N
         k = head["n"] if s == 0 and head is not None and decay_scale is None and head["n"] <= n else 0
         if k:  # the first k steps' Abar go straight into the export buffer (no copy), the rest into the chunk's
             hd, ha, hB = head.get("out") or (u.new_empty(k, batch, E), u.new_empty(k, batch, N, E), u.new_empty(k, batch, N))
-            head.update(delta=hd.copy_(dt[:k]), Abar=torch.mul(dt[:k, :, None, :], A2, out=ha).exp2_(),
+            head.update(delta=hd.copy_(dtt[:k]), Abar=torch.mul(dtt[:k, :, None, :], A2, out=ha).exp2_(),
                         B=hB.copy_(Bt[:k, :, :, 0]) if B.dim() == 3 else None)
-            a = torch.mul(dt[k:e, :, None, :], A2, out=abuf[k:n]).exp2_()
+            a = torch.mul(dtt[k:e, :, None, :], A2, out=abuf[k:n]).exp2_()
             a_rows = ha.unbind(0) + a.unbind(0)
             a = abuf[:n].copy_(torch.cat([ha, a])) if mode == "doubling" else None
         else:
-            a = torch.mul(dt[s:e, :, None, :], A2, out=abuf[:n]).exp2_()  # Abar
+            a = torch.mul(dtt[s:e, :, None, :], A2, out=abuf[:n]).exp2_()  # Abar
             a_rows = a.unbind(0)
-        x = torch.mul(du[s:e, :, None, :], Bt[s:e] if Bt.shape[0] > 1 else Bt, out=xbuf[:n])  # Bbar * u
+        x = torch.mul(dut[s:e, :, None, :], Bt[s:e] if Bt.shape[0] > 1 else Bt, out=xbuf[:n])  # Bbar * u
         if mode == "sequential":
             for xt, at in zip(x.unbind(0), a_rows):
                 xt.addcmul_(at, h)
@@ -247,13 +267,16 @@ def _scan_torch(u, delta, A, B, C, chunk=CHUNK, mode="sequential", decay_scale=N
             torch.bmm(Cm[s:e].view(n * batch, 1, N), x.view(n * batch, N, E), out=y[s:e].view(n * batch, 1, E))
         else:
             torch.sum(x.mul_(Ct[s:e] if Ct.shape[0] > 1 else Ct), dim=2, out=y[s:e])
-    if D is not None:  # the one fresh buffer, returned to the caller: transposed y plus the skip D*u
-        out = torch.addcmul(y.permute(1, 2, 0), u, D[:, None], out=u.new_empty(batch, E, L))
+    # the one fresh buffer, returned to the caller in u's layout: y plus the skip D*u, times silu(z)
+    y = y.transpose(0, 1) if cl else y.permute(1, 2, 0)
+    out = u.new_empty(native(u).shape)
+    if D is not None:
+        torch.addcmul(y, native(u), per_channel(D), out=out)
     else:
-        out = y.permute(1, 2, 0).contiguous()
+        out.copy_(y)
     if z is not None:
-        out.mul_(torch.ops.aten.silu.out(z, out=ws("z", batch, E, L)))
-    return out, h.transpose(1, 2)
+        out.mul_(torch.ops.aten.silu.out(native(z), out=ws("z", *out.shape)))
+    return native(out), h.transpose(1, 2)
 
 
 def _scan_train(u, delta, A, B, C, decay_scale=None):

@@ -186,6 +186,9 @@ class MambaMixer(nn.Module):
     def branch(self, x, z, conv, x_proj, dt_proj, A_log, Dp, decay_scale=None, head=None):
         """One direction on (batch, E, L) inputs in scan order: conv + SiLU, projections, selective scan.
 
+        x and z are (batch, E, L) views of channel-last (batch, L, E) memory, as the input projection makes
+        them; every step keeps that layout (the conv as shifted multiply-adds, the projections on contiguous
+        rows, the scan reading rows), so no transpose is ever materialised. y comes back in that layout too.
         Returns y (batch, E, L) and, with ``keep_stats``, this direction's statistics in scan order (pre-bias
         delta, bias, B, C, A, y): what eq. 5 and eq. 11 need to form Abar and Bbar, computed by the forward
         itself, no extra projection and no copy.
@@ -205,7 +208,7 @@ class MambaMixer(nn.Module):
             y = selective_scan(x, delta, A, B, C, Dp.to(ct), z=z, delta_bias=bias, delta_softplus=True,
                                backend=self.scan_backend, head=head)
         else:
-            d = F.softplus(delta.to(ct) + bias[None, :, None])
+            d = F.softplus(delta.transpose(1, 2).to(ct) + bias).transpose(1, 2)
             y = selective_scan(x, d, A, B, C, Dp.to(ct), z=z, decay_scale=decay_scale, backend=self.scan_backend)
         return y, ((delta, bias, B, C, A, y) if self.keep_stats else None)
 
@@ -214,8 +217,8 @@ class MambaMixer(nn.Module):
         ``DirectionStats`` (read in token position order) and, with ``stats_head`` = n and a backend that
         exports them, "heads": delta (n, 2, batch, E), Abar (n, 2, batch, N, E) and B (n, 2, batch, N) of each
         direction's first n scan steps (forward first on the second axis)."""
-        xz = self.in_proj(hidden).transpose(1, 2)  # (batch, 2E, L)
-        x, z = xz.chunk(2, dim=1)
+        xz = self.in_proj(hidden)  # (batch, L, 2E): the branches read x and z as (batch, E, L) views of it
+        x, z = (t.transpose(1, 2) for t in xz.chunk(2, dim=-1))
         sf = sb = None
         if decay_scale is not None:
             sf, sb = decay_scale
@@ -228,14 +231,15 @@ class MambaMixer(nn.Module):
             heads = tuple(x.new_empty((n, 2, batch) + shape, dtype=ct) for shape in ((E,), (self.d_state, E), (self.d_state,)))
             hf, hb = ({"n": n, "out": tuple(h[:, i] for h in heads)} for i in (0, 1))
         y_f, st_f = self.branch(x, z, self.conv1d, self.x_proj, self.dt_proj, self.A_log, self.D, sf, hf)
-        y_b, st_b = self.branch(x.flip(-1), z.flip(-1), self.conv1d_b, self.x_proj_b, self.dt_proj_b, self.A_b_log,
+        xb, zb = (t.transpose(1, 2) for t in xz.flip(1).chunk(2, dim=-1))  # one flipped copy, still channel-last
+        y_b, st_b = self.branch(xb, zb, self.conv1d_b, self.x_proj_b, self.dt_proj_b, self.A_b_log,
                                 self.D_b, None if sb is None else sb.flip(-1), hb)
         if self.keep_stats:
             self.stats = {"forward": DirectionStats(*st_f), "backward": DirectionStats(*st_b, reverse=True)}
             if heads is not None and "Abar" in hf and "Abar" in hb:  # the backend exported them
                 self.stats["heads"] = heads if hf["B"] is not None and hb["B"] is not None else heads[:2] + (None,)
-        y = (y_f + y_b.flip(-1)) / 2
-        return self.out_proj(y.transpose(1, 2))
+        y = y_b.transpose(1, 2).flip(1).add_(y_f.transpose(1, 2)).mul_(0.5)  # (y_f + flip(y_b)) / 2, (batch, L, E) rows
+        return self.out_proj(y)
 
 
 class Block(nn.Module):

@@ -36,20 +36,32 @@ def scan_inputs(draw, max_L=48):
     return kw
 
 
-def _torch(kw, dtype):
-    return {k: (torch.as_tensor(v, dtype=dtype) if isinstance(v, np.ndarray) else v) for k, v in kw.items()}
+def channel_last(t):
+    """The same (batch, D, L) values held as (batch, L, D) in memory, as Vim's projections produce them."""
+    return t.transpose(-1, -2).contiguous().transpose(-1, -2)
 
 
+def _torch(kw, dtype, layout="contiguous"):
+    out = {k: (torch.as_tensor(v, dtype=dtype) if isinstance(v, np.ndarray) else v) for k, v in kw.items()}
+    if layout == "channel_last":
+        out.update({k: channel_last(out[k]) for k in ("u", "delta", "z", "B", "C") if out[k] is not None and out[k].dim() >= 3})
+    return out
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channel_last"])
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 @settings(max_examples=15)
 @given(kw=scan_inputs())
-def test_backend_matches_float64_reference(backend, kw):
-    """float64: every CPU backend equals stm_ref.ssm.selective_scan to 1e-11 (same maths, other summation order)."""
+def test_backend_matches_float64_reference(backend, layout, kw):
+    """float64: every CPU backend equals stm_ref.ssm.selective_scan to 1e-11 (same maths, other summation order),
+    whether the inputs are (batch, D, L)-contiguous or channel-last in memory (how Vim's mixer calls it)."""
     ref, ref_last = ssm.selective_scan(**kw, return_last_state=True)
-    y, last = fast.selective_scan(**_torch(kw, torch.float64), return_last_state=True, backend=backend)
+    y, last = fast.selective_scan(**_torch(kw, torch.float64, layout), return_last_state=True, backend=backend)
     scale = 1 + np.abs(ref).max()
     np.testing.assert_allclose(y.numpy(), ref, rtol=1e-11, atol=1e-11 * scale)
     np.testing.assert_allclose(last.numpy(), ref_last, rtol=1e-11, atol=1e-11 * (1 + np.abs(ref_last).max()))
+    if backend == "torch" and min(y.shape[1:]) > 1:  # y comes back in u's memory layout
+        assert (y.stride(1) == 1) == (layout == "channel_last"), y.stride()
 
 
 @pytest.mark.parametrize("backend", ["torch", "loop"])
@@ -135,15 +147,34 @@ def test_bad_shapes_are_clear_errors():
         fast.selective_scan(u, u, -torch.ones(4, 2), torch.zeros(1, 3, 5), torch.zeros(1, 2, 5))
 
 
+@pytest.mark.parametrize("layout", ["contiguous", "channel_last"])
 @given(seed=st.integers(0, 2**32 - 1), E=st.integers(1, 8), L=st.integers(1, 30), K=st.integers(1, 5))
-def test_causal_conv_matches_reference(seed, E, L, K):
-    """Causal depthwise conv + SiLU equals stm_ref.vim.causal_conv1d (explicit tap sum) in float64."""
+def test_causal_conv_matches_reference(layout, seed, E, L, K):
+    """Causal depthwise conv + SiLU equals stm_ref.vim.causal_conv1d (explicit tap sum) in float64, through
+    conv1d for contiguous inputs and through shifted multiply-adds for channel-last ones."""
     rng = np.random.default_rng(seed)
     x, w, b = rng.standard_normal((2, E, L)), rng.standard_normal((E, 1, K)), rng.standard_normal(E)
-    y = causal_conv1d(torch.as_tensor(x), torch.as_tensor(w), torch.as_tensor(b)).numpy()
+    xt = torch.as_tensor(x) if layout == "contiguous" else channel_last(torch.as_tensor(x))
+    y = causal_conv1d(xt, torch.as_tensor(w), torch.as_tensor(b))
+    assert y.stride(1) == 1 or layout == "contiguous" or E == 1, "the channel-last path keeps its layout"
+    y = y.numpy()
     for i in range(2):
         expected = ssm.silu(ref_vim.causal_conv1d(x[i], w, b))
         np.testing.assert_allclose(y[i], expected, rtol=1e-12, atol=1e-12)
+
+
+def test_channel_last_conv_gradients_equal_conv1d_gradients():
+    """Training through the shifted multiply-adds gives conv1d's gradients (x, weight, bias), float64."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 6, 11, dtype=torch.float64)
+    w, b = torch.randn(6, 1, 4, dtype=torch.float64), torch.randn(6, dtype=torch.float64)
+    grads = []
+    for xin in (x.clone(), channel_last(x)):
+        leaves = [xin.requires_grad_(), w.clone().requires_grad_(), b.clone().requires_grad_()]
+        causal_conv1d(*leaves).pow(2).sum().backward()
+        grads.append([t.grad for t in leaves])
+    for g_conv, g_taps in zip(*grads):
+        torch.testing.assert_close(g_taps, g_conv, rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.cuda
