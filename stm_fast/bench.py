@@ -148,7 +148,7 @@ def main(argv=None):
     ap.add_argument("--device")
     ap.add_argument("--model", nargs="+", default=["vim_tiny"])
     ap.add_argument("--methods", nargs="+", default=["stm", "tome", "top", "evit"])
-    ap.add_argument("--rates", nargs="+", type=float, default=[0.15, 0.2, 0.3, 0.4])
+    ap.add_argument("--rates", nargs="+", type=float, default=[0.15, 0.2, 0.3, 0.4], help="fractions (0.2 = 20%%)")
     ap.add_argument("--batch-size", type=int)
     ap.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
     ap.add_argument("--rounds", type=int, default=7, help="interleaved timed rounds (medians); 5 proved too few on a noisy 2-core machine")
@@ -161,6 +161,9 @@ def main(argv=None):
         overrides = parse_overrides(args.override)
     except ValueError as e:
         ap.error(str(e))
+    bad = [r for r in args.rates if not 0 <= r < 1]
+    if bad:
+        ap.error(f"--rates takes fractions in [0, 1) (0.2 means 20%), got {bad}")
     with flush_denormals():  # as stm_fast.eval: subnormal decays would time the FPU, not the method
         rows = run_bench(args.model, args.methods, args.rates, args.device, args.batch_size, args.dtype, args.rounds,
                          args.warmup, overrides=overrides)

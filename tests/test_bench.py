@@ -50,3 +50,10 @@ def test_bad_override_is_a_clear_error(capsys):
     with pytest.raises(SystemExit):
         bench.main(["--override", "depth=four"])
     assert "--override takes KEY=INTEGER, got 'depth=four'" in capsys.readouterr().err
+
+
+def test_rates_given_as_percentages_are_a_clear_error(capsys):
+    """`--rates 20 40` would otherwise skip every configuration and time only the baseline."""
+    with pytest.raises(SystemExit):
+        bench.main(["--rates", "20", "0.4"])
+    assert "--rates takes fractions in [0, 1) (0.2 means 20%), got [20.0]" in capsys.readouterr().err
