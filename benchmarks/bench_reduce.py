@@ -35,9 +35,9 @@ def _captured_step(method, rate=0.4):
             model(x)
     finally:
         red.step = real
-    i, k, hidden, residual, state, stats = captured[0]
+    i, k, x, state, stats = captured[0]
     # the statistics must outlive the forward: keep them
-    return red, (i, k, hidden, residual, state, stats), sum(model.reduction["schedule"]), len(captured), layers
+    return red, (i, k, x, state, stats), sum(model.reduction["schedule"]), len(captured), layers
 
 
 @pytest.mark.parametrize("method", ["stm", "tome", "top", "evit"])
@@ -47,11 +47,11 @@ def test_reduction_step(benchmark, method):
     benchmark.extra_info.update(tokens_removed_in_total=removed, steps_per_forward=steps, k_first_step=args[1])
 
     def fresh():
-        i, k, hidden, residual, state, stats = args
+        i, k, x, state, stats = args
         with torch.inference_mode():
             if stats and "heads" in stats:
                 stats = dict(stats, heads=tuple(None if h is None else h.clone() for h in stats["heads"]))
-            return (i, k, hidden.clone(), residual.clone(), state, stats), {}
+            return (i, k, x.clone(), state, stats), {}
 
     def run(*a):
         with torch.inference_mode():
@@ -60,6 +60,6 @@ def test_reduction_step(benchmark, method):
             torch.cuda.synchronize()
         return out
 
-    hidden, residual, state = run(*fresh()[0])
-    assert hidden.shape[1] == args[2].shape[1] - args[1]
+    x, state = run(*fresh()[0])
+    assert x.shape[1] == args[2].shape[1] - args[1]
     benchmark.pedantic(run, setup=fresh, rounds=200 if DEVICE == "cpu" else 50, warmup_rounds=3)

@@ -166,16 +166,17 @@ def _lsq_from_heads(P, d, Bh, r, variant):
     """``lsq``/``lsq_norm`` weights (r, sides, batch) from step-major P (r, sides, batch, N, E), delta
     (r + 1, sides, batch, E) and B (r + 1, sides, batch, N): ``_weights_from``'s arithmetic written as
     batched small matrix products on these fixed shapes. A deliberate twin of that branch (tests compare
-    them): folding both into one shape-generic function made the STM step measurably slower inside a
-    forward (step share ~1.8% -> ~2.1% at 40% on Vim-Ti), the extra cost being per-call overhead."""
+    them): inside a forward the STM step is dominated by per-call overhead (each torch call costs a few
+    microseconds on a CPU whatever its size), so this path makes as few calls as it can; folding both
+    into one shape-generic function made the step measurably slower (share ~1.8% -> ~2.1% at 40%, Vim-Ti)."""
     _, s, b, N, E = P.shape
     G = r * s * b
-    inner = torch.bmm(torch.mul(Bh[:r], Bh[r]).reshape(G, 1, N), P.reshape(G, N, E))  # sum over N of P*Bj*Bq
-    num = torch.bmm(inner, torch.mul(d[:r], d[r]).reshape(G, E, 1)).view(r, s, b)
-    dq, Bq = d[r].reshape(s * b, E), Bh[r].reshape(s * b, N)
-    den = (torch.bmm(dq[:, None], dq[..., None]) * torch.bmm(Bq[:, None], Bq[..., None])).view(s, b)
-    w = num / den.clamp_min(torch.finfo(den.dtype).tiny)  # den = 0 only if Bbar_q = 0, and then num = 0 too
-    return w.clamp(0.0, 1.0) if variant == "lsq_norm" else w
+    dq, Bq = d[r], Bh[r]
+    inner = torch.bmm(torch.mul(Bh[:r], Bq).view(G, 1, N), P.reshape(G, N, E))  # sum over N of P*Bj*Bq
+    num = torch.linalg.vecdot(inner.view(r, s, b, E), torch.mul(d[:r], dq))
+    den = torch.linalg.vecdot(dq, dq).mul_(torch.linalg.vecdot(Bq, Bq))  # |Bbar_q|_F^2 = |delta_q|^2 |B_q|^2
+    w = num.div_(den.clamp_min_(torch.finfo(den.dtype).tiny))  # den = 0 only if Bbar_q = 0, and then num = 0 too
+    return w.clamp_(0.0, 1.0) if variant == "lsq_norm" else w
 
 
 def _ends_weights(sts, r, variant, clamp, heads=None):
@@ -191,17 +192,18 @@ def _ends_weights(sts, r, variant, clamp, heads=None):
     """
     if heads is not None:  # step-major: (step, sides, batch, ...), so the slices below are contiguous
         d, a, Bh = heads
-        d = d[:r + 1]
+        rows = a.unbind(0)
+        for j in range(r - 1, 0, -1):  # suffix products in place; r is a few tokens (cumprod is slower)
+            torch.mul(rows[j], rows[j + 1], out=rows[j])
         P = a[1:r + 1]
-        for j in range(r - 2, -1, -1):  # suffix products in place; r is a few tokens (cumprod is slower)
-            torch.mul(P[j], P[j + 1], out=P[j])
         if Bh is None:
             Bh = torch.stack([st._B[..., :r + 1].permute(2, 0, 1) for st in sts], dim=1)
-        Bh = Bh[:r + 1].to(d.dtype)
+        if Bh.dtype != d.dtype:
+            Bh = Bh.to(d.dtype)
         if variant in ("lsq", "lsq_norm"):
             w = _lsq_from_heads(P, d, Bh, r, variant)
         else:
-            w = _weights_from(variant, P, d[:r], d[r:], Bh[:r], Bh[r:], clamp)  # (r, sides, batch)
+            w = _weights_from(variant, P, d[:r], d[r:r + 1], Bh[:r], Bh[r:r + 1], clamp)  # (r, sides, batch)
         return w.permute(1, 2, 0).contiguous()  # contiguous rows: bmm on strided operands loops per image
     rows = [st.scan_rows(r + 1) for st in sts]
     d = torch.stack([dr for dr, _ in rows])  # (sides, batch, r + 1, E)

@@ -65,11 +65,11 @@ class ToMeReducer(Reducer):
         # at least one destination must remain
         return (L + 1) // 2 - 1 if L // 2 >= 2 else 0
 
-    def step(self, i, k, hidden, residual, state, stats):
-        batch, L, _ = hidden.shape
-        dev = hidden.device
-        x = (residual + hidden).float() if residual.dtype != torch.float64 else residual + hidden
-        metric = x / x.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    def step(self, i, k, x, state, stats):
+        batch, L, _ = x.shape
+        dev = x.device
+        xm = x.float() if x.dtype != torch.float64 else x
+        metric = xm / xm.norm(dim=-1, keepdim=True).clamp_min(1e-12)
         a_idx = torch.arange(0, L, 2, device=dev)  # sources: even positions (t[:, 0::2]), destinations: odd
         scores = metric[:, 0::2] @ metric[:, 1::2].transpose(1, 2)  # (batch, La, Lb)
         cls = state["cls"]
@@ -87,23 +87,15 @@ class ToMeReducer(Reducer):
         mass = size[:, 1::2].scatter_add(1, dst, s_src)
         new_size = size.clone()
         new_size[:, 1::2] = mass
-        inplace = not torch.is_grad_enabled()  # the layer's outputs belong to this forward
-
-        def merge(t):
-            tb = t[:, 1::2] * size[:, 1::2, None].to(t.dtype)
-            contrib = _gather_tokens(t[:, 0::2], src) * s_src[..., None].to(t.dtype)
-            tb = tb.scatter_add(1, dst[..., None].expand(-1, -1, t.shape[-1]), contrib) / mass[..., None].to(t.dtype)
-            out = t if inplace else t.clone()
-            out[:, 1::2] = tb
-            return out
-
+        tb = x[:, 1::2] * size[:, 1::2, None].to(x.dtype)
+        contrib = _gather_tokens(x[:, 0::2], src) * s_src[..., None].to(x.dtype)
+        tb = tb.scatter_add(1, dst[..., None].expand(-1, -1, x.shape[-1]), contrib) / mass[..., None].to(x.dtype)
+        x = x.clone() if torch.is_grad_enabled() else x  # the stream belongs to this forward
+        x[:, 1::2] = tb
         keep = torch.ones(batch, L, dtype=torch.bool, device=dev)
         keep.scatter_(1, a_idx[src], False)
         kept = _kept_from_mask(keep)
-        hidden = _gather_tokens(merge(hidden), kept)
-        residual = _gather_tokens(merge(residual), kept)
-        state = _new_state(dict(state, size=new_size), kept)
-        return hidden, residual, state
+        return _gather_tokens(x, kept), _new_state(dict(state, size=new_size), kept)
 
 
 class ToPReducer(Reducer):
@@ -122,13 +114,13 @@ class ToPReducer(Reducer):
         one = torch.ones_like(gap[:, :1])
         return torch.cat([one, gap], dim=1), torch.cat([gap, one], dim=1)
 
-    def step(self, i, k, hidden, residual, state, stats):
+    def step(self, i, k, x, state, stats):
         imp = sum(stats[d].y.clamp_min(0).sum(dim=1) for d in ("forward", "backward"))  # (batch, L)
         imp = imp.to(torch.promote_types(imp.dtype, torch.float32))
-        rows = torch.arange(hidden.shape[0], device=hidden.device)
+        rows = torch.arange(x.shape[0], device=x.device)
         imp[rows, state["cls"]] = float("inf")
-        kept = imp.topk(hidden.shape[1] - k, dim=1).indices.sort(dim=1).values
-        return _gather_tokens(hidden, kept), _gather_tokens(residual, kept), _new_state(state, kept)
+        kept = imp.topk(x.shape[1] - k, dim=1).indices.sort(dim=1).values
+        return _gather_tokens(x, kept), _new_state(state, kept)
 
 
 def _class_row(delta, B, C_cls, A, S):
@@ -182,9 +174,9 @@ class EViTReducer(Reducer):
         # class-token attention: exp(A * S) times C_cls and B over (E, N) for every token, both sides
         return 3 * L * cfg.d_inner * cfg.d_state + 2 * (k + 1) * cfg.embed_dim
 
-    def step(self, i, k, hidden, residual, state, stats):
-        batch, L, _ = hidden.shape
-        rows = torch.arange(batch, device=hidden.device)
+    def step(self, i, k, x, state, stats):
+        batch, L, _ = x.shape
+        rows = torch.arange(batch, device=x.device)
         imp = class_attention(stats, state["cls"])
         imp = imp.to(torch.promote_types(imp.dtype, torch.float32))  # float64 models keep float64 weights
         imp[rows, state["cls"]] = float("inf")
@@ -195,16 +187,13 @@ class EViTReducer(Reducer):
         w = torch.where(w.sum(1, keepdim=True) > 0, w, torch.ones_like(w))
         w = w / w.sum(dim=1, keepdim=True)
 
-        def fuse(t):
-            fused = (_gather_tokens(t, pruned) * w[..., None].to(t.dtype)).sum(dim=1)
-            out = t.clone()
-            out[rows, host] = fused
-            return out
-
-        keep = torch.ones(batch, L, dtype=torch.bool, device=hidden.device)
+        fused = (_gather_tokens(x, pruned) * w[..., None].to(x.dtype)).sum(dim=1)
+        x = x.clone() if torch.is_grad_enabled() else x  # the stream belongs to this forward
+        x[rows, host] = fused
+        keep = torch.ones(batch, L, dtype=torch.bool, device=x.device)
         keep.scatter_(1, pruned[:, :-1], False)
         kept = _kept_from_mask(keep)
-        return _gather_tokens(fuse(hidden), kept), _gather_tokens(fuse(residual), kept), _new_state(state, kept)
+        return _gather_tokens(x, kept), _new_state(state, kept)
 
 
 _TOME_LAYERS = ("all", "every_other", "lower", "upper")

@@ -2,9 +2,12 @@
 
 ``stm_fast.reduce(model, method, rate=None, schedule=None, **options)`` installs a reducer on the model
 and returns it; ``reduce(model, "none")`` removes it. A reducer runs between layers: after layer i it
-turns the (mixer output, residual) pair of L_i tokens into one of L_i - k_i tokens, with the same
-operation on both streams so that their sum, the next layer's input, is reduced consistently. The class
-token is tracked per image (its index can differ between images for data-dependent methods).
+turns the token stream x = residual + mixer output of L_i tokens (what layer i + 1 adds up first; the
+forward forms that sum one layer early, so no work is added) into one of L_i - k_i tokens, which layer
+i + 1 takes as its residual with nothing left to add. Every reduction here is linear in the tokens with
+weights fixed by the step, so this equals reducing the residual and the mixer output separately with the
+same weights (SPEC's "merges apply to both streams"), in half the work. The class token is tracked per
+image (its index can differ between images for data-dependent methods).
 
 Rates follow SPEC §6: N_l tokens enter layer l (N_0 = L), rate = 1 - sum_l N_l / (depth * N_0). A
 requested rate is met within ±1 percentage point by a schedule of k_i (tokens removed after layer i) that
@@ -56,21 +59,25 @@ class Reducer:
             layer.mixer.stats_head = self.stats_head(k) if layer.mixer.keep_stats else 0
             try:
                 hidden, residual = layer(hidden, residual, decay_scale=self.decay_scales(state))
-                if k > 0:
-                    hidden, residual, state = self.step(i, k, hidden, residual, state, layer.mixer.stats)
+                if k > 0:  # the stream the next layer would add up, reduced; it becomes that layer's residual
+                    x = residual.add_(hidden) if not torch.is_grad_enabled() else residual + hidden
+                    hidden, state = self.step(i, k, x, state, layer.mixer.stats)
+                    residual = None
                 if observer is not None:
                     rows = torch.arange(batch, device=hidden.device)
-                    observer(i, residual[rows, state["cls"]] + hidden[rows, state["cls"]])
+                    cls = state["cls"]
+                    observer(i, hidden[rows, cls] if residual is None else residual[rows, cls] + hidden[rows, cls])
             finally:
                 layer.mixer.keep_stats = False
                 layer.mixer.stats_head = 0
                 layer.mixer.stats = None
-        out = model.norm_f(residual + hidden)
+        out = model.norm_f(hidden if residual is None else residual + hidden)
         if state["uniform_cls"] is not None:
             return out[:, state["uniform_cls"]]
         return out[torch.arange(batch, device=out.device), state["cls"]]
 
-    def step(self, i, k, hidden, residual, state, stats):  # pragma: no cover - abstract
+    def step(self, i, k, x, state, stats):  # pragma: no cover - abstract
+        """Reduce the stream x (batch, L, d) after layer i by k tokens: returns (x', state')."""
         raise NotImplementedError
 
     @staticmethod
@@ -106,25 +113,23 @@ class STMReducer(Reducer):
         weights = 0 if self.options["weights"] in ("avg", "drop") else 4 * k * cfg.d_inner * cfg.d_state
         return weights + 2 * k * cfg.embed_dim
 
-    def step(self, i, k, hidden, residual, state, stats):
-        L = hidden.shape[1]
+    def step(self, i, k, x, state, stats):
+        L = x.shape[1]
         cls = state["uniform_cls"]
         r_left, r_right = self.split(k)
-        plan = plan_index(L, cls, r_left, r_right, self.options["positions"], hidden.device)
+        plan = plan_index(L, cls, r_left, r_right, self.options["positions"], x.device)
         variant = self.options["weights"]
-        # the layer's outputs belong to this forward: merge into them in place (a view for ends plans)
+        # the stream belongs to this forward: merge into it in place (a view for ends plans)
         inplace = not torch.is_grad_enabled()
         if plan.ends is not None:  # slices and one small matrix product per side, weights kept split by side
             w = (None, None) if variant == "drop" else ends_weights(stats, r_left, r_right, variant)
-            hidden = merge_ends(hidden, r_left, r_right, *w, variant, inplace=inplace)
-            residual = merge_ends(residual, r_left, r_right, *w, variant, inplace=inplace)
+            x = merge_ends(x, r_left, r_right, *w, variant, inplace=inplace)
         else:
             w = None if variant == "drop" else token_weights(stats, plan, variant)
-            hidden = merge_tokens(hidden, plan, w, variant, inplace=inplace)
-            residual = merge_tokens(residual, plan, w, variant, inplace=inplace)
+            x = merge_tokens(x, plan, w, variant, inplace=inplace)
         state = dict(state, uniform_cls=plan.new_cls, cls=torch.full_like(state["cls"], plan.new_cls),
                      pos=plan.take(state["pos"]), size=plan.take(state["size"]))
-        return hidden, residual, state
+        return x, state
 
 
 def rate_of(tokens_per_layer):

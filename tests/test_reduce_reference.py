@@ -220,10 +220,10 @@ def test_tome_never_merges_into_the_class_token():
     sizes = []
     step = m.reducer.step
 
-    def spy(i, k, hidden, residual, state, stats):
-        out = step(i, k, hidden, residual, state, stats)
-        new = out[2]
-        sizes.append(new["size"][torch.arange(hidden.shape[0]), new["cls"]])
+    def spy(i, k, x, state, stats):
+        out = step(i, k, x, state, stats)
+        new = out[1]
+        sizes.append(new["size"][torch.arange(x.shape[0]), new["cls"]])
         return out
 
     m.reducer.step = spy
