@@ -56,8 +56,8 @@ class ToMeReducer(Reducer):
     keeps_stats = False
 
     def overhead_flops(self, cfg, L, k):
-        # cosine similarities of L/2 sources to L/2 destinations over d channels, normalisation, merges
-        return (L // 2) * ((L + 1) // 2) * cfg.embed_dim + L * cfg.embed_dim + 2 * 2 * k * cfg.embed_dim
+        # cosine similarities of L/2 sources to L/2 destinations over d channels, normalisation, size-weighted merges
+        return (L // 2) * ((L + 1) // 2) * cfg.embed_dim + L * cfg.embed_dim + 2 * k * cfg.embed_dim
 
     @staticmethod
     def max_per_step(L, cls):
@@ -172,7 +172,7 @@ class EViTReducer(Reducer):
 
     def overhead_flops(self, cfg, L, k):
         # class-token attention: exp(A * S) times C_cls and B over (E, N) for every token, both sides
-        return 3 * L * cfg.d_inner * cfg.d_state + 2 * (k + 1) * cfg.embed_dim
+        return 3 * L * cfg.d_inner * cfg.d_state + (k + 1) * cfg.embed_dim
 
     def step(self, i, k, x, state, stats):
         batch, L, _ = x.shape

@@ -109,9 +109,9 @@ class STMReducer(Reducer):
 
     def overhead_flops(self, cfg, L, k):
         # weights: per reduced token, P = exp(A * S) and the lsq products over (E, N) (~4 E N), plus the
-        # merge itself: a multiply-add of d channels on each of the two streams
+        # merge itself: a multiply-add of d channels on the stream
         weights = 0 if self.options["weights"] in ("avg", "drop") else 4 * k * cfg.d_inner * cfg.d_state
-        return weights + 2 * k * cfg.embed_dim
+        return weights + k * cfg.embed_dim
 
     def step(self, i, k, x, state, stats):
         L = x.shape[1]
