@@ -73,6 +73,21 @@ def test_merge_tokens_matches_reference(variant, case):
     assert pidx.kept[pidx.new_cls] == cls
 
 
+@pytest.mark.parametrize("variant", ref.TOKEN_WEIGHT_VARIANTS)
+@settings(max_examples=12)
+@given(case=cases())
+def test_merging_the_stream_sum_equals_merging_both_streams(variant, case):
+    """The reducers merge x = residual + mixer output once (stm_fast.reduce): with the weights fixed, every
+    variant is linear in the tokens, so merge(residual) + merge(hidden) = merge(residual + hidden) (SPEC §3)."""
+    L, cls, rl, rr, positions, _, rng = case
+    pidx = fast.plan_index(L, cls, rl, rr, positions)
+    residual, hidden = (torch.as_tensor(rng.standard_normal((2, L, 5))) for _ in range(2))
+    w = torch.as_tensor(rng.uniform(-0.5, 1.5, (2, len(pidx.reduced))))
+    both = fast.merge_tokens(residual, pidx, w, variant) + fast.merge_tokens(hidden, pidx, w, variant)
+    once = fast.merge_tokens(residual + hidden, pidx, w, variant)
+    torch.testing.assert_close(once, both, rtol=1e-12, atol=1e-12)
+
+
 def test_plan_index_is_cached_and_matches_plan():
     a = fast.plan_index(197, 98, 3, 3)
     assert fast.plan_index(197, 98, 3, 3) is a
