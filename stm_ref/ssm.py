@@ -92,17 +92,19 @@ def decay_product(Abar, j, t):
     return np.prod(steps, axis=0) if len(steps) else np.ones(Abar.shape[1:])
 
 
+def _scan_inputs(Abar, Bbar, u):
+    """float64 arrays, with a per-channel token u (L, D) viewed as (L, D, 1)."""
+    u = _f64(u, "u")
+    return _f64(Abar, "Abar"), _f64(Bbar, "Bbar"), (u[:, :, None] if u.ndim == 2 else u)
+
+
 def scan(Abar, Bbar, u, h0=None):
     """Hidden states by the recurrence h_t = Abar_t * h_{t-1} + Bbar_t * u_t (eq. 3), t = 0..L-1.
 
     ``u`` is (L, D) (a token per channel) or (L, D, N) (a hidden-space input, as the exact merge
     of eq. 20 produces). ``h0``: (D, N) initial state, zeros by default. Returns h: (L, D, N).
     """
-    Abar = _f64(Abar, "Abar")
-    Bbar = _f64(Bbar, "Bbar")
-    u = _f64(u, "u")
-    if u.ndim == 2:
-        u = u[:, :, None]
+    Abar, Bbar, u = _scan_inputs(Abar, Bbar, u)
     L = Abar.shape[0]
     h = np.zeros(Abar.shape, dtype=np.float64)
     prev = np.zeros(Abar.shape[1:]) if h0 is None else _f64(h0, "h0")
@@ -117,11 +119,7 @@ def scan_closed_form(Abar, Bbar, u):
 
     Computed term by term from explicit products, independently of ``scan``.
     """
-    Abar = _f64(Abar, "Abar")
-    Bbar = _f64(Bbar, "Bbar")
-    u = _f64(u, "u")
-    if u.ndim == 2:
-        u = u[:, :, None]
+    Abar, Bbar, u = _scan_inputs(Abar, Bbar, u)
     L = Abar.shape[0]
     h = np.zeros(Abar.shape, dtype=np.float64)
     for t in range(L):
