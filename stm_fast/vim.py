@@ -109,18 +109,20 @@ class DirectionStats:
     def _full(self, t):
         return t.flip(-1) if self.reverse else t
 
+    def _step(self, d_raw):
+        """The scan's step softplus(delta + bias) from pre-bias rows (batch, len, E)."""
+        return F.softplus(d_raw.to(self.bias.dtype) + self.bias)
+
     def delta_at(self, pos):
         """softplus(delta + bias) at token positions: (batch, E, len(pos))."""
-        d = self.delta_raw.index_select(-1, self._idx(pos)).to(self.bias.dtype)
-        return F.softplus(d + self.bias[None, :, None])
+        return self.delta_rows(pos).transpose(1, 2)
 
     def B_at(self, pos):
         return self._B.index_select(-1, self._idx(pos))
 
     def delta_rows(self, pos):
         """softplus(delta + bias) at token positions, channels last: (batch, len(pos), E)."""
-        d = self.delta_raw.transpose(1, 2).index_select(1, self._idx(pos)).to(self.bias.dtype)
-        return F.softplus(d + self.bias)
+        return self._step(self.delta_raw.transpose(1, 2).index_select(1, self._idx(pos)))
 
     def B_rows(self, pos):
         """B at token positions, states last: (batch, len(pos), N)."""
@@ -129,15 +131,14 @@ class DirectionStats:
     def scan_rows(self, n):
         """softplus(delta + bias) and B of this direction's first n scan steps: (batch, n, E), (batch, n, N).
         The mixer's projections are (batch, L, channels) in memory, so these are slices, not gathers."""
-        d = self.delta_raw.transpose(1, 2)[:, :n].to(self.bias.dtype)
-        return F.softplus(d + self.bias), self._B.transpose(1, 2)[:, :n]
+        return self._step(self.delta_raw.transpose(1, 2)[:, :n]), self._B.transpose(1, 2)[:, :n]
 
     def C_at(self, pos):
         return self._C.index_select(-1, self._idx(pos))
 
     @property
     def delta(self):
-        return F.softplus(self._full(self.delta_raw).to(self.bias.dtype) + self.bias[None, :, None])
+        return self._step(self._full(self.delta_raw).transpose(1, 2)).transpose(1, 2)
 
     @property
     def B(self):
