@@ -64,6 +64,21 @@ def test_backend_matches_float64_reference(backend, layout, kw):
         assert (y.stride(1) == 1) == (layout == "channel_last"), y.stride()
 
 
+@pytest.mark.parametrize("cl_keys", [("u",), ("delta",), ("z",), ("u", "z"), ("delta", "B", "C")])
+def test_torch_backend_with_mixed_memory_layouts(cl_keys):
+    """Any mix of channel-last and contiguous inputs gives the float64 reference result (only speed differs)."""
+    rng = np.random.default_rng(len(cl_keys))
+    kw = dict(u=rng.standard_normal((2, 6, 23)), delta=rng.uniform(-4, 1, (2, 6, 23)), A=-rng.uniform(0.1, 9, (6, 5)),
+              B=rng.standard_normal((2, 5, 23)), C=rng.standard_normal((2, 5, 23)), D=rng.standard_normal(6),
+              z=rng.standard_normal((2, 6, 23)), delta_bias=rng.uniform(-1, 1, 6), delta_softplus=True)
+    ref, ref_last = ssm.selective_scan(**kw, return_last_state=True)
+    t = _torch(kw, torch.float64)
+    t.update({k: channel_last(t[k]) for k in cl_keys})
+    y, last = fast.selective_scan(**t, return_last_state=True, backend="torch")
+    np.testing.assert_allclose(y.numpy(), ref, rtol=1e-11, atol=1e-11 * (1 + np.abs(ref).max()))
+    np.testing.assert_allclose(last.numpy(), ref_last, rtol=1e-11, atol=1e-11 * (1 + np.abs(ref_last).max()))
+
+
 @pytest.mark.parametrize("backend", ["torch", "loop"])
 @settings(max_examples=15)
 @given(kw=scan_inputs())
