@@ -6,7 +6,9 @@ interleaved rounds (round r times each configuration once, so drifts of the mach
 alike); the median over rounds is reported. CUDA is synchronised around each timed forward; TF32 is
 left at PyTorch's default and reported. speedup = baseline median / configuration median (same run);
 ideal_speedup = baseline GFLOPs / configuration GFLOPs under the ``full`` convention (both scan
-directions, what actually runs); realized_over_ideal = speedup / ideal_speedup.
+directions, what actually runs); realized_over_ideal = speedup / ideal_speedup. speedup_per_round (the table's "rounds' speedups",
+min-max) is baseline time / configuration time within each round: how much the machine moved during
+the run.
 After the throughput rounds, each reduced configuration runs ``rounds`` more forwards with its reduction
 step timed inside the forward (CUDA synchronised around it; these forwards are not used for throughput):
 step_ms is the median time per forward spent in reduction steps (selection + merge/prune), step_share
@@ -80,6 +82,7 @@ def run_bench(model_names=("vim_tiny",), methods=("stm", "tome", "top", "evit"),
         base = statistics.median(times[0])
         for i, (m, rate, plan) in enumerate(configs):
             med = statistics.median(times[i])
+            per_round = [b / t for b, t in zip(times[0], times[i])]  # same-round speedups: the run's own noise
             step_ms = step_share = None
             if plan:
                 step_ms, step_share = _step_cost(plan[0], lambda: forward(configs[i]), rounds, device)
@@ -94,6 +97,7 @@ def run_bench(model_names=("vim_tiny",), methods=("stm", "tome", "top", "evit"),
                          "batch_size": batch_size, "dtype": dtype, "device": _device_name(device),
                          "images_per_s": batch_size / med, "speedup": base / med, "ideal_speedup": ideal,
                          "realized_over_ideal": (base / med) / ideal, "median_s": med,
+                         "speedup_per_round": per_round,
                          "step_ms": step_ms, "step_share": step_share,
                          "tf32": bool(torch.backends.cuda.matmul.allow_tf32) if device.type == "cuda" else None})
         reduce(model, "none")
@@ -132,13 +136,16 @@ def _device_name(device):
 
 
 def table(rows):
-    out = ["| model | method | rate | images/s | speedup | ideal | realized/ideal | step ms/forward | step share |",
-           "|---|---|---|---|---|---|---|---|---|"]
+    out = ["| model | method | rate | images/s | speedup | rounds' speedups | ideal | realized/ideal | step ms/forward "
+           "| step share |",
+           "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         step = ("| - | - |" if r.get("step_ms") is None
                 else f"| {r['step_ms']:.1f} | {100 * r['step_share']:.2f}% |")
+        rounds = r.get("speedup_per_round") or [r["speedup"]]
         out.append(f"| {r['model']} | {r['method']} | {100 * r['rate']:.0f}% | {r['images_per_s']:.1f} | "
-                   f"{r['speedup']:.2f} | {r['ideal_speedup']:.2f} | {r['realized_over_ideal']:.2f} " + step)
+                   f"{r['speedup']:.2f} | {min(rounds):.2f}-{max(rounds):.2f} | {r['ideal_speedup']:.2f} | "
+                   f"{r['realized_over_ideal']:.2f} " + step)
     dev = rows[0]["device"] if rows else "?"
     return "\n".join(out) + f"\n\nbatch {rows[0]['batch_size'] if rows else '?'}, {rows[0]['dtype'] if rows else ''}, {dev}"
 

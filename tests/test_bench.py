@@ -24,6 +24,9 @@ def test_rows_have_throughput_speedup_and_step_cost(rows):
         assert r["images_per_s"] > 0 and r["ideal_speedup"] > 0
         assert r["realized_over_ideal"] == pytest.approx(r["speedup"] / r["ideal_speedup"])
         assert r["batch_size"] == 2 and r["dtype"] == "fp32" and r["device"].startswith("cpu")
+        # one same-round speedup per round; if each round's ratio exceeds c, so does the ratio of the medians
+        lo, hi = min(r["speedup_per_round"]), max(r["speedup_per_round"])
+        assert len(r["speedup_per_round"]) == 2 and lo * (1 - 1e-12) <= r["speedup"] <= hi * (1 + 1e-12)
     for r in rows[1:]:
         assert abs(r["achieved_rate"] - r["rate"]) <= 0.01
         assert r["ideal_speedup"] > 1
@@ -32,7 +35,7 @@ def test_rows_have_throughput_speedup_and_step_cost(rows):
 
 def test_table_and_json_output(rows, tmp_path, capsys):
     text = bench.table(rows)
-    assert text.splitlines()[0].startswith("| model | method | rate | images/s | speedup | ideal | realized/ideal")
+    assert text.splitlines()[0].startswith("| model | method | rate | images/s | speedup | rounds' speedups | ideal | realized/ideal")
     assert len([line for line in text.splitlines() if line.startswith("| vim_tiny")]) == len(rows)
     out = tmp_path / "b.json"
     assert bench.main(["--model", "vim_tiny", "--methods", "stm", "--rates", "0.2", "--rounds", "1", "--warmup", "0",
