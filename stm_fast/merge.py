@@ -17,7 +17,7 @@ import torch
 
 from stm_ref.merge import TOKEN_WEIGHT_VARIANTS, merge_plan
 
-_LOG2E = 1.4426950408889634
+from .scan import _LOG2E
 
 __all__ = ["PlanIndex", "plan_index", "token_weights", "ends_weights", "merge_tokens", "merge_ends",
            "TOKEN_WEIGHT_VARIANTS"]

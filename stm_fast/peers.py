@@ -23,9 +23,8 @@ from __future__ import annotations
 
 import torch
 
-_LOG2E = 1.4426950408889634
-
 from .reduce import Reducer, _check_options
+from .scan import _LOG2E
 
 __all__ = ["ToMeReducer", "ToPReducer", "EViTReducer", "METHODS"]
 
@@ -68,8 +67,7 @@ class ToMeReducer(Reducer):
     def step(self, i, k, x, state, stats):
         batch, L, _ = x.shape
         dev = x.device
-        xm = x.float() if x.dtype != torch.float64 else x
-        metric = xm / xm.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+        metric = x / x.norm(dim=-1, keepdim=True).clamp_min(1e-12)  # x is the float32/64 residual stream
         a_idx = torch.arange(0, L, 2, device=dev)  # sources: even positions (t[:, 0::2]), destinations: odd
         scores = metric[:, 0::2] @ metric[:, 1::2].transpose(1, 2)  # (batch, La, Lb)
         cls = state["cls"]

@@ -16,7 +16,6 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-_LOG2E = 1.4426950408889634
 
 
 @triton.jit
