@@ -7,6 +7,8 @@ caches; ``python -m stm_fast.bench`` reports the step's cost inside real forward
 Run: python -m pytest benchmarks/bench_reduce.py --benchmark-only
 """
 
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -17,49 +19,43 @@ BATCH = 256 if DEVICE == "cuda" else 8
 
 
 def _captured_step(method, rate=0.4):
+    """The reduction, the arguments of its first step in a real forward, tokens removed and steps per forward."""
     torch.manual_seed(0)
     model = stm_fast.create_model("vim_tiny", device=DEVICE)
-    stm_fast.reduce(model, method, rate=rate)
-    red = model.reducer
-    real, captured = red.step, []
+    reduction = stm_fast.make_reduction(model, method, rate=rate)
+    captured = []
 
-    def grab(*args):
+    def grab(step, args):  # the step hook sees every step's inputs
         captured.append(args)
-        return real(*args)
+        return step(*args)
 
-    red.step = grab
     x = torch.randn(BATCH, 3, 224, 224, device=DEVICE)
-    layers = model.layers
-    try:
-        with torch.inference_mode():
-            model(x)
-    finally:
-        red.step = real
-    i, k, x, state, stats = captured[0]
+    with stm_fast.reduced(model, reduction.with_step_hook(grab)), torch.inference_mode():
+        model(x)
     # the statistics must outlive the forward: keep them
-    return red, (i, k, x, state, stats), sum(model.reduction["schedule"]), len(captured), layers
+    return reduction.impl, captured[0], sum(reduction.schedule), len(captured)
 
 
 @pytest.mark.parametrize("method", ["stm", "tome", "top", "evit"])
 def test_reduction_step(benchmark, method):
-    red, args, removed, steps, _ = _captured_step(method)
+    impl, args, removed, steps = _captured_step(method)
     benchmark.group = f"reduction step at 40%, vim_tiny, batch {BATCH}, {DEVICE}"
     benchmark.extra_info.update(tokens_removed_in_total=removed, steps_per_forward=steps, k_first_step=args[1])
 
     def fresh():
-        i, k, x, state, stats = args
+        i, k, x, tokens, stats = args
         with torch.inference_mode():
-            if stats and "heads" in stats:
-                stats = dict(stats, heads=tuple(None if h is None else h.clone() for h in stats["heads"]))
-            return (i, k, x.clone(), state, stats), {}
+            if stats is not None and stats.first_steps is not None:
+                stats = replace(stats, first_steps=tuple(None if t is None else t.clone() for t in stats.first_steps))
+            return (i, k, x.clone(), tokens, stats), {}
 
     def run(*a):
         with torch.inference_mode():
-            out = red.step(*a)
+            out = impl.step(*a)
         if DEVICE == "cuda":
             torch.cuda.synchronize()
         return out
 
-    x, state = run(*fresh()[0])
+    x, _ = run(*fresh()[0])
     assert x.shape[1] == args[2].shape[1] - args[1]
     benchmark.pedantic(run, setup=fresh, rounds=200 if DEVICE == "cpu" else 50, warmup_rounds=3)

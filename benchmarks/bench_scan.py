@@ -7,7 +7,7 @@ Run: python -m pytest benchmarks/bench_scan.py --benchmark-only
 import pytest
 import torch
 
-from stm_fast import scan
+from stm_fast import ssm
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 SHAPES = {"vim_tiny": (8, 384, 197, 16), "vim_small": (8, 768, 197, 16)}
@@ -21,7 +21,7 @@ def _inputs(batch, D, L, N, device=DEVICE, dtype=torch.float32, seed=0):
 
 
 def _run(backend, kw):
-    y = scan.selective_scan(**kw, backend=backend)
+    y = ssm.selective_scan(**kw, backend=backend)
     if y.is_cuda:
         torch.cuda.synchronize()
     return y
@@ -35,7 +35,7 @@ def _channel_last(kw):
 
 @pytest.mark.parametrize("layout", ["contiguous", "channel_last"])
 @pytest.mark.parametrize("model", list(SHAPES))
-@pytest.mark.parametrize("backend", [b for b in scan.available_backends(DEVICE) if not (b == "triton" and DEVICE == "cpu")])
+@pytest.mark.parametrize("backend", [b for b in ssm.available_backends(DEVICE) if not (b == "triton" and DEVICE == "cpu")])
 def test_scan_backend(benchmark, backend, model, layout):
     """``contiguous``: (batch, D, L) inputs as mamba-ssm documents them; ``channel_last``: as Vim's mixer makes them."""
     if backend == "loop" and model == "vim_small" and DEVICE == "cpu":

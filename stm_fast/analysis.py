@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from .reduce import reduce
+from .reduction import reduced
 
 __all__ = ["layer_losses", "plot_layer_losses"]
 
@@ -16,25 +16,21 @@ def _class_states(model, images):
     return torch.stack(states, dim=1)  # (batch, depth, d)
 
 
-def layer_losses(model, images, method, rate=None, schedule=None, **options):
+def layer_losses(model, images: torch.Tensor, method, rate: float | None = None, schedule=None, **options) -> list[float]:
     """Per layer l: mean over images of ||c_l - c*_l|| / ||c_l||, where c_l is the class token's entry in the
     stream after layer l (residual + mixer output, what layer l+1 adds up) of the unreduced model and c*_l
     that of the model reduced with (method, rate or schedule, options). Returns a list of depth floats.
 
-    The model's own reduction is restored afterwards."""
-    saved = (getattr(model, "reducer", None), getattr(model, "reduction", None))
-    try:
-        reduce(model, "none")
+    ``method`` may also be a ``Reduction`` value. The model's own reduction is restored afterwards."""
+    with reduced(model, "none"):
         ref = _class_states(model, images)
-        reduce(model, method, rate=rate, schedule=schedule, **options)
+    with reduced(model, method, rate=rate, schedule=schedule, **options):
         red = _class_states(model, images)
-    finally:
-        model.reducer, model.reduction = saved
     dev = (ref - red).norm(dim=-1) / ref.norm(dim=-1).clamp_min(1e-12)
     return dev.mean(dim=0).tolist()
 
 
-def plot_layer_losses(curves, path, title="Class-token deviation from the unreduced model"):
+def plot_layer_losses(curves: dict[str, list[float]], path, title: str = "Class-token deviation from the unreduced model"):
     """Plot {label: per-layer losses} (e.g. from ``layer_losses`` for several methods) to ``path`` (PNG)."""
     import matplotlib
 

@@ -18,7 +18,6 @@ that time over the same forward's time.
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import statistics
 import sys
@@ -28,104 +27,102 @@ import torch
 
 from .flops import flops
 from .models import create_model, parse_overrides
-from .reduce import reduce
-from .scan import flush_denormals
+from .reduction import check_rate, make_reduction, reduced
+from .runtime import AMP_DTYPES, atomic_write_json, autocast, flush_denormals, pick_device, synchronize
 
 __all__ = ["run_bench", "main"]
 
 
-def _sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
+def _configurations(model, methods, rates, name):
+    """[(method, rate, Reduction)] to time, the baseline first; infeasible ones are skipped with a line."""
+    configs = [("none", 0.0, make_reduction(model, "none"))]
+    for m in methods:
+        for r in rates:
+            try:
+                configs.append((m, r, make_reduction(model, m, rate=r)))
+            except ValueError as e:
+                print(f"skip {name} {m} {r}: {e}", file=sys.stderr)
+    return configs
+
+
+def _timed_forward(model, x, device, dtype):
+    """One forward of the model as it is (its installed reduction), timed with the device synchronised."""
+    with torch.inference_mode(), autocast(device, dtype):
+        synchronize(device)
+        t0 = time.perf_counter()
+        model(x)
+        synchronize(device)
+        return time.perf_counter() - t0
+
+
+def _interleaved_times(model, x, configs, device, dtype, rounds, warmup, progress, name):
+    """{config index: [seconds per round]}: every configuration warmed up, then timed once per round."""
+    def forward(reduction):
+        with reduced(model, reduction):
+            return _timed_forward(model, x, device, dtype)
+
+    for _, _, reduction in configs:
+        for _ in range(warmup):
+            forward(reduction)
+    times = {i: [] for i in range(len(configs))}
+    for r in range(rounds):
+        for i, (_, _, reduction) in enumerate(configs):
+            times[i].append(forward(reduction))
+        if progress:
+            print(f"{name}: round {r + 1}/{rounds}", file=sys.stderr)
+    return times
 
 
 def run_bench(model_names=("vim_tiny",), methods=("stm", "tome", "top", "evit"), rates=(0.15, 0.2, 0.3, 0.4),
               device=None, batch_size=None, dtype="fp32", rounds=7, warmup=2, progress=True, overrides=None):
     """Rows of the benchmark table (see the module docstring); ``overrides`` go to ``create_model``."""
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = pick_device(device)
     batch_size = batch_size or (256 if device.type == "cuda" else 8)
-    amp = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
     rows = []
     for name in model_names:
         torch.manual_seed(0)
         model = create_model(name, device=device, **(overrides or {}))
         x = torch.randn(batch_size, model.cfg.channels, model.cfg.img_size, model.cfg.img_size, device=device)
-        configs = [("none", 0.0, None)]
-        for m in methods:
-            for r in rates:
-                try:
-                    reduce(model, m, rate=r)
-                    configs.append((m, r, (model.reducer, model.reduction)))
-                except ValueError as e:
-                    print(f"skip {name} {m} {r}: {e}", file=sys.stderr)
-        reduce(model, "none")
-        base_flops = flops(model, model.cfg.img_size, "full")["total"]
-
-        def forward(cfg):
-            model.reducer, model.reduction = cfg[2] if cfg[2] else (None, None)
-            with torch.inference_mode(), torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
-                _sync(device)
-                t0 = time.perf_counter()
-                model(x)
-                _sync(device)
-                return time.perf_counter() - t0
-
-        for cfg in configs:
-            for _ in range(warmup):
-                forward(cfg)
-        times = {i: [] for i in range(len(configs))}
-        for r in range(rounds):
-            for i, cfg in enumerate(configs):
-                times[i].append(forward(cfg))
-            if progress:
-                print(f"{name}: round {r + 1}/{rounds}", file=sys.stderr)
+        configs = _configurations(model, methods, rates, name)
+        times = _interleaved_times(model, x, configs, device, dtype, rounds, warmup, progress, name)
+        base_flops = flops(model.cfg, convention="full", reduction=None)["total"]
         base = statistics.median(times[0])
-        for i, (m, rate, plan) in enumerate(configs):
+        for i, (method, rate, reduction) in enumerate(configs):
             med = statistics.median(times[i])
-            per_round = [b / t for b, t in zip(times[0], times[i])]  # same-round speedups: the run's own noise
             step_ms = step_share = None
-            if plan:
-                step_ms, step_share = _step_cost(plan[0], lambda: forward(configs[i]), rounds, device)
-            if plan:
-                model.reducer, model.reduction = plan
-            else:
-                reduce(model, "none")
-            f = flops(model, model.cfg.img_size, "full")
-            ideal = base_flops / f["total"]
-            rows.append({"model": name, "method": m, "rate": rate,
-                         "achieved_rate": model.reduction["rate"] if plan else 0.0,
+            if reduction.active:
+                step_ms, step_share = _step_cost(model, x, reduction, device, dtype, rounds)
+            ideal = base_flops / flops(model.cfg, convention="full", reduction=reduction)["total"]
+            rows.append({"model": name, "method": method, "rate": rate, "achieved_rate": reduction.rate,
                          "batch_size": batch_size, "dtype": dtype, "device": _device_name(device),
                          "images_per_s": batch_size / med, "speedup": base / med, "ideal_speedup": ideal,
                          "realized_over_ideal": (base / med) / ideal, "median_s": med,
-                         "speedup_per_round": per_round,
+                         "speedup_per_round": [b / t for b, t in zip(times[0], times[i])],  # the run's own noise
                          "step_ms": step_ms, "step_share": step_share,
                          "tf32": bool(torch.backends.cuda.matmul.allow_tf32) if device.type == "cuda" else None})
-        reduce(model, "none")
     return rows
 
 
-def _step_cost(reducer, forward, rounds, device):
-    """Median over ``rounds`` forwards of the time spent in ``reducer.step`` (ms) and of its share of the forward."""
-    real, spent = reducer.step, [0.0]
+def _step_cost(model, x, reduction, device, dtype, rounds):
+    """Median over ``rounds`` forwards of the time spent in the reduction steps (ms) and of its share of the
+    forward, measured through the reduction's step hook (the device synchronised around each step)."""
+    spent = [0.0]
 
-    def timed(*args):
-        _sync(device)
+    def timed(step, args):
+        synchronize(device)
         t0 = time.perf_counter()
-        out = real(*args)
-        _sync(device)
+        out = step(*args)
+        synchronize(device)
         spent[0] += time.perf_counter() - t0
         return out
 
-    reducer.step = timed  # an instance attribute shadows the method until deleted
-    try:
-        ms, share = [], []
+    ms, share = [], []
+    with reduced(model, reduction.with_step_hook(timed)):
         for _ in range(rounds):
             spent[0] = 0.0
-            total = forward()
+            total = _timed_forward(model, x, device, dtype)
             ms.append(1e3 * spent[0])
             share.append(spent[0] / total)
-    finally:
-        del reducer.step
     return statistics.median(ms), statistics.median(share)
 
 
@@ -157,7 +154,7 @@ def main(argv=None):
     ap.add_argument("--methods", nargs="+", default=["stm", "tome", "top", "evit"])
     ap.add_argument("--rates", nargs="+", type=float, default=[0.15, 0.2, 0.3, 0.4], help="fractions (0.2 = 20%%)")
     ap.add_argument("--batch-size", type=int)
-    ap.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
+    ap.add_argument("--dtype", default="fp32", choices=list(AMP_DTYPES))
     ap.add_argument("--rounds", type=int, default=7, help="interleaved timed rounds (medians); 5 proved too few on a noisy 2-core machine")
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--json", help="write the rows to this file")
@@ -168,16 +165,17 @@ def main(argv=None):
         overrides = parse_overrides(args.override)
     except ValueError as e:
         ap.error(str(e))
-    bad = [r for r in args.rates if not 0 <= r < 1]
-    if bad:
-        ap.error(f"--rates takes fractions in [0, 1) (0.2 means 20%), got {bad}")
+    try:
+        for r in args.rates:
+            check_rate(r, "--rates")
+    except ValueError as e:
+        ap.error(str(e))
     with flush_denormals():  # as stm_fast.eval: subnormal decays would time the FPU, not the method
         rows = run_bench(args.model, args.methods, args.rates, args.device, args.batch_size, args.dtype, args.rounds,
                          args.warmup, overrides=overrides)
     print(table(rows))
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(rows, f, indent=1)
+        atomic_write_json(args.json, rows, indent=1)
     return 0
 
 

@@ -10,6 +10,8 @@ import zipfile
 
 import torch
 
+from .registry import name_for
+
 __all__ = ["CheckpointError", "read_state_dict", "load_into", "describe_state_dict"]
 
 
@@ -107,8 +109,6 @@ def describe_state_dict(sd):
         info["num_classes"] = sd["head.weight"].shape[0]
     if "layers.0.mixer.A_log" in sd:
         info["d_state"] = sd["layers.0.mixer.A_log"].shape[1]
-    from .models import name_for
-
     info["name"] = name_for(info.get("embed_dim"), info.get("depth"))
     return info
 
@@ -138,8 +138,6 @@ def load_into(model, sd, source="checkpoint"):
         cfg = getattr(model, "cfg", None)
         lines.append(f"The file looks like {_fmt(describe_state_dict(sd))}.")
         if cfg is not None:
-            from .models import name_for
-
             lines.append(f"The model is {name_for(cfg.embed_dim, cfg.depth) or 'a custom Vim'} (embed_dim={cfg.embed_dim}, "
                          f"depth={cfg.depth}, img_size={cfg.img_size}, num_classes={cfg.num_classes}): pick the matching "
                          f"--model / create_model name, or pass overrides that match the file.")

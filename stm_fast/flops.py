@@ -30,9 +30,10 @@ patch size ``p``) and the head ``d * num_classes`` (the class token only)::
     total = sum_l layer(N_l) + patch_embed + head
 
 where ``N_l`` is the number of tokens entering layer ``l`` (``N_l = L = M + 1`` for every layer
-without reduction). With token reduction, ``model.reduction["tokens_per_layer"]`` gives ``N_l``;
-the reducer's own cost (``model.reduction["overhead_flops_per_layer"]``, MACs per merge point) is
-reported separately as ``overhead`` and is **not** part of ``total``; ``total_with_overhead`` adds it.
+without reduction). With token reduction, the ``Reduction``'s ``tokens_per_layer`` gives ``N_l``;
+each step's own cost (its ``overhead_flops_per_layer``, MACs per merge point) is reported separately as
+``overhead`` and is **not** part of ``total``; ``total_with_overhead`` adds it. docs/conventions.md §7
+states the same conventions for users.
 """
 
 from __future__ import annotations
@@ -47,7 +48,7 @@ def _check_convention(convention):
         raise ValueError(f"unknown FLOPs convention {convention!r}; use one of {CONVENTIONS}")
 
 
-def layer_flops(cfg, L, convention="paper"):
+def layer_flops(cfg, L: int, convention: str = "paper") -> int:
     """Multiply-adds (an int, not GFLOPs) of one Vim layer fed ``L`` tokens; see the module docstring.
 
     ``cfg``: a ``VimConfig`` (uses embed_dim, d_inner, d_state, d_conv, dt_rank).
@@ -67,48 +68,47 @@ def layer_flops(cfg, L, convention="paper"):
     return shared + n_dir * direction
 
 
-def _reduction(model, cfg):
-    """(method, tokens_per_layer, overhead MACs) from ``model.reduction``; no reduction -> L everywhere."""
+def _reduction(reduction, cfg):
+    """(method, tokens_per_layer, overhead MACs) of a ``Reduction`` (or None: L everywhere), checked against cfg."""
     L = cfg.num_patches + 1
-    red = getattr(model, "reduction", None)
-    method = "none" if red is None else str(red.get("method", "none"))
-    if red is None or method == "none":
+    method = "none" if reduction is None else str(reduction.method)
+    if method == "none":
         return "none", [L] * cfg.depth, 0
-    tokens = red.get("tokens_per_layer")
-    if tokens is None:
-        raise ValueError(f"model.reduction (method {method!r}) has no 'tokens_per_layer'")
-    tokens = [int(n) for n in tokens]
+    tokens = [int(n) for n in reduction.tokens_per_layer]
     if len(tokens) != cfg.depth:
-        raise ValueError(f"model.reduction['tokens_per_layer'] has {len(tokens)} entries, the model has "
+        raise ValueError(f"the {method} reduction's tokens_per_layer has {len(tokens)} entries, the model has "
                          f"depth {cfg.depth}")
     bad = [n for n in tokens if not 1 <= n <= L]
     if bad:
-        raise ValueError(f"model.reduction['tokens_per_layer'] must lie in [1, {L}] (L = patches + class "
+        raise ValueError(f"the {method} reduction's tokens_per_layer must lie in [1, {L}] (L = patches + class "
                          f"token), got {bad}")
-    overhead = red.get("overhead_flops_per_layer")
-    overhead = 0 if overhead is None else sum(int(o) for o in overhead)
-    return method, tokens, overhead
+    return method, tokens, sum(int(o) for o in reduction.overhead_flops_per_layer)
 
 
-def flops(model, img_size=224, convention="paper"):
-    """GFLOPs (multiply-adds, 1e9) per image of ``model`` under ``convention`` ("paper" or "full").
+_NOT_GIVEN = object()
 
-    ``img_size`` must equal ``model.cfg.img_size`` (a Vim's token count is fixed by its position
-    embedding), else ValueError. Token reduction is read from ``model.reduction`` (see module docstring).
+
+def flops(model_or_cfg, img_size: int | None = None, convention: str = "paper", reduction=_NOT_GIVEN) -> dict:
+    """GFLOPs (multiply-adds, 1e9) per image under ``convention`` ("paper" or "full").
+
+    ``model_or_cfg``: a model, whose installed reduction (``model.reduction``) is counted unless
+    ``reduction`` is given, or a ``VimConfig`` with an optional ``reduction`` (a ``Reduction`` or None).
+    ``img_size``, if given, must equal the configuration's (a Vim's token count is fixed by its position
+    embedding), else ValueError.
 
     Returns a dict: ``total`` (layers + patch_embed + head), ``layers``, ``patch_embed``, ``head``,
-    ``overhead`` (the reducer's own cost, not in ``total``), ``total_with_overhead``, ``convention``,
+    ``overhead`` (the reduction steps' own cost, not in ``total``), ``total_with_overhead``, ``convention``,
     ``method``, ``tokens_per_layer`` (tokens entering each layer). All FLOP values in GFLOPs.
     """
     _check_convention(convention)
-    cfg = model.cfg
-    if img_size is None:
-        img_size = cfg.img_size
-    if int(img_size) != cfg.img_size:
+    cfg = getattr(model_or_cfg, "cfg", model_or_cfg)
+    if reduction is _NOT_GIVEN:
+        reduction = getattr(model_or_cfg, "reduction", None)
+    if img_size is not None and int(img_size) != cfg.img_size:
         raise ValueError(f"img_size={img_size} does not match the model's cfg.img_size={cfg.img_size}: a Vim's "
                          f"token count is fixed at build time; build the model with img_size={img_size} "
                          f"(create_model(..., img_size={img_size})) or pass img_size={cfg.img_size}")
-    method, tokens, overhead = _reduction(model, cfg)
+    method, tokens, overhead = _reduction(reduction, cfg)
     layers = sum(layer_flops(cfg, n, convention) for n in tokens)
     p = cfg.patch_size
     patch_embed = cfg.num_patches * cfg.channels * p * p * cfg.embed_dim

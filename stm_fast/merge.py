@@ -1,4 +1,4 @@
-"""STM's merge in PyTorch, batched (eq. 11, SPEC §3-4); reference twin: ``stm_ref.merge``.
+"""STM's merge in PyTorch, batched (eq. 11; docs/conventions.md §3-4); reference twin: ``stm_ref.merge``.
 
 A merge step happens between two layers. The plan (which tokens go where) is the same for every image
 and comes from ``stm_ref.merge.merge_plan``, cached as index tensors. The weights depend on the image:
@@ -17,7 +17,7 @@ import torch
 
 from stm_ref.merge import TOKEN_WEIGHT_VARIANTS, merge_plan
 
-from .scan import _LOG2E
+from .ops.common import LOG2E
 
 __all__ = ["PlanIndex", "plan_index", "token_weights", "ends_weights", "merge_tokens", "merge_ends",
            "TOKEN_WEIGHT_VARIANTS"]
@@ -105,7 +105,7 @@ def plan_index(L, cls, r_left, r_right, positions="ends", device="cpu"):
 
 def _filled(stats, R, value):
     """(batch, R) weights all equal to ``value`` (``avg``: 1, ``drop``: 0, or an empty side), in the statistics' dtype."""
-    f = stats["forward"]
+    f = stats.forward
     return torch.full((f.delta_raw.shape[0], R), value, dtype=f.bias.dtype, device=f.delta_raw.device)
 
 
@@ -118,7 +118,7 @@ def _decay_products(A2, S):
 
 
 def _weights_from(variant, P, dj, dq, Bj, Bq, clamp):
-    """Per reduced token j -> target q, the scalar weight of SPEC §4 from that direction's statistics.
+    """Per reduced token j -> target q, the scalar weight of docs/conventions.md §4 from that direction's statistics.
 
     ``P`` (..., N, E): P_{j->q} = exp(A * the sum of delta over the steps after j up to and including q in
     scan order) (eq. 11); ``dj, dq`` (..., E): delta; ``Bj, Bq`` (..., N): B (leading axes broadcast);
@@ -157,18 +157,18 @@ def _side_weights(st, side, variant, clamp):
     cz = torch.nn.functional.pad(torch.cumsum(d, dim=1), (0, 0, 1, 0))
     S = cz.index_select(1, side.upper) - cz.index_select(1, side.lower)  # (batch, R, E)
     Bs = st.B_rows(side.span).to(d.dtype)  # (batch, span, N)
-    P = _decay_products(st.A.t() * _LOG2E, S)
+    P = _decay_products(st.A.t() * LOG2E, S)
     return _weights_from(variant, P, d.index_select(1, side.j), d.index_select(1, side.q),
                          Bs.index_select(1, side.j), Bs.index_select(1, side.q), clamp)
 
 
-def _lsq_from_heads(P, d, Bh, r, variant):
+def _lsq_from_first_steps(P, d, Bh, r, variant):
     """``lsq``/``lsq_norm`` weights (r, sides, batch) from step-major P (r, sides, batch, N, E), delta
     (r + 1, sides, batch, E) and B (r + 1, sides, batch, N): ``_weights_from``'s arithmetic written as
     batched small matrix products on these fixed shapes. A deliberate twin of that branch (tests compare
     them): inside a forward the STM step is dominated by per-call overhead (each torch call costs a few
     microseconds on a CPU whatever its size), so this path makes as few calls as it can; folding both
-    into one shape-generic function made the step measurably slower (share ~1.8% -> ~2.1% at 40%, Vim-Ti)."""
+    into one shape-generic function made the step measurably slower inside forwards."""
     _, s, b, N, E = P.shape
     G = r * s * b
     dq, Bq = d[r], Bh[r]
@@ -179,29 +179,29 @@ def _lsq_from_heads(P, d, Bh, r, variant):
     return w.clamp_(0.0, 1.0) if variant == "lsq_norm" else w
 
 
-def _ends_weights(sts, r, variant, clamp, heads=None):
+def _stacked_ends_weights(sts, r, variant, clamp, first=None):
     """Weights (len(sts), batch, r) of the ``ends`` plan, in each direction's scan order.
 
     There a side's reduced tokens are its direction's first r scan steps and their common target is
     step r, so only the first r + 1 rows of each direction are read (slices, no gathers), and the
     directions of both sides stack along a leading axis: one set of small kernels for the whole step.
-    P_j = Abar_{j+1} ... Abar_r. ``heads``: the scan's own delta (n, sides, batch, E), Abar
+    P_j = Abar_{j+1} ... Abar_r. ``first``: the scan's own delta (n, sides, batch, E), Abar
     (n, sides, batch, N, E) and B (n, sides, batch, N) or None, of the first n > r steps
-    (``MambaMixer.stats["heads"]``), reused (no exp; the Abar buffer is overwritten with P); without
+    (``LayerStats.first_steps``), reused (no exp; the Abar buffer is overwritten with P); without
     them, delta and P are recomputed from the statistics.
     """
-    if heads is not None:  # step-major: (step, sides, batch, ...), so the slices below are contiguous
-        d, a, Bh = heads
+    if first is not None:  # step-major: (step, sides, batch, ...), so the slices below are contiguous
+        d, a, Bh = first
         rows = a.unbind(0)
         for j in range(r - 1, 0, -1):  # suffix products in place; r is a few tokens (cumprod is slower)
             torch.mul(rows[j], rows[j + 1], out=rows[j])
         P = a[1:r + 1]
         if Bh is None:
-            Bh = torch.stack([st._B[..., :r + 1].permute(2, 0, 1) for st in sts], dim=1)
+            Bh = torch.stack([st.first_B(r + 1) for st in sts], dim=1)
         if Bh.dtype != d.dtype:
             Bh = Bh.to(d.dtype)
         if variant in ("lsq", "lsq_norm"):
-            w = _lsq_from_heads(P, d, Bh, r, variant)
+            w = _lsq_from_first_steps(P, d, Bh, r, variant)
         else:
             w = _weights_from(variant, P, d[:r], d[r:r + 1], Bh[:r], Bh[r:r + 1], clamp)  # (r, sides, batch)
         return w.permute(1, 2, 0).contiguous()  # contiguous rows: bmm on strided operands loops per image
@@ -211,42 +211,46 @@ def _ends_weights(sts, r, variant, clamp, heads=None):
     dd = d[:, :, 1:]
     c = dd.cumsum(2)
     S = c[:, :, -1:] - c + dd  # S_j = delta summed over steps j+1 .. r
-    A2 = torch.stack([st.A for st in sts]).transpose(1, 2)[:, None, None] * _LOG2E  # (sides, 1, 1, N, E)
+    A2 = torch.stack([st.A for st in sts]).transpose(1, 2)[:, None, None] * LOG2E  # (sides, 1, 1, N, E)
     return _weights_from(variant, _decay_products(A2, S), d[:, :, :r], d[:, :, r:], B[:, :, :r], B[:, :, r:], clamp)
+
+
+def _one_side(stats, i, r, variant, clamp, first):
+    """Weights (batch, r) of one side's direction (i = 0: forward, 1: backward), in its scan order."""
+    direction = stats.forward if i == 0 else stats.backward
+    sub = None if first is None else tuple(None if t is None else t[:, i:i + 1] for t in first)
+    return _stacked_ends_weights([direction], r, variant, clamp, sub)[0]
 
 
 def ends_weights(stats, r_left, r_right, variant="lsq", clamp=1e-6):
     """Weights of the ``ends`` plan as (left (batch, r_left), right (batch, r_right)), each in token
-    position order; what ``token_weights`` returns for that plan, split by side. A "heads" entry of
-    ``stats`` (the scan's exported first steps) is used and consumed: its Abar buffer is overwritten."""
+    position order; what ``token_weights`` returns for that plan, split by side. ``stats.first_steps`` (the
+    scan's exported first steps), when present, is used and consumed: its Abar buffer is overwritten."""
     if variant in _CONSTANT:
         return _filled(stats, r_left, _CONSTANT[variant]), _filled(stats, r_right, _CONSTANT[variant])
-    heads = stats.get("heads")
-    if heads is not None and heads[0].shape[0] <= max(r_left, r_right):
-        heads = None
+    first = stats.first_steps
+    if first is not None and first[0].shape[0] <= max(r_left, r_right):
+        first = None
     if r_left == r_right and r_left > 0:
-        w = _ends_weights([stats["forward"], stats["backward"]], r_left, variant, clamp, heads)
+        w = _stacked_ends_weights([stats.forward, stats.backward], r_left, variant, clamp, first)
         left, right = w[0], w[1]
     else:
-        one = lambda d, i, r: _ends_weights([stats[d]], r, variant, clamp, None if heads is None else tuple(  # noqa: E731
-            None if h is None else h[:, i:i + 1] for h in heads))[0]
-        left = one("forward", 0, r_left) if r_left else _filled(stats, 0, 0.0)
-        right = one("backward", 1, r_right) if r_right else _filled(stats, 0, 0.0)
+        left = _one_side(stats, 0, r_left, variant, clamp, first) if r_left else _filled(stats, 0, 0.0)
+        right = _one_side(stats, 1, r_right, variant, clamp, first) if r_right else _filled(stats, 0, 0.0)
     return left, right.flip(-1)  # right-side tokens in position order are the backward scan's steps reversed
 
 
 def token_weights(stats, plan, variant="lsq", clamp=1e-6):
-    """One scalar weight per reduced token and image, (batch, R) in plan order (SPEC §4; eq. 11 with the
-    statistics of the layer just run). ``stats``: {"forward": DirectionStats, "backward": DirectionStats}
-    as ``MambaMixer.stats`` holds them. Twin of ``stm_ref.merge.token_weights`` applied with the Euler
-    Abar/Bbar of each direction. A "heads" entry of ``stats`` is consumed (its Abar buffer is overwritten)."""
+    """One scalar weight per reduced token and image, (batch, R) in plan order (docs/conventions.md §4; eq. 11
+    with the statistics of the layer just run). ``stats``: the layer's ``LayerStats``. Twin of ``stm_ref.merge.token_weights`` applied with the Euler
+    Abar/Bbar of each direction. ``stats.first_steps`` is consumed (its Abar buffer is overwritten)."""
     if variant not in TOKEN_WEIGHT_VARIANTS:
         raise ValueError(f"weights must be one of {TOKEN_WEIGHT_VARIANTS}, got {variant!r}")
     if plan.ends is not None:
         return torch.cat(ends_weights(stats, *plan.ends, variant, clamp), dim=1)  # left tokens precede right ones
     if not plan.sides:
         return _filled(stats, 0, 0.0)
-    parts = [_side_weights(stats["forward" if sd.forward else "backward"], sd, variant, clamp) for sd in plan.sides]
+    parts = [_side_weights(stats.direction(sd.forward), sd, variant, clamp) for sd in plan.sides]
     return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)  # left tokens precede right ones
 
 

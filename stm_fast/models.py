@@ -1,26 +1,21 @@
-"""Model registry and ``create_model`` (timm-style) for Vision Mamba."""
+"""``create_model`` (timm-style builder) for Vision Mamba; the names live in ``stm_fast.registry``."""
 
 from __future__ import annotations
 
+import os
+
+import torch
+
 from .checkpoint import load_into, read_state_dict
-from .vim import VimConfig, VisionMamba
+from .registry import MODEL_CONFIGS, canonical_name, list_models
+from .vim import VisionMamba
 
-__all__ = ["create_model", "list_models", "MODEL_CONFIGS", "ALIASES", "name_for", "parse_overrides"]
+__all__ = ["create_model", "list_models", "parse_overrides"]
 
-MODEL_CONFIGS = {
-    "vim_tiny": VimConfig(embed_dim=192, depth=24),
-    "vim_small": VimConfig(embed_dim=384, depth=24),
-    "vim_base": VimConfig(embed_dim=768, depth=24),
-}
-ALIASES = {
-    "vim_tiny_patch16_224_bimambav2_final_pool_mean_abs_pos_embed_with_midclstok_div2": "vim_tiny",
-    "vim_small_patch16_224_bimambav2_final_pool_mean_abs_pos_embed_with_midclstok_div2": "vim_small",
-    "vim_base_patch16_224_bimambav2_final_pool_mean_abs_pos_embed_with_middle_cls_token_div2": "vim_base",
-}
 _OVERRIDES = ("img_size", "patch_size", "embed_dim", "depth", "d_state", "num_classes", "channels")
 
 
-def parse_overrides(items):
+def parse_overrides(items: list[str]) -> dict[str, int]:
     """``["embed_dim=16", "depth=4"]`` (command-line KEY=INTEGER items) -> {"embed_dim": 16, "depth": 4}."""
     out = {}
     for item in items:
@@ -31,19 +26,9 @@ def parse_overrides(items):
     return out
 
 
-def list_models():
-    return sorted(MODEL_CONFIGS) + sorted(ALIASES)
-
-
-def name_for(embed_dim, depth):
-    for name, cfg in MODEL_CONFIGS.items():
-        if cfg.embed_dim == embed_dim and cfg.depth == depth:
-            return name
-    return None
-
-
-def create_model(name, checkpoint_path=None, *, ema=False, checkpoint_key=None, dtype=None, device=None,
-                 **overrides):
+def create_model(name: str, checkpoint_path: str | os.PathLike | None = None, *, ema: bool = False,
+                 checkpoint_key: str | None = None, dtype: torch.dtype | None = None, device=None,
+                 **overrides: int) -> VisionMamba:
     """Build a Vision Mamba by name, optionally load a checkpoint, and return it in eval mode.
 
     ``name``: ``vim_tiny`` / ``vim_small`` / ``vim_base`` or an official registry name.
@@ -52,9 +37,7 @@ def create_model(name, checkpoint_path=None, *, ema=False, checkpoint_key=None, 
     ``overrides``: img_size, patch_size, embed_dim, depth, d_state, num_classes, channels.
     ``dtype``: parameter dtype (torch.float32 default; torch.float64 for exact comparisons).
     """
-    key = ALIASES.get(name, name)
-    if key not in MODEL_CONFIGS:
-        raise ValueError(f"unknown model {name!r}; available: {', '.join(list_models())}")
+    key = canonical_name(name)
     bad = sorted(set(overrides) - set(_OVERRIDES))
     if bad:
         raise TypeError(f"create_model: unknown override(s) {bad}; allowed: {', '.join(_OVERRIDES)}")

@@ -1,7 +1,7 @@
 """Train one embedded digits model: ``python -m stm_fast.train_tiny --seed S [--out PATH]``.
 
 Deterministic for a given seed on a given machine (fixed seeds for torch and the augmentation, a fixed
-thread count, data in a fixed order per epoch, subnormals flushed to zero). Recipe (measured in NOTES.md): AdamW lr 3e-3, weight
+thread count, data in a fixed order per epoch, subnormals flushed to zero). Recipe (docs/conventions.md §9): AdamW lr 3e-3, weight
 decay 0.05, cosine decay, label smoothing 0.1, batch 32, random shifts of up to 1 pixel, 30 epochs, one
 thread (as fast as two for a model this small, and it fixes the summation order).
 Writes ``{'model': state_dict, 'config': DIGITS_CONFIG, 'meta': {...}}`` (loads with weights_only=True).
@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from .digits import DIGITS_CONFIG, checkpoint_path, create_digits_model, load_split
-from .scan import flush_denormals
+from .runtime import flush_denormals
 
 
 def shift(x, rng):
@@ -42,7 +42,7 @@ def evaluate(model, x, y, batch=120):
 
 def train(seed, epochs=30, batch=32, lr=3e-3, out=None, threads=1, progress=True, max_steps=None):
     """Train seed ``seed`` and write its checkpoint; returns (test accuracy, meta, path). ``max_steps`` stops
-    early (for tests of determinism). Subnormals are flushed meanwhile (epochs went from 15 s to ~60 s
+    early (for tests of determinism). Subnormals are flushed meanwhile (epochs are several times slower
     without: trained decays exp(delta*A) reach float32's subnormal range)."""
     prev_threads = torch.get_num_threads()
     try:

@@ -1,26 +1,60 @@
 """Vision Mamba (hustvl/Vim, bimamba v2, middle class token) in plain PyTorch; reference twin: ``stm_ref.vim``.
 
-Forward semantics are the official model's (SPEC §2, §7): patch embedding, class token inserted at
-M // 2, absolute position embedding, then per layer Add -> RMSNorm -> bidirectional Mamba mixer with
-the residual stream kept in float32 (float64 for a float64 model), the backward branch scanning the
-flipped sequence with its own parameters, ``(y_f + flip(y_b)) / 2`` before ``out_proj``, a final
-Add -> RMSNorm and the head on the class token. Parameter names are the official ones, so
+Forward semantics are the official model's (docs/conventions.md §2, §9): patch embedding, class token
+inserted at M // 2, absolute position embedding, then per layer Add -> RMSNorm -> bidirectional Mamba
+mixer with the residual stream kept in float32 (float64 for a float64 model), the backward branch
+scanning the flipped sequence with its own parameters, ``(y_f + flip(y_b)) / 2`` before ``out_proj``, a
+final Add -> RMSNorm and the head on the class token. Parameter names are the official ones, so
 ``state_dict()`` loads into the official code and official checkpoints load here.
+
+Token reduction plugs into the one layer loop (``VisionMamba.forward_features``) through two small
+interfaces, ``TokenReduction`` and ``ReductionPass`` below: the model asks, per layer, what the layer must
+export and which decay scales it applies, and hands the stream to the reduction after each reducing
+layer. The model knows nothing about any method; ``stm_fast.reduction`` implements the interfaces.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
+from typing import Protocol
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .conv import causal_conv1d
-from .scan import selective_scan
+from .ops.common import FirstSteps
+from .ops.conv import causal_conv1d
+from .runtime import compute_dtype
+from .ssm import selective_scan
+from .stats import DirectionStats, LayerStats, StatsRequest
 
-__all__ = ["VimConfig", "VisionMamba", "MambaMixer", "Block", "RMSNorm", "PatchEmbed", "DirectionStats"]
+__all__ = ["VimConfig", "VisionMamba", "MambaMixer", "Block", "RMSNorm", "PatchEmbed", "TokenReduction",
+           "ReductionPass"]
+
+
+class ReductionPass(Protocol):
+    """One forward's view of the installed reduction: per-image bookkeeping of where the tokens went."""
+
+    def layer_inputs(self, i: int) -> tuple[tuple[torch.Tensor, torch.Tensor] | None, StatsRequest | None]:
+        """(decay scales (forward, backward) of shape (batch, L) or None, what layer i must export or None)."""
+
+    def reduces_after(self, i: int) -> bool:
+        """Whether the stream is reduced after layer i."""
+
+    def reduce(self, i: int, x: torch.Tensor, stats: LayerStats | None) -> torch.Tensor:
+        """The stream x (batch, L, d) after layer i, reduced (the next layer takes it as its residual)."""
+
+    def class_rows(self, x: torch.Tensor) -> torch.Tensor:
+        """Each image's class-token row of x (batch, L, d) -> (batch, d), wherever the class token is now."""
+
+
+class TokenReduction(Protocol):
+    """What ``VisionMamba.reduction`` holds (or None): ``begin`` returns the pass of one forward, or None
+    when the reduction removes nothing (the plain loop then runs, bitwise the unreduced model)."""
+
+    def begin(self, hidden: torch.Tensor) -> ReductionPass | None:
+        """Start a forward on the embedded tokens ``hidden`` (batch, L, d)."""
 
 
 @dataclass(frozen=True)
@@ -43,6 +77,11 @@ class VimConfig:
     @property
     def num_patches(self):
         return self.grid * self.grid
+
+    @property
+    def cls_position(self):
+        """Where the class token is inserted: M // 2 of the M patch tokens (docs/conventions.md §2)."""
+        return self.num_patches // 2
 
     @property
     def d_inner(self):
@@ -88,71 +127,6 @@ class PatchEmbed(nn.Module):
         return self.proj(x).flatten(2).transpose(1, 2)
 
 
-class DirectionStats:
-    """One direction's per-token statistics of a layer, read lazily at token positions.
-
-    Holds what the branch computed anyway, in scan order (the backward branch's run over the flipped
-    sequence): the pre-bias step ``delta_raw`` (batch, E, L), ``bias`` (E,), ``B``, ``C`` (batch, N, L),
-    ``A`` (E, N), the SSM output ``y`` (batch, E, L). Accessors return token-position order; ``*_at``
-    read only the requested positions, so a merge step touches a handful of tokens, not the sequence.
-    """
-
-    def __init__(self, delta_raw, bias, B, C, A, y, reverse=False):
-        self.delta_raw, self.bias, self._B, self._C, self.A, self._y = delta_raw, bias, B, C, A, y
-        self.reverse = reverse
-        self.L = delta_raw.shape[-1]
-
-    def _idx(self, pos):
-        pos = torch.as_tensor(pos, device=self.delta_raw.device)
-        return self.L - 1 - pos if self.reverse else pos
-
-    def _full(self, t):
-        return t.flip(-1) if self.reverse else t
-
-    def _step(self, d_raw):
-        """The scan's step softplus(delta + bias) from pre-bias rows (batch, len, E)."""
-        return F.softplus(d_raw.to(self.bias.dtype) + self.bias)
-
-    def delta_at(self, pos):
-        """softplus(delta + bias) at token positions: (batch, E, len(pos))."""
-        return self.delta_rows(pos).transpose(1, 2)
-
-    def B_at(self, pos):
-        return self._B.index_select(-1, self._idx(pos))
-
-    def delta_rows(self, pos):
-        """softplus(delta + bias) at token positions, channels last: (batch, len(pos), E)."""
-        return self._step(self.delta_raw.transpose(1, 2).index_select(1, self._idx(pos)))
-
-    def B_rows(self, pos):
-        """B at token positions, states last: (batch, len(pos), N)."""
-        return self._B.transpose(1, 2).index_select(1, self._idx(pos))
-
-    def scan_rows(self, n):
-        """softplus(delta + bias) and B of this direction's first n scan steps: (batch, n, E), (batch, n, N).
-        The mixer's projections are (batch, L, channels) in memory, so these are slices, not gathers."""
-        return self._step(self.delta_raw.transpose(1, 2)[:, :n]), self._B.transpose(1, 2)[:, :n]
-
-    def C_at(self, pos):
-        return self._C.index_select(-1, self._idx(pos))
-
-    @property
-    def delta(self):
-        return self._step(self._full(self.delta_raw).transpose(1, 2)).transpose(1, 2)
-
-    @property
-    def B(self):
-        return self._full(self._B)
-
-    @property
-    def C(self):
-        return self._full(self._C)
-
-    @property
-    def y(self):
-        return self._full(self._y)
-
-
 class MambaMixer(nn.Module):
     """Bidirectional Mamba mixer (Vim's bimamba v2): forward branch and a flipped backward branch."""
 
@@ -170,10 +144,7 @@ class MambaMixer(nn.Module):
             A = torch.arange(1, N + 1, dtype=torch.float32).repeat(E, 1)
             setattr(self, ("A_log" if suffix == "" else "A_b_log"), nn.Parameter(torch.log(A)))
             setattr(self, "D" + suffix, nn.Parameter(torch.ones(E)))
-        self.scan_backend = None  # None: automatic (see stm_fast.scan)
-        self.keep_stats = False  # token reducers switch this on to read delta/B/C/y of the layer just run
-        self.stats_head = 0  # and ask for the first n scan steps' delta and Abar of each direction (STM's ends plan)
-        self.stats = None
+        self.scan_backend = None  # None: automatic (see stm_fast.ssm)
 
     def reset_dt(self, dt_min=1e-3, dt_max=0.1, dt_init_floor=1e-4):
         """Mamba's initialisation of dt_proj: weights ±rank^-1/2, bias = softplus^-1 of log-uniform dt."""
@@ -184,17 +155,18 @@ class MambaMixer(nn.Module):
             with torch.no_grad():
                 dt_proj.bias.copy_(dt + torch.log(-torch.expm1(-dt)))
 
-    def branch(self, x, z, conv, x_proj, dt_proj, A_log, Dp, decay_scale=None, head=None):
+    def branch(self, x, z, conv, x_proj, dt_proj, A_log, Dp, decay_scale=None, first=None, keep=False,
+               reverse=False):
         """One direction on (batch, E, L) inputs in scan order: conv + SiLU, projections, selective scan.
 
         x and z are (batch, E, L) views of channel-last (batch, L, E) memory, as the input projection makes
         them; every step keeps that layout (the conv as shifted multiply-adds, the projections on contiguous
         rows, the scan reading rows), so no transpose is ever materialised. y comes back in that layout too.
-        Returns y (batch, E, L) and, with ``keep_stats``, this direction's statistics in scan order (pre-bias
-        delta, bias, B, C, A, y): what eq. 5 and eq. 11 need to form Abar and Bbar, computed by the forward
-        itself, no extra projection and no copy.
+        Returns y (batch, E, L) and, with ``keep``, this direction's ``DirectionStats`` (pre-bias delta,
+        bias, B, C, A, y in scan order): what eq. 5 and eq. 11 need to form Abar and Bbar, computed by the
+        forward itself, no extra projection and no copy.
         ``decay_scale`` (batch, L): multiplies delta in Abar only (hidden-state alignment of pruned
-        sequences, ToP-ViM); None for the plain model. ``head``: see ``stm_fast.scan.selective_scan``.
+        sequences, ToP-ViM); None for the plain model. ``first``: a ``FirstSteps`` request for the scan.
         """
         x = causal_conv1d(x, conv.weight, conv.bias)
         x_dbl = x_proj(x.transpose(1, 2))  # (batch, L, R + 2N)
@@ -202,60 +174,62 @@ class MambaMixer(nn.Module):
         delta = F.linear(dt, dt_proj.weight).transpose(1, 2)  # bias goes in as delta_bias, as upstream
         B = B.transpose(1, 2)
         C = C.transpose(1, 2)
-        ct = torch.float64 if A_log.dtype == torch.float64 else torch.float32
+        ct = compute_dtype(A_log)
         A = -torch.exp(A_log.to(ct))
         bias = dt_proj.bias.to(ct)
         if decay_scale is None:
             y = selective_scan(x, delta, A, B, C, Dp.to(ct), z=z, delta_bias=bias, delta_softplus=True,
-                               backend=self.scan_backend, head=head)
+                               backend=self.scan_backend, first_steps=first)
         else:
             d = F.softplus(delta.transpose(1, 2).to(ct) + bias).transpose(1, 2)
             y = selective_scan(x, d, A, B, C, Dp.to(ct), z=z, decay_scale=decay_scale, backend=self.scan_backend)
-        return y, ((delta, bias, B, C, A, y) if self.keep_stats else None)
+        return y, (DirectionStats(delta, bias, B, C, A, y, reverse=reverse) if keep else None)
 
-    def forward(self, hidden, decay_scale=None):
-        """Mixer output (batch, L, d). With ``keep_stats``, ``self.stats`` holds both directions'
-        ``DirectionStats`` (read in token position order) and, with ``stats_head`` = n and a backend that
-        exports them, "heads": delta (n, 2, batch, E), Abar (n, 2, batch, N, E) and B (n, 2, batch, N) of each
-        direction's first n scan steps (forward first on the second axis)."""
+    def _first_steps_buffers(self, x, n):
+        """One buffer per quantity for both directions' first n steps (delta, Abar, B; step-major, forward
+        first on the second axis) and the two per-direction ``FirstSteps`` requests writing into them."""
+        batch, E, _ = x.shape
+        ct = compute_dtype(self.A_log)
+        bufs = tuple(x.new_empty((n, 2, batch) + shape, dtype=ct) for shape in ((E,), (self.d_state, E), (self.d_state,)))
+        return bufs, [FirstSteps(n, *(b[:, i] for b in bufs)) for i in (0, 1)]
+
+    def forward(self, hidden, decay_scale=None, request: StatsRequest | None = None):
+        """(mixer output (batch, L, d), statistics). With a ``request`` the statistics are both directions'
+        ``LayerStats`` (read in token position order) and, when the request asks for n first steps and the
+        backend exports them, their stacked delta/Abar/B; without one they are None."""
         xz = self.in_proj(hidden)  # (batch, L, 2E): the branches read x and z as (batch, E, L) views of it
         x, z = (t.transpose(1, 2) for t in xz.chunk(2, dim=-1))
-        sf = sb = None
-        if decay_scale is not None:
-            sf, sb = decay_scale
-        heads = hf = hb = None
-        if self.keep_stats and self.stats_head:
-            # the scan's delta and Abar of the first n steps of both directions, in one buffer each
-            batch, E, _ = x.shape
-            ct = torch.float64 if self.A_log.dtype == torch.float64 else torch.float32
-            n = self.stats_head
-            heads = tuple(x.new_empty((n, 2, batch) + shape, dtype=ct) for shape in ((E,), (self.d_state, E), (self.d_state,)))
-            hf, hb = ({"n": n, "out": tuple(h[:, i] for h in heads)} for i in (0, 1))
-        y_f, st_f = self.branch(x, z, self.conv1d, self.x_proj, self.dt_proj, self.A_log, self.D, sf, hf)
+        sf, sb = (None, None) if decay_scale is None else decay_scale
+        keep = request is not None
+        bufs, first = (None, (None, None)) if not (keep and request.first_steps) else self._first_steps_buffers(
+            x, request.first_steps)
+        y_f, st_f = self.branch(x, z, self.conv1d, self.x_proj, self.dt_proj, self.A_log, self.D, sf, first[0], keep)
         xb, zb = (t.transpose(1, 2) for t in xz.flip(1).chunk(2, dim=-1))  # one flipped copy, still channel-last
-        y_b, st_b = self.branch(xb, zb, self.conv1d_b, self.x_proj_b, self.dt_proj_b, self.A_b_log,
-                                self.D_b, None if sb is None else sb.flip(-1), hb)
-        if self.keep_stats:
-            self.stats = {"forward": DirectionStats(*st_f), "backward": DirectionStats(*st_b, reverse=True)}
-            if heads is not None and "Abar" in hf and "Abar" in hb:  # the backend exported them
-                self.stats["heads"] = heads if hf["B"] is not None and hb["B"] is not None else heads[:2] + (None,)
+        y_b, st_b = self.branch(xb, zb, self.conv1d_b, self.x_proj_b, self.dt_proj_b, self.A_b_log, self.D_b,
+                                None if sb is None else sb.flip(-1), first[1], keep, reverse=True)
+        stats = None
+        if keep:
+            exported = bufs is not None and first[0].filled and first[1].filled
+            with_B = exported and first[0].B is not None and first[1].B is not None
+            stats = LayerStats(st_f, st_b, (bufs if with_B else bufs[:2] + (None,)) if exported else None)
         y = y_b.transpose(1, 2).flip(1).add_(y_f.transpose(1, 2)).mul_(0.5)  # (y_f + flip(y_b)) / 2, (batch, L, E) rows
-        return self.out_proj(y)
+        return self.out_proj(y), stats
 
 
 class Block(nn.Module):
-    """Add -> RMSNorm -> mixer, returning (mixer output, residual); the residual stays in float32/64."""
+    """Add -> RMSNorm -> mixer, returning (mixer output, residual, statistics); the residual stays in float32/64."""
 
     def __init__(self, cfg: VimConfig, layer_idx=0):
         super().__init__()
         self.norm = RMSNorm(cfg.embed_dim, eps=cfg.norm_eps)
         self.mixer = MambaMixer(cfg, layer_idx)
 
-    def forward(self, hidden, residual=None, decay_scale=None):
+    def forward(self, hidden, residual=None, decay_scale=None, request: StatsRequest | None = None):
         residual = hidden if residual is None else residual + hidden
-        residual = residual.to(torch.float64 if residual.dtype == torch.float64 else torch.float32)
+        residual = residual.to(compute_dtype(residual))
         normed = self.norm(residual).to(self.norm.weight.dtype)
-        return self.mixer(normed, decay_scale), residual
+        out, stats = self.mixer(normed, decay_scale, request)
+        return out, residual, stats
 
 
 class VisionMamba(nn.Module):
@@ -268,11 +242,12 @@ class VisionMamba(nn.Module):
         self.layers = nn.ModuleList([Block(cfg, i) for i in range(cfg.depth)])
         self.norm_f = RMSNorm(cfg.embed_dim, eps=cfg.norm_eps)
         self.head = nn.Linear(cfg.embed_dim, cfg.num_classes) if cfg.num_classes > 0 else nn.Identity()
+        self.reduction: TokenReduction | None = None  # installed by stm_fast.reduce; None: the plain model
         self.reset_parameters()
 
     @property
     def token_position(self):
-        return self.cfg.num_patches // 2
+        return self.cfg.cls_position
 
     def reset_parameters(self):
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
@@ -303,20 +278,23 @@ class VisionMamba(nn.Module):
         return x + self.pos_embed.to(x.dtype)
 
     def forward_features(self, images, observer=None):
-        """Class-token features. ``observer(i, cls_state)`` (optional) sees, after each layer i, the class
-        token's entry in the stream the next layer adds up (residual + mixer output), (batch, d)."""
+        """Class-token features (batch, d): the one layer loop, reduced by ``self.reduction`` when one is
+        installed (``stm_fast.reduce``). ``observer(i, cls_state)`` (optional) sees, after each layer i, the
+        class token's entry in the stream the next layer adds up (residual + mixer output), (batch, d)."""
         hidden = self.embed(images)
-        reducer = getattr(self, "reducer", None)
-        if reducer is None or not reducer.active:
-            residual = None
-            c = self.token_position
-            for i, layer in enumerate(self.layers):
-                hidden, residual = layer(hidden, residual)
-                if observer is not None:
-                    observer(i, residual[:, c] + hidden[:, c])
-            out = self.norm_f(residual + hidden)
-            return out[:, c]
-        return reducer.forward_features(self, hidden, observer)
+        run = self.reduction.begin(hidden) if self.reduction is not None else None
+        rows = run.class_rows if run is not None else (lambda t: t[:, self.token_position])  # noqa: E731
+        residual = None
+        for i, layer in enumerate(self.layers):
+            scales, request = run.layer_inputs(i) if run is not None else (None, None)
+            hidden, residual, stats = layer(hidden, residual, decay_scale=scales, request=request)
+            if run is not None and run.reduces_after(i):
+                # the stream the next layer would add up, reduced: it becomes that layer's residual
+                x = residual.add_(hidden) if not torch.is_grad_enabled() else residual + hidden
+                hidden, residual = run.reduce(i, x, stats), None
+            if observer is not None:
+                observer(i, rows(hidden) if residual is None else rows(residual) + rows(hidden))
+        return rows(self.norm_f(hidden if residual is None else residual + hidden))
 
     def forward(self, images):
         feats = self.forward_features(images)

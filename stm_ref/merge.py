@@ -1,6 +1,6 @@
 """STM's merge in float64 NumPy: BNNM plans (sec. 4.1), HSP weights (eq. 11, 20, 21), losses (eq. 8-13).
 
-Conventions (SPEC §2-4). Every array is indexed by *token position*, whatever the direction:
+Conventions (docs/conventions.md §2-4). Every array is indexed by *token position*, whatever the direction:
 ``Abar, Bbar`` (L, D, N) and ``u`` (L, D) of the backward direction are the backward branch's
 quantities at each original position. The forward direction scans t = 0 -> L-1, the backward one
 t = L-1 -> 0; "after j in scan order" therefore means j+1.. forward and j-1.. backward.
@@ -81,7 +81,7 @@ def _side_reduced(n, r, positions):
 
 
 def merge_plan(L, cls, r_left, r_right, positions="ends"):
-    """BNNM plan (sec. 4.1, SPEC §3): reduce r_left tokens left of ``cls`` and r_right right of it.
+    """BNNM plan (sec. 4.1, docs/conventions.md §3): reduce r_left tokens left of ``cls`` and r_right right of it.
 
     Each reduced token merges into the nearest kept token on its side in the direction of the class
     token. At least one token per side must stay to receive the merges, so the largest feasible r on
@@ -185,7 +185,7 @@ def merged_states(Abar, Bbar, u, plan, direction="forward", weights=None):
     """h* at the kept positions when the merged sequence is scanned in ``direction`` (position-indexed, (K, D, N)).
 
     Step k of the merged sequence uses Abar* = the product of Abar over the gap it spans (so the
-    decay of removed positions stays, SPEC §5.2), Bbar_q, and the input u*_q = u_q + sum_j w_j u_j
+    decay of removed positions stays, docs/conventions.md §11, claim 2), Bbar_q, and the input u*_q = u_q + sum_j w_j u_j
     over this direction's reduced tokens merging into q. ``weights``: {j: scalar or (D, N) array};
     missing or None means 0 (the token is simply removed). Tokens reduced on the other side are
     removed in this direction (their input dropped, their decay kept).
@@ -209,7 +209,7 @@ def merged_states(Abar, Bbar, u, plan, direction="forward", weights=None):
 
 
 def exact_merge(Abar, Bbar, u, plan, direction="forward"):
-    """The merged-step sequence (Abar*, Bbar*, u*) of SPEC §4, one step per kept position (position order).
+    """The merged-step sequence (Abar*, Bbar*, u*) of docs/conventions.md §4, one step per kept position (position order).
 
     Abar*_k is the product of Abar over the gap that step k spans, Bbar*_k = Bbar_{q_k}, and the
     hidden-space input u*_k = u_{q_k} + sum_j W_j u_j (eq. 20) with the exact weights of this
@@ -230,7 +230,7 @@ def exact_merge(Abar, Bbar, u, plan, direction="forward"):
 
 
 def token_weights(Abar, Bbar, plan, direction="forward", variant="lsq", Bbar_est=None, clamp=1e-6):
-    """One scalar weight per reduced token of this direction's side (SPEC §4; eq. 11 with estimates).
+    """One scalar weight per reduced token of this direction's side (docs/conventions.md §4; eq. 11 with estimates).
 
     P_{j->q} always comes from the true ``Abar``; Bbar_j and Bbar_q from ``Bbar_est`` when given
     (the previous layer's Bbar, as eq. 11 uses), else from ``Bbar``. Variants:

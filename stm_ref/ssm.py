@@ -1,6 +1,6 @@
 """The discrete selective SSM of one Mamba direction, in float64 NumPy (paper eq. 2-5).
 
-Shapes follow SPEC §1 for one sequence of one direction:
+Shapes follow docs/conventions.md §1 for one sequence of one direction:
 
     u, delta : (L, D)      A : (D, N)      B, C : (L, N)
     Abar, Bbar, h : (L, D, N)

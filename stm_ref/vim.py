@@ -1,7 +1,7 @@
 """Vision Mamba forward in float64 NumPy from a state dict of arrays (the oracle for ``stm_fast.vim``).
 
-Same semantics as the official hustvl/Vim model (bimamba v2, middle class token, RMSNorm, see SPEC
-§2 and §7), written step by step: the patch embedding as a matrix product over flattened patches, the
+Same semantics as the official hustvl/Vim model (bimamba v2, middle class token, RMSNorm, see
+docs/conventions.md §2 and §9), written step by step: the patch embedding as a matrix product over flattened patches, the
 causal depthwise conv as an explicit sum over its taps, and each direction's SSM through
 ``stm_ref.ssm.selective_scan`` (a sequential scan). The configuration is read off the array shapes.
 """
@@ -12,6 +12,7 @@ import math
 
 import numpy as np
 
+from . import reduction as reduction_steps
 from .ssm import selective_scan, silu, softplus
 
 __all__ = ["config_from_state_dict", "forward", "forward_features", "embed", "mixer", "rms_norm", "causal_conv1d"]
@@ -105,8 +106,8 @@ def mixer(sd, i, hidden, decay_scale=None, return_stats=False):
 def forward_features(sd, image, eps=1e-5, reduction=None):
     """Class-token features of one image (C, H, W) after the final Add -> RMSNorm: (d,).
 
-    ``reduction``: {"method", "schedule" (tokens removed after each layer), "options"} as
-    ``stm_fast.reduce`` records it in ``model.reduction``; the same reduction, computed in float64.
+    ``reduction``: {"method", "schedule" (tokens removed after each layer), "options"}, e.g. the
+    ``to_dict()`` of the ``Reduction`` that ``stm_fast.reduce`` installs; the same reduction in float64.
     """
     sd = {k: np.asarray(v, dtype=np.float64) for k, v in sd.items()}
     hidden = embed(sd, np.asarray(image, dtype=np.float64))
@@ -116,15 +117,13 @@ def forward_features(sd, image, eps=1e-5, reduction=None):
     schedule = list(reduction["schedule"]) if reduction and reduction.get("method", "none") != "none" else []
     step = None
     if schedule and any(schedule):
-        from . import reductions
-
-        step = reductions.STEPS[reduction["method"]]
+        step = reduction_steps.STEPS[reduction["method"]]
         options = reduction.get("options", {})
     residual = None
     for i in range(depth):
         residual = hidden if residual is None else residual + hidden
         k = schedule[i] if i < len(schedule) else 0
-        scale = reductions.decay_scales(reduction["method"], options, state) if step is not None else None
+        scale = reduction_steps.decay_scales(reduction["method"], options, state) if step is not None else None
         normed = rms_norm(residual, sd[f"layers.{i}.norm.weight"], eps)
         if k > 0:
             hidden, stats = mixer(sd, i, normed, scale, return_stats=True)
@@ -137,7 +136,7 @@ def forward_features(sd, image, eps=1e-5, reduction=None):
 
 def forward(sd, images, eps=1e-5, reduction=None):
     """Logits (batch, classes) for images (batch, C, H, W): the float64 oracle of ``VisionMamba.forward``
-    (with ``reduction``, of the model after ``stm_fast.reduce``)."""
+    (with ``reduction``, of the model after ``stm_fast.reduce``: pass its ``model.reduction.to_dict()``)."""
     sd = {k: np.asarray(v, dtype=np.float64) for k, v in sd.items()}
     feats = np.stack([forward_features(sd, im, eps, reduction) for im in np.asarray(images, dtype=np.float64)])
     return feats @ sd["head.weight"].T + sd["head.bias"]

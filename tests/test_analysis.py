@@ -14,7 +14,7 @@ def test_layer_losses_are_zero_until_a_layer_has_seen_merged_tokens():
     assert len(curve) == 4
     assert curve[0] == 0.0 and curve[1] == 0.0
     assert curve[2] > 0 and curve[3] > 0
-    assert getattr(m, "reducer", None) is None, "the model's own reduction is restored"
+    assert m.reduction is None, "the model's own reduction is restored"
 
 
 def test_no_reduction_gives_zero_deviation_everywhere():

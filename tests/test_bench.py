@@ -59,4 +59,4 @@ def test_rates_given_as_percentages_are_a_clear_error(capsys):
     """`--rates 20 40` would otherwise skip every configuration and time only the baseline."""
     with pytest.raises(SystemExit):
         bench.main(["--rates", "20", "0.4"])
-    assert "--rates takes fractions in [0, 1) (0.2 means 20%), got [20.0]" in capsys.readouterr().err
+    assert "--rates must be in [0, 1) (a fraction: 0.2 means 20%), got 20.0" in capsys.readouterr().err

@@ -168,7 +168,7 @@ def test_two_process_gloo_run_equals_single_process(tmp_path, checkpoint, folder
     (lambda c, f, t: ["--checkpoint", c, "--data", f[1], "--labels", str(t / "wrong.csv")], "does not match the images"),
     (lambda c, f, t: ["--checkpoint", c, "--data", f[0], "--model", "vim_small"], "looks like"),
     (lambda c, f, t: ["--checkpoint", str(t / "missing.pth"), "--data", f[0]], "checkpoint file not found"),
-    (lambda c, f, t: ["--checkpoint", c, "--data", f[0], "--rates", "20"], "fractions in"),
+    (lambda c, f, t: ["--checkpoint", c, "--data", f[0], "--rates", "20"], "(a fraction: 0.2 means 20%)"),
 ])
 def test_bad_input_is_a_clear_error_before_any_work(tmp_path, checkpoint, folders, capsys, make_args, message):
     (tmp_path / "wrong.csv").write_text("filename,label\nother.JPEG,n01440764\n")

@@ -6,6 +6,13 @@ import pytest
 
 from stm_fast import create_model
 from stm_fast.flops import flops
+from stm_fast.reduction import Reduction, make_reduction
+
+
+def value(tokens, overhead=None):
+    """A Reduction value with these tokens per layer (what flops reads of it), built by hand."""
+    schedule = tuple(a - b for a, b in zip(tokens, tokens[1:]))
+    return Reduction("stm", {}, schedule, tuple(tokens), 0.0, None, tuple(overhead or (0,) * len(schedule)))
 
 PAPER_GFLOPS = {"vim_tiny": 1.45, "vim_small": 5.08, "vim_base": 18.87}
 
@@ -67,7 +74,7 @@ def test_reduction_tokens_per_layer(small):
     base = flops(small, 64)
     assert base["tokens_per_layer"] == [L] * 4
     tokens = [17, 17, 9, 5]
-    small.reduction = {"method": "stm", "tokens_per_layer": tokens}
+    small.reduction = value(tokens)
     r = flops(small, 64)
     assert r["method"] == "stm" and r["tokens_per_layer"] == tokens
     hand_layers = sum(hand_layer(d, n, N=8) for n in tokens)
@@ -85,7 +92,7 @@ def test_reduction_tokens_per_layer(small):
 
 
 def test_reduction_none_means_full_sequence(small):
-    small.reduction = {"method": "none", "tokens_per_layer": [3, 3, 3, 3]}
+    small.reduction = make_reduction(small, "none")
     assert flops(small, 64)["tokens_per_layer"] == [17] * 4
     small.reduction = None
     assert flops(small, 64)["tokens_per_layer"] == [17] * 4
@@ -93,11 +100,10 @@ def test_reduction_none_means_full_sequence(small):
 
 def test_overhead_separate(small):
     tokens = [17, 12, 12, 8]
-    small.reduction = {"method": "stm", "tokens_per_layer": tokens}
+    small.reduction = value(tokens)
     no_oh = flops(small, 64)
     assert no_oh["overhead"] == 0
-    small.reduction = {"method": "stm", "tokens_per_layer": tokens,
-                       "overhead_flops_per_layer": [0, 123_456, 0, 7_890]}
+    small.reduction = value(tokens, [123_456, 0, 7_890])
     r = flops(small, 64)
     assert r["overhead"] == pytest.approx((123_456 + 7_890) * 1e-9, rel=1e-12)
     assert r["total"] == pytest.approx(no_oh["total"], rel=1e-15)  # not included in total
@@ -105,19 +111,27 @@ def test_overhead_separate(small):
 
 
 def test_bad_reduction_rejected(small):
-    small.reduction = {"method": "stm", "tokens_per_layer": [17, 9]}  # wrong length
+    """A reduction made for another configuration does not describe this one: a clear error."""
     with pytest.raises(ValueError, match="depth"):
-        flops(small, 64)
-    small.reduction = {"method": "stm", "tokens_per_layer": [17, 18, 9, 9]}  # more than L
-    with pytest.raises(ValueError):
-        flops(small, 64)
+        flops(small.cfg, 64, reduction=value([17, 9]))  # wrong length
+    with pytest.raises(ValueError, match=r"must lie in \[1, 17\]"):
+        flops(small.cfg, 64, reduction=value([17, 18, 9, 9]))  # more than L
+
+
+def test_config_and_reduction_without_a_model(small):
+    """flops(cfg, reduction=...) equals flops(model) with that reduction installed, and a model's own
+    reduction can be overridden by an explicit one."""
+    red = make_reduction(small, "stm", schedule=[4, 2, 2])
+    small.reduction = red
+    assert flops(small.cfg, reduction=red) == flops(small)
+    assert flops(small, reduction=None) == flops(small.cfg)
+    assert flops(small.cfg)["tokens_per_layer"] == [17] * 4
 
 
 def test_img_size_mismatch_raises(small):
     with pytest.raises(ValueError, match="img_size"):
         flops(small, 224)
-    with pytest.raises(ValueError, match="img_size"):
-        flops(small)  # default 224 vs the model's 64
+    assert flops(small) == flops(small, 64), "without img_size the model's own is used"
 
 
 def test_unknown_convention_raises(small):

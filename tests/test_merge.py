@@ -6,7 +6,7 @@ import torch
 from hypothesis import given, settings, strategies as st
 
 from stm_fast import merge as fast
-from stm_fast.vim import DirectionStats
+from stm_fast.stats import DirectionStats, LayerStats, StatsRequest
 from stm_ref import merge as ref, ssm
 
 
@@ -43,7 +43,7 @@ def test_token_weights_match_reference(variant, case):
         flip = (lambda t: t.flip(-1)) if rev else (lambda t: t)
         tstats[d] = DirectionStats(flip(raw), torch.zeros(raw.shape[1], dtype=torch.float64), flip(B), flip(B),
                                    torch.as_tensor(s["A"]), None, reverse=rev)
-    w = fast.token_weights(tstats, pidx, variant).numpy()
+    w = fast.token_weights(LayerStats(tstats["forward"], tstats["backward"]), pidx, variant).numpy()
     for b in range(w.shape[0]):
         expected = {}
         for d in ("forward", "backward"):
@@ -78,7 +78,7 @@ def test_merge_tokens_matches_reference(variant, case):
 @given(case=cases())
 def test_merging_the_stream_sum_equals_merging_both_streams(variant, case):
     """The reducers merge x = residual + mixer output once (stm_fast.reduce): with the weights fixed, every
-    variant is linear in the tokens, so merge(residual) + merge(hidden) = merge(residual + hidden) (SPEC §3)."""
+    variant is linear in the tokens, so merge(residual) + merge(hidden) = merge(residual + hidden) (docs/conventions.md §3)."""
     L, cls, rl, rr, positions, _, rng = case
     pidx = fast.plan_index(L, cls, rl, rr, positions)
     residual, hidden = (torch.as_tensor(rng.standard_normal((2, L, 5))) for _ in range(2))
@@ -101,14 +101,14 @@ def test_ends_path_equals_per_side_path(variant, L, cls, r, positions):
     """The ends fast path (slices of the first r+1 scan steps, both directions stacked) computes exactly what
     the general per-side path (gathers by position) computes."""
     g = torch.Generator().manual_seed(L)
-    stats = {d: DirectionStats(torch.randn(2, 6, L, generator=g, dtype=torch.float64),
-                               torch.randn(6, generator=g, dtype=torch.float64),
-                               torch.randn(2, 4, L, generator=g, dtype=torch.float64), None,
-                               -torch.rand(6, 4, generator=g, dtype=torch.float64) * 8, None, reverse=d == "backward")
-             for d in ("forward", "backward")}
+    stats = LayerStats(*(DirectionStats(torch.randn(2, 6, L, generator=g, dtype=torch.float64),
+                                        torch.randn(6, generator=g, dtype=torch.float64),
+                                        torch.randn(2, 4, L, generator=g, dtype=torch.float64), None,
+                                        -torch.rand(6, 4, generator=g, dtype=torch.float64) * 8, None, reverse=d == "backward")
+                         for d in ("forward", "backward")))
     plan = fast.plan_index(L, cls, r, r, positions)
     assert (plan.ends is not None) == (positions == "ends")
-    per_side = torch.cat([fast._side_weights(stats["forward" if sd.forward else "backward"], sd, variant, 1e-6)
+    per_side = torch.cat([fast._side_weights(stats.direction(sd.forward), sd, variant, 1e-6)
                           for sd in plan.sides], dim=1)
     torch.testing.assert_close(fast.token_weights(stats, plan, variant), per_side, rtol=1e-13, atol=1e-13)
 
@@ -117,7 +117,7 @@ def test_ends_path_equals_per_side_path(variant, L, cls, r, positions):
 @pytest.mark.parametrize("rl,rr", [(3, 3), (4, 0), (0, 2), (2, 5)])
 def test_weights_from_the_scans_exported_steps_equal_recomputed_ones(variant, rl, rr):
     """float64: the ends-plan weights built from the scan's exported delta/Abar/B of the first steps
-    (``stats["heads"]``: suffix products of Abar, no exp) equal those recomputed from the layer statistics
+    (``LayerStats.first_steps``: suffix products of Abar, no exp) equal those recomputed from the layer statistics
     (softplus and exp(A * sum of delta)), for both sides, one side and unequal sides."""
     from stm_fast import create_model
 
@@ -128,12 +128,10 @@ def test_weights_from_the_scans_exported_steps_equal_recomputed_ones(variant, rl
         for p in model.parameters():
             p.add_(0.3 * torch.randn_like(p))
     mixer = model.layers[0].mixer
-    mixer.keep_stats, mixer.stats_head = True, max(rl, rr) + 1
     with torch.no_grad():
-        mixer(torch.randn(2, 17, 8, dtype=torch.float64))
-    stats = mixer.stats
-    assert stats["heads"][2] is not None
-    without = {k: v for k, v in stats.items() if k != "heads"}
+        _, stats = mixer(torch.randn(2, 17, 8, dtype=torch.float64), request=StatsRequest(first_steps=max(rl, rr) + 1))
+    assert stats.first_steps is not None and stats.first_steps[2] is not None
+    without = LayerStats(stats.forward, stats.backward)
     plan = fast.plan_index(17, 8, rl, rr, "ends")
     expected = fast.token_weights(without, plan, variant)
     got = fast.token_weights(stats, plan, variant)

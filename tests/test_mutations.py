@@ -1,7 +1,7 @@
 """The verification suite can fail: break the reference by 1e-9 relative and each claim's property must catch it.
 
 Each case wraps one reference function so its result is off by a factor (1 + 1e-9), runs the
-property test that guards that claim (SPEC §5) under a short Hypothesis search without shrinking,
+property test that guards that claim (docs/conventions.md §11) under a short Hypothesis search without shrinking,
 and asserts that the property fails. A tolerance loose enough to hide a 1e-9 error fails here.
 """
 

@@ -1,10 +1,11 @@
-"""stm_fast.reduce: one API for STM and its peers; rates, schedules, bitwise no-ops, per-image bookkeeping, errors."""
+"""stm_fast.reduction: one API for STM and its peers; rates, schedules, bitwise no-ops, per-image bookkeeping, errors."""
 
 import pytest
 import torch
 
 import stm_fast
-from stm_fast.reduce import rate_of, solve_schedule
+from stm_fast.stats import StatsRequest
+from stm_fast.reduction import rate_of, solve_schedule
 from tests.test_vim import random_model
 
 METHOD_OPTIONS = [("stm", {}), ("stm", {"sides": "left"}), ("stm", {"weights": "avg"}), ("stm", {"positions": "uniform"}),
@@ -19,19 +20,19 @@ def vim_tiny():
 @pytest.mark.parametrize("method,options", METHOD_OPTIONS)
 @pytest.mark.parametrize("rate", [0.15, 0.2, 0.3, 0.4])
 def test_rates_are_met_within_one_point_on_vim_tiny(vim_tiny, method, options, rate):
-    """SPEC §6: achieved rate within ±1 point; the schedule, tokens per layer and rate are reported and consistent."""
+    """docs/conventions.md §6: achieved rate within ±1 point; the schedule, tokens per layer and rate are reported and consistent."""
     stm_fast.reduce(vim_tiny, method, rate=rate, **options)
     r = vim_tiny.reduction
-    assert abs(r["rate"] - rate) <= 0.01
-    assert r["method"] == method and r["requested_rate"] == rate
-    tpl = r["tokens_per_layer"]
-    assert tpl[0] == 197 and len(tpl) == 24 and len(r["schedule"]) == 23
-    assert all(tpl[i + 1] == tpl[i] - r["schedule"][i] for i in range(23))
-    assert r["rate"] == pytest.approx(1 - sum(tpl) / (24 * 197))
+    assert abs(r.rate - rate) <= 0.01
+    assert r.method == method and r.requested_rate == rate
+    tpl = r.tokens_per_layer
+    assert tpl[0] == 197 and len(tpl) == 24 and len(r.schedule) == 23
+    assert all(tpl[i + 1] == tpl[i] - r.schedule[i] for i in range(23))
+    assert r.rate == pytest.approx(1 - sum(tpl) / (24 * 197))
     if method == "stm" and options.get("sides", "both") == "both":
-        assert all(k % 2 == 0 for k in r["schedule"]), "both sides lose the same number of tokens"
+        assert all(k % 2 == 0 for k in r.schedule), "both sides lose the same number of tokens"
     if method == "top":
-        assert {i for i, k in enumerate(r["schedule"]) if k} <= {4, 9, 14}
+        assert {i for i, k in enumerate(r.schedule) if k} <= {4, 9, 14}
     stm_fast.reduce(vim_tiny, "none")
 
 
@@ -50,7 +51,7 @@ def test_rate_zero_and_none_are_bitwise_the_unreduced_model(method, options):
         assert not torch.equal(m(x), base), "a real reduction changes the logits"
         stm_fast.reduce(m, "none")
         assert torch.equal(m(x), base)
-        assert m.reduction["method"] == "none" and m.reduction["rate"] == 0.0
+        assert m.reduction is None
 
 
 @pytest.mark.parametrize("method,options", METHOD_OPTIONS)
@@ -68,7 +69,7 @@ def test_each_image_is_reduced_as_if_alone(method, options):
 
 
 def test_schedule_solver_is_as_uniform_as_possible():
-    s = solve_schedule(24, 197, 0.2, range(23), granularity=2)
+    s = solve_schedule(24, 197, 0.2, range(23), step_unit=2)
     nonzero = [k for k in s if k]
     assert max(nonzero) - min(nonzero) <= 2 and all(k % 2 == 0 for k in s)
     tpl = [197]
@@ -82,7 +83,7 @@ def test_schedule_solver_is_as_uniform_as_possible():
     (lambda m: stm_fast.reduce(m, "stm", rate=0.2, sidez="both"), r"unknown option\(s\) \['sidez'\]"),
     (lambda m: stm_fast.reduce(m, "stm", rate=0.2, schedule=[2]), "exactly one of rate= or schedule="),
     (lambda m: stm_fast.reduce(m, "stm"), "exactly one of rate= or schedule="),
-    (lambda m: stm_fast.reduce(m, "stm", rate=20), r"rate must be in \[0, 1\)"),
+    (lambda m: stm_fast.reduce(m, "stm", rate=20), r"rate must be in \[0, 1\) \(a fraction: 0.2 means 20%\)"),
     (lambda m: stm_fast.reduce(m, "stm", rate=0.99), "feasible rates run from 0 to 94"),
     (lambda m: stm_fast.reduce(m, "stm", schedule=[3]), "must be even"),
     (lambda m: stm_fast.reduce(m, "stm", schedule=[2] * 30), "only 23 merge points"),
@@ -115,8 +116,8 @@ def test_reduction_is_reported():
     m = random_model(3, 16, 4, 12, 4, 8)
     stm_fast.reduce(m, "stm", schedule=2, weights="decay")
     r = m.reduction
-    assert r["schedule"] == [2, 2, 2] and r["tokens_per_layer"] == [17, 15, 13, 11]
-    assert r["options"] == {"sides": "both", "positions": "ends", "weights": "decay", "start_layer": 0}
+    assert r.schedule == (2, 2, 2) and r.tokens_per_layer == (17, 15, 13, 11)
+    assert r.options == {"sides": "both", "positions": "ends", "weights": "decay", "start_layer": 0}
 
 
 @pytest.mark.parametrize("cls", [[0, 0, 0], [1, 1, 1], [8, 8, 8], [16, 16, 16], [3, 9, 8], [0, 16, 5]])
@@ -124,7 +125,7 @@ def test_evit_class_attention_is_eq5_written_out(cls):
     """float64: class_attention (each direction reads only its side of the class tokens) equals eq. 5 summed
     by hand, |delta_j sum_n C_cls[n] exp(A S_j) B_j[n]| averaged over channels, per image and per-image class
     positions, including a class token at either end."""
-    from stm_fast.peers import class_attention
+    from stm_fast.reduction.evit import class_attention
 
     torch.manual_seed(sum(cls))
     model = stm_fast.create_model("vim_tiny", img_size=16, patch_size=4, embed_dim=8, depth=1, d_state=4,
@@ -133,16 +134,15 @@ def test_evit_class_attention_is_eq5_written_out(cls):
         for p in model.parameters():
             p.add_(0.3 * torch.randn_like(p))
     mixer = model.layers[0].mixer
-    mixer.keep_stats = True
     with torch.no_grad():
-        mixer(torch.randn(3, 17, 8, dtype=torch.float64))
-    got = class_attention(mixer.stats, torch.tensor(cls))
+        _, stats = mixer(torch.randn(3, 17, 8, dtype=torch.float64), request=StatsRequest())
+    got = class_attention(stats, torch.tensor(cls))
     for i, c in enumerate(cls):
         for j in range(17):
             if j == c:
                 assert got[i, j] == 0
                 continue
-            s = mixer.stats["forward" if j < c else "backward"]
+            s = stats.direction(forward=j < c)
             d, B, C, A = s.delta[i], s.B[i], s.C[i], s.A  # position order: (E, L), (N, L), (N, L), (E, N)
             steps = range(j + 1, c + 1) if j < c else range(c, j)
             S = sum((d[:, t] for t in steps), torch.zeros(d.shape[0], dtype=torch.float64))

@@ -1,8 +1,8 @@
-"""stm_fast.reduce (stm, tome, top, evit) against the float64 oracle stm_ref.vim + stm_ref.reductions.
+"""stm_fast.reduce (stm, tome, top, evit) against the float64 oracle stm_ref.vim + stm_ref.reduction.
 
 Each case builds a small random float64 Vim (tests/test_vim.py's ``random_model``), patches it with
 ``stm_fast.reduce(model, method, schedule=...)`` and compares its logits with
-``stm_ref.vim.forward(sd, x, reduction=model.reduction)``, which runs the same reduction one image at a
+``stm_ref.vim.forward(sd, x, reduction=model.reduction.to_dict())``, which runs the same reduction one image at a
 time in float64 NumPy: max |logit difference| <= 1e-9. Two geometries: 16x16 images with 4x4 patches
 (17 tokens, class token at 8) and 12x12 with 4x4 patches (10 tokens, class token at 4, off-centre).
 A few hand-built cases pin the reference steps themselves to the semantics of ``stm_fast.peers``.
@@ -13,7 +13,8 @@ import pytest
 import torch
 
 import stm_fast
-from stm_ref import reductions
+from stm_ref import reduction as reductions
+from stm_ref.reduction import evit as ref_evit
 from stm_ref import vim as ref_vim
 from tests.test_vim import random_model
 
@@ -39,10 +40,10 @@ def _case(method, tokens, schedule, seed=0, embed_dim=8, d_state=4, batch=3, bac
     m = random_model(seed, img, patch, embed_dim, depth, d_state)
     m.set_scan_backend(backend)
     stm_fast.reduce(m, method, schedule=schedule, **options)
-    assert m.reduction["schedule"] == list(schedule)
+    assert m.reduction.schedule == tuple(schedule)
     x = torch.randn(batch, 3, img, img, dtype=torch.float64, generator=torch.Generator().manual_seed(seed + 1))
     sd = {k: v.numpy() for k, v in m.state_dict().items()}
-    ref = ref_vim.forward(sd, x.numpy(), reduction=m.reduction)
+    ref = ref_vim.forward(sd, x.numpy(), reduction=m.reduction.to_dict())
     plain = ref_vim.forward(sd, x.numpy())
     with torch.no_grad():
         y = m(x).numpy()
@@ -134,7 +135,7 @@ def test_top_alignment_changes_the_logits_and_matches_reference():
     out = {}
     for align in (True, False):
         y, ref, _, m = _case("top", 17, [6, 4, 0], layers=[0, 1], align=align)
-        assert m.reduction["options"]["align"] is align
+        assert m.reduction.options["align"] is align
         assert np.abs(y - ref).max() <= TOL, f"align={align}: max |dlogit| {np.abs(y - ref).max():.3e}"
         out[align] = (y, ref)
     assert np.abs(out[True][1] - out[False][1]).max() > 1e-6  # the reference sees the alignment ...
@@ -197,7 +198,7 @@ def test_evit_reference_class_attention_by_hand():
 
 def test_evit_reference_step_by_hand(monkeypatch):
     imp = np.array([0.3, 0.1, 0.0, 0.2, 0.5])
-    monkeypatch.setattr(reductions, "class_attention", lambda stats, cls: imp)
+    monkeypatch.setattr(ref_evit, "class_attention", lambda stats, cls: imp)
     hidden = np.arange(10.0).reshape(5, 2)
     state = {"cls": 2, "pos": np.arange(5), "size": np.ones(5)}
     # k = 2: the 3 least important (1, 3, 0) fuse into 0, the most important of them
@@ -218,15 +219,14 @@ def test_tome_never_merges_into_the_class_token():
     except ValueError:
         return  # rejecting the schedule is a correct answer
     sizes = []
-    step = m.reducer.step
 
-    def spy(i, k, x, state, stats):
-        out = step(i, k, x, state, stats)
+    def spy(step, args):
+        out = step(*args)
         new = out[1]
-        sizes.append(new["size"][torch.arange(x.shape[0]), new["cls"]])
+        sizes.append(new.size[torch.arange(new.size.shape[0]), new.cls])
         return out
 
-    m.reducer.step = spy
+    m.reduction = m.reduction.with_step_hook(spy)
     with torch.no_grad():
         m(torch.randn(2, 3, 16, 16, dtype=torch.float64))
-    assert all(bool((s == 1).all()) for s in sizes), f"class-token sizes after each step: {sizes}"
+    assert len(sizes) == 4 and all(bool((s == 1).all()) for s in sizes), f"class-token sizes after each step: {sizes}"

@@ -1,12 +1,15 @@
-"""stm_fast.scan backends against the float64 reference ``stm_ref.ssm.selective_scan`` (mamba-ssm semantics)."""
+"""stm_fast.ssm backends (kernels in stm_fast.ops) against the float64 reference ``stm_ref.ssm.selective_scan`` (mamba-ssm semantics)."""
 
 import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
-from stm_fast import scan as fast
-from stm_fast.conv import causal_conv1d
+from stm_fast import ssm as fast
+from stm_fast.ops import scan_torch
+from stm_fast.ops.common import FirstSteps
+from stm_fast.ops.conv import causal_conv1d
+from stm_fast.runtime import flush_denormals
 from stm_ref import ssm, vim as ref_vim
 
 BACKENDS = fast.available_backends("cuda" if torch.cuda.is_available() else "cpu")
@@ -99,12 +102,12 @@ def test_torch_backend_is_exact_for_any_chunk(chunk, mode):
     A = -torch.as_tensor(rng.uniform(0.1, 10, (5, 16)))
     B, C = (torch.as_tensor(rng.standard_normal((2, 16, 37))) for _ in range(2))
     ref = ssm.selective_scan(u.numpy(), delta.numpy(), A.numpy(), B.numpy(), C.numpy())
-    y, last = fast._scan_torch(u, delta, A, B, C, chunk=chunk, mode=mode)
+    y, last = scan_torch.scan_inference(u, delta, A, B, C, chunk=chunk, mode=mode)
     np.testing.assert_allclose(y.numpy(), ref, rtol=1e-12, atol=1e-12 * np.abs(ref).max())
 
 
 def test_strong_decay_does_not_overflow_float32():
-    """NOTES.md's trap: A = -16, delta ~ 0.35 over many steps; a log-space cumsum would overflow float32 here."""
+    """docs/conventions.md §10: the trap: A = -16, delta ~ 0.35 over many steps; a log-space cumsum would overflow float32 here."""
     u = torch.ones(1, 2, 200)
     delta = torch.full((1, 2, 200), 0.35)
     A = torch.full((2, 16), -16.0)
@@ -239,7 +242,7 @@ def test_flush_denormals_is_scoped():
     """Flushing subnormals (used by eval/train/bench) must not leak into the rest of the process."""
     tiny = torch.tensor([1e-39])
     assert float(tiny * 1.0) > 0
-    with fast.flush_denormals():
+    with flush_denormals():
         assert float(torch.tensor([1e-39]) * 1.0) == 0.0
     assert float(tiny * 1.0) > 0
 
@@ -247,44 +250,45 @@ def test_flush_denormals_is_scoped():
 @pytest.mark.parametrize("mode", ["sequential", "doubling"])
 @settings(max_examples=12)
 @given(kw=scan_inputs(max_L=40), n=st.integers(1, 40))
-def test_exported_head_is_the_scans_own_delta_abar_and_B(kw, n, mode):
-    """``head``: the first n steps' softplus(delta + bias), exp(delta*A) and B, time-major, exactly as the
-    scan uses them (float64 vs the reference's discretisation); exporting changes y only by the last-bit
+def test_exported_first_steps_are_the_scans_own_delta_abar_and_B(kw, n, mode):
+    """``first_steps``: the first n steps' softplus(delta + bias), exp(delta*A) and B, time-major, exactly as
+    the scan uses them (float64 vs the reference's discretisation); exporting changes y only by the last-bit
     differences of evaluating exp in two calls; nothing is exported when n exceeds the first chunk or
     the sequence."""
     t = _torch(kw, torch.float64)
     L = t["u"].shape[2]
-    head = {"n": n}
-    y = fast.selective_scan(**t, backend="torch", head=head)
+    first = FirstSteps(n)
+    y = fast.selective_scan(**t, backend="torch", first_steps=first)
     plain = fast.selective_scan(**t, backend="torch").numpy()
     np.testing.assert_allclose(y.numpy(), plain, rtol=1e-13, atol=1e-13 * (1 + np.abs(plain).max()))
-    if n > min(fast.CHUNK, L):
-        assert "Abar" not in head
+    if n > min(scan_torch.CHUNK, L):
+        assert not first.filled and first.Abar is None
         return
+    assert first.filled
     d = kw["delta"] + (kw["delta_bias"][None, :, None] if kw["delta_bias"] is not None else 0)
     d = np.where(d > 20, d, np.log1p(np.exp(d)))  # (batch, D, L)
-    np.testing.assert_allclose(head["delta"].numpy(), d[:, :, :n].transpose(2, 0, 1), rtol=1e-14)
+    np.testing.assert_allclose(first.delta.numpy(), d[:, :, :n].transpose(2, 0, 1), rtol=1e-14)
     abar = np.exp(d[:, :, :n, None] * kw["A"][None, :, None, :])  # (batch, D, n, N)
-    np.testing.assert_allclose(head["Abar"].numpy(), abar.transpose(2, 0, 3, 1), rtol=1e-13, atol=1e-300)
+    np.testing.assert_allclose(first.Abar.numpy(), abar.transpose(2, 0, 3, 1), rtol=1e-13, atol=1e-300)
     if kw["B"].ndim == 3:
-        np.testing.assert_array_equal(head["B"].numpy(), kw["B"][:, :, :n].transpose(2, 0, 1))
+        np.testing.assert_array_equal(first.B.numpy(), kw["B"][:, :, :n].transpose(2, 0, 1))
     else:
-        assert head["B"] is None
+        assert first.B is None
     with torch.no_grad():
-        y2, _ = fast._scan_torch(t["u"], t["delta"], t["A"], t["B"], t["C"], mode=mode, delta_bias=t["delta_bias"],
-                                 delta_softplus=True, D=t["D"], z=t["z"], head={"n": n})
+        y2, _ = scan_torch.scan_inference(t["u"], t["delta"], t["A"], t["B"], t["C"], mode=mode, delta_bias=t["delta_bias"],
+                                          delta_softplus=True, D=t["D"], z=t["z"], first_steps=FirstSteps(n))
     np.testing.assert_allclose(y2.numpy(), y.numpy(), rtol=1e-12, atol=1e-12 * (1 + np.abs(y.numpy()).max()))
 
 
-def test_head_is_not_exported_with_decay_scale_or_by_other_backends():
+def test_first_steps_are_not_exported_with_decay_scale_or_by_other_backends():
     rng = np.random.default_rng(0)
     u, delta = (torch.as_tensor(rng.uniform(0.01, 1, (2, 5, 9))) for _ in range(2))
     A = -torch.as_tensor(rng.uniform(0.1, 10, (5, 4)))
     B, C = (torch.as_tensor(rng.standard_normal((2, 4, 9))) for _ in range(2))
     for kw in (dict(backend="torch", decay_scale=torch.full((2, 9), 2.0, dtype=torch.float64)), dict(backend="loop")):
-        head = {"n": 3}
-        fast.selective_scan(u, delta, A, B, C, head=head, **kw)
-        assert head == {"n": 3}
+        first = FirstSteps(3)
+        fast.selective_scan(u, delta, A, B, C, first_steps=first, **kw)
+        assert first == FirstSteps(3)
 
 
 def test_scratch_buffers_survive_switching_between_inference_mode_and_no_grad():
@@ -300,7 +304,7 @@ def test_scratch_buffers_survive_switching_between_inference_mode_and_no_grad():
             outs.append(fast.selective_scan(*args, A, B, C, delta_softplus=True, backend="torch"))
     for o in outs[1:]:
         torch.testing.assert_close(o, outs[0], rtol=0, atol=0)
-    fast.release_workspace()  # frees them; the next call allocates afresh and computes the same
+    scan_torch.release_workspace()  # frees them; the next call allocates afresh and computes the same
     with torch.inference_mode():
         again = fast.selective_scan(*args, A, B, C, delta_softplus=True, backend="torch")
     torch.testing.assert_close(again, outs[0], rtol=0, atol=0)

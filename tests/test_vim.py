@@ -6,10 +6,10 @@ import torch
 from hypothesis import given, settings, strategies as st
 
 import stm_fast
-from stm_fast import scan
+from stm_fast import ssm
 from stm_ref import vim as ref_vim
 
-CPU_BACKENDS = [b for b in scan.available_backends("cpu")]
+CPU_BACKENDS = [b for b in ssm.available_backends("cpu")]
 
 
 def random_model(seed, img_size, patch_size, embed_dim, depth, d_state, num_classes=7, dtype=torch.float64):
@@ -79,7 +79,7 @@ def test_bf16_autocast_runs_and_stays_close():
 
 
 def test_class_token_sits_in_the_middle_and_moves_the_output():
-    """SPEC §2: the class token is inserted at M // 2, and the head reads that position."""
+    """docs/conventions.md §2: the class token is inserted at M // 2, and the head reads that position."""
     m = random_model(0, 12, 4, 8, 2, 4)
     assert m.token_position == 9 // 2
     x = torch.randn(1, 3, 12, 12, dtype=torch.float64)

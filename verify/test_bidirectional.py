@@ -1,4 +1,4 @@
-"""Claim 6 (SPEC §5): both directions. Exact merges keep the class-token state in both; the class loss is their sum (eq. 9)."""
+"""Claim 6 (docs/conventions.md §11): both directions. Exact merges keep the class-token state in both; the class loss is their sum (eq. 9)."""
 
 import numpy as np
 from hypothesis import given, strategies as st

@@ -1,4 +1,4 @@
-"""Claim 4 (SPEC §5): merging with estimated (previous-layer) Bbar, eq. 11, has an exactly known, bounded loss."""
+"""Claim 4 (docs/conventions.md §11): merging with estimated (previous-layer) Bbar, eq. 11, has an exactly known, bounded loss."""
 
 import numpy as np
 from hypothesis import given, strategies as st

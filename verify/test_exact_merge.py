@@ -1,4 +1,4 @@
-"""Claim 2 (SPEC §5): with the true Bbar, the exact merge (eq. 18-21) reproduces h, so the final loss (eq. 9) is 0
+"""Claim 2 (docs/conventions.md §11): with the true Bbar, the exact merge (eq. 18-21) reproduces h, so the final loss (eq. 9) is 0
 and the merging loss (eq. 10) exactly cancels the propagated removal losses (eq. 8)."""
 
 import numpy as np

@@ -1,4 +1,4 @@
-"""Claim 5 (SPEC §5): distance fading, eq. 12-13 and 22-24: a loss only ever decays after its last perturbation."""
+"""Claim 5 (docs/conventions.md §11): distance fading, eq. 12-13 and 22-24: a loss only ever decays after its last perturbation."""
 
 import numpy as np
 from hypothesis import given, strategies as st

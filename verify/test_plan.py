@@ -1,4 +1,4 @@
-"""BNNM plans (sec. 4.1, SPEC §3): who is reduced, where each token goes, and what is infeasible."""
+"""BNNM plans (sec. 4.1, docs/conventions.md §3): who is reduced, where each token goes, and what is infeasible."""
 
 import numpy as np
 import pytest
@@ -43,7 +43,7 @@ def test_plan_partitions_tokens_and_merges_toward_the_class_token(args):
 
 @given(args=plan_args())
 def test_ends_reduces_the_outermost_tokens(args):
-    """SPEC §3 `ends`: the r reduced tokens of a side are its r farthest from the class token (eq. 13)."""
+    """docs/conventions.md §3 `ends`: the r reduced tokens of a side are its r farthest from the class token (eq. 13)."""
     L, cls, rl, rr, _ = args
     p = merge.merge_plan(L, cls, rl, rr, "ends")
     assert p.reduced.tolist() == list(range(rl)) + list(range(L - rr, L))
@@ -51,7 +51,7 @@ def test_ends_reduces_the_outermost_tokens(args):
 
 @given(args=plan_args())
 def test_uniform_spreads_reductions_and_keeps_the_class_tokens_neighbours(args):
-    """SPEC §3 `uniform`: reduced tokens are spread over the side (gaps differ by at most one), never adjacent to cls."""
+    """docs/conventions.md §3 `uniform`: reduced tokens are spread over the side (gaps differ by at most one), never adjacent to cls."""
     L, cls, rl, rr, _ = args
     p = merge.merge_plan(L, cls, rl, rr, "uniform")
     for side, r in (("left", rl), ("right", rr)):

@@ -1,4 +1,4 @@
-"""Claim 1 (SPEC §5): recurrence (eq. 3) = closed form (eq. 4) = hidden attention (eq. 5)."""
+"""Claim 1 (docs/conventions.md §11): recurrence (eq. 3) = closed form (eq. 4) = hidden attention (eq. 5)."""
 
 import numpy as np
 from hypothesis import given, strategies as st

@@ -1,4 +1,4 @@
-"""Claim 3 (SPEC §5): the hidden-space input u* of eq. 20 is a per-channel token iff W_j is constant over the state s."""
+"""Claim 3 (docs/conventions.md §11): the hidden-space input u* of eq. 20 is a per-channel token iff W_j is constant over the state s."""
 
 import numpy as np
 from hypothesis import given, strategies as st

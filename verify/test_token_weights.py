@@ -1,4 +1,4 @@
-"""SPEC §4: the scalar token weights that eq. 11 becomes in the real model, and how tokens are combined."""
+"""docs/conventions.md §4: the scalar token weights that eq. 11 becomes in the real model, and how tokens are combined."""
 
 import numpy as np
 import pytest

@@ -1,4 +1,4 @@
-"""ImageNet validation data for ``stm_fast.eval``: folder layouts, labels, the official transform, bad images.
+"""ImageNet validation images for ``stm_fast.eval``: folder layouts, labels, the official transform, bad images.
 
 Class indices always follow the canonical ImageNet-1k order (the 1000 WordNet IDs sorted, shipped in
 ``data/imagenet_synsets.txt``), so a folder holding only some classes is still labelled correctly.
@@ -35,7 +35,7 @@ class DataError(ValueError):
 
 
 def _load_synsets():
-    path = os.path.join(os.path.dirname(__file__), "data", "imagenet_synsets.txt")
+    path = os.path.join(os.path.dirname(os.path.dirname(__file__)), "data", "imagenet_synsets.txt")
     with open(path) as f:
         ids = f.read().split()
     assert len(ids) == 1000 and ids == sorted(ids), "corrupt package data: imagenet_synsets.txt"
@@ -47,7 +47,7 @@ SYNSET_INDEX = {w: i for i, w in enumerate(SYNSETS)}
 
 
 def eval_transform(img_size=224, crop_pct=0.875):
-    """SPEC §7: Resize(int(224 / 0.875), bicubic), CenterCrop(224), ToTensor, ImageNet mean/std."""
+    """docs/conventions.md §9: Resize(int(224 / 0.875), bicubic), CenterCrop(224), ToTensor, ImageNet mean/std."""
     from torchvision import transforms
 
     return transforms.Compose([

@@ -6,6 +6,9 @@ import csv
 import json
 import os
 
+from ..reduction import STM_DEFAULTS
+from ..runtime import atomic_write_json
+
 __all__ = ["write_outputs", "markdown_table"]
 
 _CSV_FIELDS = ["model", "method", "rate", "achieved_rate", "options", "schedule", "top1", "top5", "images", "bad_images",
@@ -17,8 +20,7 @@ def _label(rec):
         return "baseline (no reduction)"
     opts = rec["options"] or {}
     if rec["method"] == "stm":
-        extra = [f"{k}={v}" for k, v in opts.items() if (k, v) not in (("sides", "both"), ("positions", "ends"),
-                                                                      ("weights", "lsq"), ("start_layer", 0))]
+        extra = [f"{k}={v}" for k, v in opts.items() if STM_DEFAULTS.get(k) != v]
         return "stm" + (f" ({', '.join(extra)})" if extra else "")
     return rec["method"] + (f" ({', '.join(f'{k}={v}' for k, v in opts.items())})" if opts else "")
 
@@ -99,9 +101,7 @@ def _plot(path, records):
 
 def write_outputs(out, records, bad):
     records = [{**r, "bad_image_files": list(bad)} for r in records]
-    with open(os.path.join(out, "results.json.tmp"), "w") as f:
-        json.dump(records, f, indent=1)
-    os.replace(os.path.join(out, "results.json.tmp"), os.path.join(out, "results.json"))
+    atomic_write_json(os.path.join(out, "results.json"), records, indent=1)
     with open(os.path.join(out, "results.csv"), "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=_CSV_FIELDS, extrasaction="ignore")
         w.writeheader()

@@ -1,4 +1,4 @@
-"""Triton selective-scan forward (inference); reference twin: ``stm_ref.ssm.selective_scan``.
+"""The ``triton`` selective-scan backend (CUDA, inference); reference twin: ``stm_ref.ssm.selective_scan``.
 
 One program per (batch item, block of channels) walks the sequence, keeping the (BLOCK_D, N) state
 in registers: Abar = exp2(delta * A * log2 e), h = Abar*h + delta*u*B, y = (C·h + D*u) * silu(z).
@@ -16,6 +16,10 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from ..runtime import compute_dtype
+from .common import bc_layout
+
+__all__ = ["selective_scan_triton"]
 
 
 @triton.jit
@@ -67,30 +71,22 @@ def _selective_scan_fwd(
 
 
 def _strides_BC(M, batch, D, N, L, name):
-    """(tensor, strides over batch, channel, state, time) for the three B/C layouts."""
-    if M.dim() == 2:
-        if M.shape != (D, N):
-            raise ValueError(f"selective_scan: {name} of shape {tuple(M.shape)}, expected (D, N)")
+    """(tensor, strides over batch, channel, state, time) for the three B/C layouts (a stride of 0 broadcasts)."""
+    layout = bc_layout(M, batch, D, N, L, name)
+    if layout == "fixed":
         return M, (0, M.stride(0), M.stride(1), 0)
-    if M.dim() == 3:
-        if M.shape != (batch, N, L):
-            raise ValueError(f"selective_scan: {name} of shape {tuple(M.shape)}, expected (batch, N, L)")
+    if layout == "variable":
         return M, (M.stride(0), 0, M.stride(1), M.stride(2))
-    if M.dim() == 4:
-        G = M.shape[1]
-        if D % G or M.shape[0] != batch or M.shape[2:] != (N, L):
-            raise ValueError(f"selective_scan: {name} of shape {tuple(M.shape)} does not fit D={D}")
-        M = M.repeat_interleave(D // G, dim=1).contiguous()
-        return M, (M.stride(0), M.stride(1), M.stride(2), M.stride(3))
-    raise ValueError(f"selective_scan: {name} must have 2, 3 or 4 dimensions")
+    M = M.repeat_interleave(D // M.shape[1], dim=1).contiguous()
+    return M, (M.stride(0), M.stride(1), M.stride(2), M.stride(3))
 
 
 def selective_scan_triton(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
                           return_last_state=False, block_d=None, decay_scale=None):
-    """Same contract as ``stm_fast.scan.selective_scan``; computes in float32 (float64 if any input is)."""
+    """Same contract as ``stm_fast.ssm.selective_scan``; computes in float32 (float64 if any input is)."""
     batch, Dm, L = u.shape
     N = A.shape[1]
-    ct = torch.float64 if any(t is not None and t.dtype == torch.float64 for t in (u, delta, A, B, C)) else torch.float32
+    ct = compute_dtype(u, delta, A, B, C)
     dtype_in = u.dtype
     delta = delta.to(ct)
     if delta_bias is not None:

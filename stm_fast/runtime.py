@@ -1,0 +1,86 @@
+"""Runtime helpers shared by the model, the kernels, eval, bench and train.
+
+Device choice, autocast precision, device synchronisation, subnormal flushing, the compute dtype rule
+(docs/conventions.md §10) and atomic file writes live here once, so every tool does them the same way.
+This module imports nothing else of the package.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from typing import Any
+
+import torch
+
+__all__ = ["AMP_DTYPES", "compute_dtype", "pick_device", "autocast", "synchronize", "flush_denormals",
+           "atomic_write", "atomic_write_json"]
+
+AMP_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}  # command-line name -> autocast dtype
+
+
+def compute_dtype(*values: Any) -> torch.dtype:
+    """float64 if any given tensor (or dtype) is float64, else float32: the precision the scan, the residual
+    stream and the reduction steps compute in (docs/conventions.md §10). ``None`` entries are ignored."""
+    for v in values:
+        dtype = v if isinstance(v, torch.dtype) else getattr(v, "dtype", None)
+        if dtype == torch.float64:
+            return torch.float64
+    return torch.float32
+
+
+def pick_device(name: str | None = None) -> torch.device:
+    """The device to run on: ``name`` if given, else CUDA when available, else the CPU."""
+    return torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+
+def autocast(device: torch.device, precision: str = "fp32"):
+    """An autocast context for ``precision`` ('fp32' | 'bf16' | 'fp16'); fp32 is a no-op context."""
+    dtype = AMP_DTYPES[precision]
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=dtype)
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for the work queued on ``device`` (a no-op on the CPU, whose kernels run synchronously)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class flush_denormals:
+    """Within the block, CPU float arithmetic flushes subnormals to zero; the previous mode is restored after.
+
+    Trained Vim decays exp(delta*A) reach float32's subnormal range, where x86 arithmetic is several times
+    slower; values below 1e-38 change no prediction (docs/conventions.md §10). torch has no getter for the
+    mode, so the state this class set is tracked here (the process default is off)."""
+
+    _on = False
+
+    def __enter__(self):
+        self.prev = flush_denormals._on
+        flush_denormals._on = torch.set_flush_denormal(True) or self.prev
+        return self
+
+    def __exit__(self, *exc):
+        torch.set_flush_denormal(self.prev)
+        flush_denormals._on = self.prev
+        return False
+
+
+def atomic_write(path: str | os.PathLike, text: str) -> None:
+    """Write ``text`` to ``path`` so that readers see the old file or the whole new one, never a part:
+    a per-process temporary name, fsync, then an atomic rename."""
+    path = os.fspath(path)
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def atomic_write_json(path: str | os.PathLike, obj: Any, **dump_options: Any) -> None:
+    """``atomic_write`` of ``json.dumps(obj, **dump_options)``."""
+    atomic_write(path, json.dumps(obj, **dump_options))

@@ -1,0 +1,25 @@
+"""STM in float64, one image at a time (twin of ``stm_fast.reduction.stm``): docs/conventions.md §3-4."""
+
+from __future__ import annotations
+
+from .. import merge
+from .base import euler
+
+__all__ = ["stm_step"]
+
+
+def stm_step(k, hidden, residual, state, stats, options):
+    """STM (docs/conventions.md §3-4): BNNM plan, scalar weights of eq. 11 from this layer's statistics, same merge on both streams."""
+    sides = options.get("sides", "both")
+    r_left, r_right = {"both": (k // 2, k // 2), "left": (k, 0), "right": (0, k)}[sides]
+    L = hidden.shape[0]
+    plan = merge.merge_plan(L, state["cls"], r_left, r_right, options.get("positions", "ends"))
+    variant = options.get("weights", "lsq")
+    weights = {}
+    for direction in ("forward", "backward"):
+        Abar, Bbar = euler(stats[direction])
+        weights.update(merge.token_weights(Abar, Bbar, plan, direction, variant))
+    hidden = merge.merge_tokens(hidden, plan, weights, variant)
+    residual = merge.merge_tokens(residual, plan, weights, variant)
+    state = {"cls": plan.new_cls, "pos": state["pos"][plan.kept], "size": state["size"][plan.kept]}
+    return hidden, residual, state
