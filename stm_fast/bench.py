@@ -26,11 +26,12 @@ import time
 import torch
 
 from .flops import flops
-from .models import create_model, parse_overrides
-from .reduction import check_rate, make_reduction, reduced
-from .runtime import AMP_DTYPES, atomic_write_json, autocast, flush_denormals, pick_device, synchronize
+from .models import OVERRIDES, create_model, list_models, parse_overrides
+from .reduction import check_rate, list_methods, make_reduction, reduced
+from .registry import MODEL_CONFIGS
+from .runtime import AMP_DTYPES, HelpFormatter, atomic_write_json, autocast, flush_denormals, pick_device, synchronize
 
-__all__ = ["run_bench", "main"]
+__all__ = ["run_bench", "main", "build_parser", "table"]
 
 
 def _configurations(model, methods, rates, name):
@@ -147,25 +148,36 @@ def table(rows):
     return "\n".join(out) + f"\n\nbatch {rows[0]['batch_size'] if rows else '?'}, {rows[0]['dtype'] if rows else ''}, {dev}"
 
 
-def main(argv=None):
-    ap = argparse.ArgumentParser(prog="python -m stm_fast.bench", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--device")
-    ap.add_argument("--model", nargs="+", default=["vim_tiny"])
-    ap.add_argument("--methods", nargs="+", default=["stm", "tome", "top", "evit"])
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="python -m stm_fast.bench", description=__doc__, formatter_class=HelpFormatter)
+    methods = [m for m in list_methods() if m != "none"]
+    ap.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    ap.add_argument("--model", nargs="+", default=["vim_tiny"], choices=list_models(), metavar="NAME",
+                    help="models to time (random weights): " + ", ".join(sorted(MODEL_CONFIGS)) +
+                         " or an official registry name (--list shows them)")
+    ap.add_argument("--methods", nargs="+", default=methods, choices=methods, metavar="METHOD",
+                    help="reduction methods, any of: " + ", ".join(methods) + " (the baseline is always timed)")
     ap.add_argument("--rates", nargs="+", type=float, default=[0.15, 0.2, 0.3, 0.4], help="fractions (0.2 = 20%%)")
-    ap.add_argument("--batch-size", type=int)
-    ap.add_argument("--dtype", default="fp32", choices=list(AMP_DTYPES))
-    ap.add_argument("--rounds", type=int, default=7, help="interleaved timed rounds (medians); 5 proved too few on a noisy 2-core machine")
-    ap.add_argument("--warmup", type=int, default=2)
-    ap.add_argument("--json", help="write the rows to this file")
+    ap.add_argument("--batch-size", type=int, help="images per forward (default: 8 on CPU, 256 on CUDA)")
+    ap.add_argument("--dtype", default="fp32", choices=list(AMP_DTYPES), help="autocast precision")
+    ap.add_argument("--rounds", type=int, default=7,
+                    help="interleaved timed rounds (medians); 5 proved too few on a noisy 2-core machine")
+    ap.add_argument("--warmup", type=int, default=2, help="untimed forwards per configuration before the rounds")
+    ap.add_argument("--json", help="also write the rows to this JSON file")
     ap.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
-                    help="architecture override (img_size, patch_size, embed_dim, depth, d_state, ...); repeatable")
+                    help="architecture override (" + ", ".join(OVERRIDES) + "); repeatable")
+    ap.add_argument("--list", action="store_true", help="list the models and methods, then exit")
+    return ap
+
+
+def main(argv=None):
+    ap = build_parser()
     args = ap.parse_args(argv)
+    if args.list:
+        print("models: " + ", ".join(list_models()) + "\nmethods: " + ", ".join(args.methods))
+        return 0
     try:
         overrides = parse_overrides(args.override)
-    except ValueError as e:
-        ap.error(str(e))
-    try:
         for r in args.rates:
             check_rate(r, "--rates")
     except ValueError as e:

@@ -10,7 +10,7 @@ import zipfile
 
 import torch
 
-from .registry import name_for
+from .registry import MODEL_CONFIGS, name_for
 
 __all__ = ["CheckpointError", "read_state_dict", "load_into", "describe_state_dict"]
 
@@ -96,20 +96,31 @@ def read_state_dict(path, key=None, ema=False):
 
 
 def describe_state_dict(sd):
-    """Best guess of the architecture a state dict belongs to (for error messages): dict or None."""
+    """Best guess of the architecture a state dict belongs to (for error messages): dict or None.
+
+    The patch count comes from ``pos_embed`` (patches + class token); a registered model with the same
+    width, depth and patch count (e.g. the stride-8 ``vim_tiny_plus``: 730 tokens) gives the image size and
+    stride, otherwise non-overlapping patches are assumed."""
     w = sd.get("patch_embed.proj.weight")
     if w is None or w.dim() != 4:
         return None
     layers = {int(k.split(".")[1]) for k in sd if k.startswith("layers.") and k.split(".")[1].isdigit()}
     info = {"embed_dim": w.shape[0], "channels": w.shape[1], "patch_size": w.shape[2], "depth": max(layers) + 1 if layers else 0}
+    patches = None
     if "pos_embed" in sd:
-        grid = int(round((sd["pos_embed"].shape[1] - 1) ** 0.5))
-        info["img_size"] = grid * w.shape[2]
+        info["tokens"] = sd["pos_embed"].shape[1]
+        patches = info["tokens"] - 1
     if "head.weight" in sd:
         info["num_classes"] = sd["head.weight"].shape[0]
     if "layers.0.mixer.A_log" in sd:
         info["d_state"] = sd["layers.0.mixer.A_log"].shape[1]
-    info["name"] = name_for(info.get("embed_dim"), info.get("depth"))
+    name = name_for(info["embed_dim"], info["depth"], patches)
+    if name is not None and MODEL_CONFIGS[name].patch_size == info["patch_size"]:
+        info.update(img_size=MODEL_CONFIGS[name].img_size, stride=MODEL_CONFIGS[name].patch_stride)
+    elif patches is not None:
+        name = None
+        info["img_size"] = int(round(patches ** 0.5)) * w.shape[2]
+    info["name"] = name
     return info
 
 
@@ -118,6 +129,16 @@ def _fmt(info):
         return "an unrecognised architecture"
     parts = ", ".join(f"{k}={v}" for k, v in info.items() if k != "name")
     return f"{info['name'] or 'a custom Vim'} ({parts})"
+
+
+def _model_line(cfg, found):
+    """What the error says about the model the file was loaded into, and which name to pass instead."""
+    own = name_for(cfg.embed_dim, cfg.depth, cfg.num_patches)
+    line = (f"The model is {own or 'a custom Vim'} (embed_dim={cfg.embed_dim}, depth={cfg.depth}, img_size={cfg.img_size}, "
+            f"stride={cfg.patch_stride}, {cfg.num_tokens} tokens, num_classes={cfg.num_classes}): ")
+    if found is not None and found.get("name") and found["name"] != own:
+        return line + f"pass --model {found['name']} (create_model('{found['name']}', ...)) for this file."
+    return line + "pick the matching --model / create_model name, or pass overrides that match the file."
 
 
 def load_into(model, sd, source="checkpoint"):
@@ -138,9 +159,7 @@ def load_into(model, sd, source="checkpoint"):
         cfg = getattr(model, "cfg", None)
         lines.append(f"The file looks like {_fmt(describe_state_dict(sd))}.")
         if cfg is not None:
-            lines.append(f"The model is {name_for(cfg.embed_dim, cfg.depth) or 'a custom Vim'} (embed_dim={cfg.embed_dim}, "
-                         f"depth={cfg.depth}, img_size={cfg.img_size}, num_classes={cfg.num_classes}): pick the matching "
-                         f"--model / create_model name, or pass overrides that match the file.")
+            lines.append(_model_line(cfg, describe_state_dict(sd)))
         raise CheckpointError("\n".join(lines))
     with torch.no_grad():
         for k, v in sd.items():

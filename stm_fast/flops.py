@@ -70,7 +70,7 @@ def layer_flops(cfg, L: int, convention: str = "paper") -> int:
 
 def _reduction(reduction, cfg):
     """(method, tokens_per_layer, overhead MACs) of a ``Reduction`` (or None: L everywhere), checked against cfg."""
-    L = cfg.num_patches + 1
+    L = cfg.num_tokens
     method = "none" if reduction is None else str(reduction.method)
     if method == "none":
         return "none", [L] * cfg.depth, 0

@@ -10,9 +10,9 @@ from .checkpoint import load_into, read_state_dict
 from .registry import MODEL_CONFIGS, canonical_name, list_models
 from .vim import VisionMamba
 
-__all__ = ["create_model", "list_models", "parse_overrides"]
+__all__ = ["create_model", "list_models", "parse_overrides", "check_config", "OVERRIDES"]
 
-_OVERRIDES = ("img_size", "patch_size", "embed_dim", "depth", "d_state", "num_classes", "channels")
+OVERRIDES = ("img_size", "patch_size", "stride", "embed_dim", "depth", "d_state", "num_classes", "channels")
 
 
 def parse_overrides(items: list[str]) -> dict[str, int]:
@@ -26,24 +26,34 @@ def parse_overrides(items: list[str]) -> dict[str, int]:
     return out
 
 
+def check_config(cfg) -> None:
+    """ValueError unless the patches tile the image exactly: (img_size - patch_size) a multiple of the stride."""
+    for field in ("img_size", "patch_size", "stride", "embed_dim", "depth", "d_state", "channels"):
+        if getattr(cfg, field) is not None and getattr(cfg, field) < 1:
+            raise ValueError(f"{field} must be a positive integer, got {getattr(cfg, field)}")
+    if cfg.img_size < cfg.patch_size or (cfg.img_size - cfg.patch_size) % cfg.patch_stride:
+        raise ValueError(f"img_size {cfg.img_size} does not fit patch_size {cfg.patch_size} with stride {cfg.patch_stride}: "
+                         f"(img_size - patch_size) must be a non-negative multiple of the stride")
+
+
 def create_model(name: str, checkpoint_path: str | os.PathLike | None = None, *, ema: bool = False,
                  checkpoint_key: str | None = None, dtype: torch.dtype | None = None, device=None,
                  **overrides: int) -> VisionMamba:
     """Build a Vision Mamba by name, optionally load a checkpoint, and return it in eval mode.
 
-    ``name``: ``vim_tiny`` / ``vim_small`` / ``vim_base`` or an official registry name.
+    ``name``: ``vim_tiny`` / ``vim_small`` / ``vim_base``, the stride-8 ``vim_tiny_plus`` / ``vim_small_plus``
+    (730 tokens at 224 px), or an official registry name (``stm_fast.registry.ALIASES``).
     ``checkpoint_path``: an official hustvl/Vim ``.pth`` (state dict under ``model``; ``ema=True`` takes
     ``model_ema``), a bare state dict, or our own ``torch.save({'model': sd})``; loaded strictly.
-    ``overrides``: img_size, patch_size, embed_dim, depth, d_state, num_classes, channels.
+    ``overrides``: img_size, patch_size, stride, embed_dim, depth, d_state, num_classes, channels.
     ``dtype``: parameter dtype (torch.float32 default; torch.float64 for exact comparisons).
     """
     key = canonical_name(name)
-    bad = sorted(set(overrides) - set(_OVERRIDES))
+    bad = sorted(set(overrides) - set(OVERRIDES))
     if bad:
-        raise TypeError(f"create_model: unknown override(s) {bad}; allowed: {', '.join(_OVERRIDES)}")
+        raise TypeError(f"create_model: unknown override(s) {bad}; allowed: {', '.join(OVERRIDES)}")
     cfg = MODEL_CONFIGS[key].with_overrides(**overrides)
-    if cfg.img_size % cfg.patch_size:
-        raise ValueError(f"img_size {cfg.img_size} is not a multiple of patch_size {cfg.patch_size}")
+    check_config(cfg)
     model = VisionMamba(cfg)
     if dtype is not None:
         model = model.to(dtype)

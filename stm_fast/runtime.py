@@ -7,6 +7,7 @@ This module imports nothing else of the package.
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import json
 import os
@@ -14,7 +15,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["AMP_DTYPES", "compute_dtype", "pick_device", "autocast", "synchronize", "flush_denormals",
+__all__ = ["HelpFormatter", "AMP_DTYPES", "compute_dtype", "pick_device", "autocast", "synchronize", "flush_denormals",
            "atomic_write", "atomic_write_json"]
 
 AMP_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}  # command-line name -> autocast dtype
@@ -84,3 +85,16 @@ def atomic_write(path: str | os.PathLike, text: str) -> None:
 def atomic_write_json(path: str | os.PathLike, obj: Any, **dump_options: Any) -> None:
     """``atomic_write`` of ``json.dumps(obj, **dump_options)``."""
     atomic_write(path, json.dumps(obj, **dump_options))
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """The command lines' help: the description as written, and each option's default appended to its help
+    unless the help already says it or there is none to state (None, False, an empty list)."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        default = action.default
+        nothing = default is None or default is False or default == [] or default is argparse.SUPPRESS
+        if "default" in text or nothing or not action.option_strings:
+            return text
+        return f"{text} (default: {' '.join(map(str, default)) if isinstance(default, list) else default})"

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from .digits import DIGITS_CONFIG, checkpoint_path, create_digits_model, load_split
-from .runtime import flush_denormals
+from .runtime import HelpFormatter, flush_denormals
 
 
 def shift(x, rng):
@@ -96,14 +96,19 @@ def _train(seed, epochs, batch, lr, out, threads, progress, max_steps):
     return acc, meta, out
 
 
-def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--seed", type=int, required=True)
-    ap.add_argument("--epochs", type=int, default=30)
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="python -m stm_fast.train_tiny", description=__doc__, formatter_class=HelpFormatter)
+    ap.add_argument("--seed", type=int, required=True, help="the seed to train (0, 1, 2 are the shipped models)")
+    ap.add_argument("--epochs", type=int, default=30, help="training epochs (the shipped models: 30)")
     ap.add_argument("--out", default=None, help="where to write the checkpoint (default: the package's shipped file)")
-    args = ap.parse_args(argv)
+    return ap
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
     acc, meta, out = train(args.seed, epochs=args.epochs, out=args.out)
     print(f"seed {args.seed}: test accuracy {100 * acc:.2f}% on 360 images, {meta['train_seconds']} s -> {out}")
+    return 0
 
 
 if __name__ == "__main__":

@@ -59,8 +59,12 @@ class TokenReduction(Protocol):
 
 @dataclass(frozen=True)
 class VimConfig:
+    """A Vision Mamba's architecture. ``stride`` is the patch embedding's stride (None: the patch size, i.e.
+    non-overlapping patches); hustvl's "+" models use patch 16 with stride 8, a 27 x 27 grid at 224 px."""
+
     img_size: int = 224
     patch_size: int = 16
+    stride: int | None = None
     channels: int = 3
     embed_dim: int = 192
     depth: int = 24
@@ -71,8 +75,19 @@ class VimConfig:
     norm_eps: float = 1e-5
 
     @property
+    def patch_stride(self):
+        """The stride of the patch embedding (the patch size unless ``stride`` is set)."""
+        return self.stride or self.patch_size
+
+    @property
     def grid(self):
-        return self.img_size // self.patch_size
+        """Patches per image side: (img_size - patch_size) // stride + 1 (docs/conventions.md §2)."""
+        return (self.img_size - self.patch_size) // self.patch_stride + 1
+
+    @property
+    def num_tokens(self):
+        """L = M patches + the class token."""
+        return self.num_patches + 1
 
     @property
     def num_patches(self):
@@ -113,9 +128,9 @@ class PatchEmbed(nn.Module):
     def __init__(self, cfg: VimConfig):
         super().__init__()
         self.img_size = cfg.img_size
-        self.patch_size = cfg.patch_size
+        self.grid = cfg.grid
         self.channels = cfg.channels
-        self.proj = nn.Conv2d(cfg.channels, cfg.embed_dim, kernel_size=cfg.patch_size, stride=cfg.patch_size)
+        self.proj = nn.Conv2d(cfg.channels, cfg.embed_dim, kernel_size=cfg.patch_size, stride=cfg.patch_stride)
 
     def forward(self, x):
         if x.dim() != 4 or x.shape[1] != self.channels or x.shape[2] != self.img_size or x.shape[3] != self.img_size:
@@ -123,7 +138,7 @@ class PatchEmbed(nn.Module):
                 f"expected images of shape (batch, {self.channels}, {self.img_size}, {self.img_size}), got "
                 f"{tuple(x.shape)}: resize/crop to {self.img_size}x{self.img_size} (the eval transform does), or build "
                 f"the model with img_size={x.shape[-1] if x.dim() == 4 else '...'} (position embeddings are fixed to "
-                f"{self.img_size // self.patch_size}x{self.img_size // self.patch_size} patches)")
+                f"{self.grid}x{self.grid} patches)")
         return self.proj(x).flatten(2).transpose(1, 2)
 
 
@@ -238,7 +253,7 @@ class VisionMamba(nn.Module):
         self.cfg = cfg
         self.patch_embed = PatchEmbed(cfg)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, cfg.embed_dim))
-        self.pos_embed = nn.Parameter(torch.zeros(1, cfg.num_patches + 1, cfg.embed_dim))
+        self.pos_embed = nn.Parameter(torch.zeros(1, cfg.num_tokens, cfg.embed_dim))
         self.layers = nn.ModuleList([Block(cfg, i) for i in range(cfg.depth)])
         self.norm_f = RMSNorm(cfg.embed_dim, eps=cfg.norm_eps)
         self.head = nn.Linear(cfg.embed_dim, cfg.num_classes) if cfg.num_classes > 0 else nn.Identity()

@@ -15,16 +15,18 @@ import numpy as np
 from . import reduction as reduction_steps
 from .ssm import selective_scan, silu, softplus
 
-__all__ = ["config_from_state_dict", "forward", "forward_features", "embed", "mixer", "rms_norm", "causal_conv1d"]
+__all__ = ["config_from_state_dict", "patch_stride", "forward", "forward_features", "embed", "mixer", "rms_norm", "causal_conv1d"]
 
 
 def config_from_state_dict(sd):
-    """embed_dim, depth, patch_size, channels, img_size, d_state, d_conv, dt_rank, num_classes."""
+    """embed_dim, depth, patch_size, channels, grid (patches per side), d_state, d_conv, dt_rank, num_classes.
+
+    The stride of the patch embedding is not in a state dict; ``embed`` reads it off the image size."""
     w = sd["patch_embed.proj.weight"]
     depth = 1 + max(int(k.split(".")[1]) for k in sd if k.startswith("layers."))
     grid = int(round(math.sqrt(sd["pos_embed"].shape[1] - 1)))
     return {
-        "embed_dim": w.shape[0], "channels": w.shape[1], "patch_size": w.shape[2], "img_size": grid * w.shape[2],
+        "embed_dim": w.shape[0], "channels": w.shape[1], "patch_size": w.shape[2], "grid": grid,
         "depth": depth, "d_state": sd["layers.0.mixer.A_log"].shape[1],
         "d_conv": sd["layers.0.mixer.conv1d.weight"].shape[-1], "dt_rank": sd["layers.0.mixer.dt_proj.weight"].shape[1],
         "num_classes": sd["head.weight"].shape[0] if "head.weight" in sd else 0,
@@ -49,15 +51,30 @@ def causal_conv1d(x, weight, bias):
     return y
 
 
+def patch_stride(image_size, patch_size, grid):
+    """The stride that puts ``grid`` patches of ``patch_size`` across ``image_size`` pixels, edge to edge:
+    (image_size - patch_size) / (grid - 1) (docs/conventions.md §2); ValueError if there is none."""
+    if grid == 1:
+        if image_size != patch_size:
+            raise ValueError(f"one patch of {patch_size} pixels does not cover an image of {image_size}")
+        return patch_size
+    stride, rest = divmod(image_size - patch_size, grid - 1)
+    if rest or stride < 1:
+        raise ValueError(f"{grid} patches of {patch_size} pixels cannot tile an image of {image_size} pixels")
+    return stride
+
+
 def embed(sd, image):
-    """Patch embedding of one image (C, H, W) with the class token inserted at M // 2 and pos_embed added: (L, d)."""
+    """Patch embedding of one image (C, H, W), patches of size p taken every ``stride`` pixels (overlapping
+    when the stride is smaller than p), in row-major order; the class token inserted at M // 2 and pos_embed
+    added: (L, d). The stride follows from the image size and the position embedding's grid."""
     cfg = config_from_state_dict(sd)
-    p, g = cfg["patch_size"], cfg["img_size"] // cfg["patch_size"]
-    C = cfg["channels"]
-    if image.shape != (C, cfg["img_size"], cfg["img_size"]):
-        raise ValueError(f"expected an image of shape {(C, cfg['img_size'], cfg['img_size'])}, got {image.shape}")
-    patches = image.reshape(C, g, p, g, p).transpose(1, 3, 0, 2, 4).reshape(g * g, C * p * p)  # row-major patches
-    W = sd["patch_embed.proj.weight"].reshape(cfg["embed_dim"], -1)
+    p, g, C = cfg["patch_size"], cfg["grid"], cfg["channels"]
+    if image.ndim != 3 or image.shape[0] != C or image.shape[1] != image.shape[2]:
+        raise ValueError(f"expected a square image of {C} channels, got {image.shape}")
+    s = patch_stride(image.shape[1], p, g)
+    patches = np.stack([image[:, i * s:i * s + p, j * s:j * s + p].reshape(-1) for i in range(g) for j in range(g)])
+    W = sd["patch_embed.proj.weight"].reshape(cfg["embed_dim"], -1)  # (d, C * p * p), the same (C, p, p) order
     x = patches @ W.T + sd["patch_embed.proj.bias"]
     c = x.shape[0] // 2
     x = np.concatenate([x[:c], sd["cls_token"].reshape(1, -1), x[c:]], axis=0)

@@ -196,6 +196,31 @@ def test_vim_small_file_into_vim_tiny(tmp_path):
     assert "(1, 1, 192) -> (1, 1, 384)" in msg
 
 
+def test_stride_8_official_checkpoint_round_trips(tmp_path):
+    """A small stride < patch model saved in the official layout loads back (strictly) with the same stride."""
+    src = randomise(tiny(seed=0, img_size=10, stride=2))
+    assert src.cfg.grid == 4 and src.pos_embed.shape[1] == 17
+    f = tmp_path / "strided.pth"
+    torch.save({"model": src.state_dict(), "epoch": 9, "args": argparse.Namespace(model="vim_tiny_patch16_stride8_224")}, f)
+    assert_same_logits(src, tiny(f, seed=7, img_size=10, stride=2), batch(img_size=10))
+    with pytest.raises(CheckpointError, match=r"pos_embed: \(1, 10, 8\) -> \(1, 17, 8\)"):
+        tiny(f, img_size=12)  # the same file as non-overlapping patches: 3 x 3 + 1 tokens
+
+
+def test_vim_tiny_plus_file_given_as_vim_tiny_names_the_stride_8_model(tmp_path):
+    """A Vim-Ti+ checkpoint (730-token pos_embed) loaded as vim_tiny: the message names vim_tiny_plus."""
+    torch.manual_seed(0)
+    f = tmp_path / "vim_t_plus.pth"
+    torch.save({"model": create_model("vim_tiny_plus").state_dict()}, f)
+    with pytest.raises(CheckpointError) as ei:
+        create_model("vim_tiny", f)
+    msg = str(ei.value)
+    assert "pos_embed: (1, 197, 192) -> (1, 730, 192)" in msg
+    assert "The file looks like vim_tiny_plus (" in msg and "tokens=730" in msg and "stride=8" in msg
+    assert "pass --model vim_tiny_plus (create_model('vim_tiny_plus', ...))" in msg
+    assert create_model("vim_tiny_plus", f).pos_embed.shape == (1, 730, 192)
+
+
 # ---------------------------------------------------------------- 3. bad files
 
 
@@ -424,7 +449,7 @@ def test_unknown_override():
 
 
 def test_img_size_not_multiple_of_patch_size():
-    with pytest.raises(ValueError, match="img_size 18 is not a multiple of patch_size 4"):
+    with pytest.raises(ValueError, match=r"img_size 18 does not fit patch_size 4 with stride 4: \(img_size - patch_size\) must be a non-negative multiple"):
         create_model("vim_tiny", **{**TINY, "img_size": 18})
 
 

@@ -137,3 +137,14 @@ def test_img_size_mismatch_raises(small):
 def test_unknown_convention_raises(small):
     with pytest.raises(ValueError, match="convention"):
         flops(small, 64, convention="fvcore")
+
+
+@pytest.mark.parametrize("name,d,paper,full", [("vim_tiny_plus", 192, 5.3687, 6.7546), ("vim_small_plus", 384, 18.8107, 21.9054)])
+def test_stride_8_models_follow_the_same_formula(name, d, paper, full):
+    """Vim-Ti+ / Vim-S+ (730 tokens): the paper convention is the plain models' formula with L = 730 and a
+    patch embedding over 729 overlapping patches (each still 3 x 16 x 16 inputs): 5.37 / 18.81 G, full 6.75 / 21.91 G."""
+    cfg = create_model(name).cfg
+    hand = 24 * hand_layer(d, 730) + 729 * 3 * 16 * 16 * d + d * 1000
+    assert flops(cfg)["total"] == pytest.approx(hand * 1e-9, rel=1e-12)
+    assert flops(cfg)["total"] == pytest.approx(paper, abs=1e-4)
+    assert flops(cfg, convention="full")["total"] == pytest.approx(full, abs=1e-4)

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 import stm_fast
+import stm_fast.registry
 from stm_fast.stats import StatsRequest
 from stm_fast.reduction import rate_of, solve_schedule
 from tests.test_vim import random_model
@@ -34,6 +35,26 @@ def test_rates_are_met_within_one_point_on_vim_tiny(vim_tiny, method, options, r
     if method == "top":
         assert {i for i, k in enumerate(r.schedule) if k} <= {4, 9, 14}
     stm_fast.reduce(vim_tiny, "none")
+
+
+@pytest.mark.parametrize("method,options", METHOD_OPTIONS)
+@pytest.mark.parametrize("rate", [0.15, 0.2, 0.3, 0.4])
+def test_rates_are_met_at_730_tokens(method, options, rate):
+    """The stride-8 Vim-Ti+ (730 tokens, class token at 364: 364 tokens left of it, 365 right): every method and
+    rate is met within ±1 point; the reported tokens follow the schedule."""
+    cfg = stm_fast.registry.MODEL_CONFIGS["vim_tiny_plus"]
+    r = stm_fast.make_reduction(cfg, method, rate=rate, **options)
+    assert abs(r.rate - rate) <= 0.01 and r.tokens_per_layer[0] == 730
+    assert all(r.tokens_per_layer[i + 1] == r.tokens_per_layer[i] - r.schedule[i] for i in range(23))
+
+
+def test_stm_budget_at_730_tokens_keeps_one_token_per_side():
+    """Both sides: min(364, 365) - 1 = 363 per side can go, 726 in total; one side (right) 364."""
+    cfg = stm_fast.registry.MODEL_CONFIGS["vim_tiny_plus"]
+    assert sum(stm_fast.make_reduction(cfg, "stm", schedule=[726] + [0] * 22).schedule) == 726
+    with pytest.raises(ValueError, match="more than the 726"):
+        stm_fast.make_reduction(cfg, "stm", schedule=[728] + [0] * 22)
+    assert sum(stm_fast.make_reduction(cfg, "stm", schedule=[364] + [0] * 22, sides="right").schedule) == 364
 
 
 @pytest.mark.parametrize("method,options", METHOD_OPTIONS)

@@ -30,14 +30,15 @@ def _one_thread():
     torch.set_num_threads(before)
 
 
-GEOMETRY = {17: (16, 4), 10: (12, 4)}  # tokens -> (img_size, patch_size)
+# tokens -> (img_size, patch_size, stride); 26: overlapping patches on an odd 5 x 5 grid (class token at 12)
+GEOMETRY = {17: (16, 4, None), 10: (12, 4, None), 26: (11, 3, 2)}
 
 
 def _case(method, tokens, schedule, seed=0, embed_dim=8, d_state=4, batch=3, backend=None, **options):
     """(fast logits, reference logits, unreduced reference logits, model) for one configuration."""
-    img, patch = GEOMETRY[tokens]
+    img, patch, stride = GEOMETRY[tokens]
     depth = len(schedule) + 1
-    m = random_model(seed, img, patch, embed_dim, depth, d_state)
+    m = random_model(seed, img, patch, embed_dim, depth, d_state, stride=stride)
     m.set_scan_backend(backend)
     stm_fast.reduce(m, method, schedule=schedule, **options)
     assert m.reduction.schedule == tuple(schedule)
@@ -56,6 +57,19 @@ def _check(method, tokens, schedule, **kw):
     assert np.abs(ref).max() > 1e-3, "logits must be non-trivial for the comparison to mean something"
     assert np.abs(ref - plain).max() > 1e-6, "the reduction must change the logits for the comparison to mean something"
     return err
+
+
+# ------------------------------------------------------------------------------------- overlapping patches
+
+@pytest.mark.parametrize("method, schedule, options", [
+    ("stm", [6, 4, 0], {}), ("stm", [0, 3, 2], dict(sides="right", positions="uniform")), ("stm", [2, 2, 2], dict(sides="left")),
+    ("tome", [5, 4, 2], dict(layers="all")), ("top", [6, 5, 0], dict(layers=[0, 1])), ("evit", [5, 4, 3], dict(layers=[0, 1, 2])),
+])
+def test_every_method_matches_reference_with_overlapping_patches(method, schedule, options):
+    """A stride smaller than the patch (hustvl's "+" models) on an odd grid: every method equals the float64
+    reference, whose patch embedding takes each overlapping patch explicitly."""
+    err = _check(method, 26, schedule, **options)
+    assert err <= TOL, f"max |dlogit| {err:.3e}"
 
 
 # ------------------------------------------------------------------------------------------------- stm

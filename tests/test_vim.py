@@ -6,17 +6,18 @@ import torch
 from hypothesis import given, settings, strategies as st
 
 import stm_fast
+import stm_fast.registry
 from stm_fast import ssm
 from stm_ref import vim as ref_vim
 
 CPU_BACKENDS = [b for b in ssm.available_backends("cpu")]
 
 
-def random_model(seed, img_size, patch_size, embed_dim, depth, d_state, num_classes=7, dtype=torch.float64):
+def random_model(seed, img_size, patch_size, embed_dim, depth, d_state, num_classes=7, dtype=torch.float64, stride=None):
     """A small Vim with every parameter moved well away from its structured initialisation (so the test discriminates)."""
     torch.manual_seed(seed)
     m = stm_fast.create_model("vim_tiny", img_size=img_size, patch_size=patch_size, embed_dim=embed_dim, depth=depth,
-                              d_state=d_state, num_classes=num_classes, dtype=dtype)
+                              d_state=d_state, num_classes=num_classes, dtype=dtype, stride=stride)
     with torch.no_grad():
         for name, p in m.named_parameters():
             scale = 0.3 if "A_" in name or "dt_proj.bias" in name or "dt_proj_b.bias" in name else 0.2
@@ -46,6 +47,36 @@ def test_float64_logits_match_reference(backend, cfg):
         y = m(x).numpy()
     assert np.abs(y - ref).max() <= 1e-9, f"max |dlogit| {np.abs(y - ref).max():.3e}"
     assert np.abs(ref).max() > 1e-3, "logits must be non-trivial for the comparison to mean something"
+
+
+# (img, patch, stride): overlapping patches as hustvl's stride-8 "+" models, odd grids (class token off-centre)
+STRIDED = [(10, 4, 2), (11, 3, 2), (13, 5, 4), (7, 3, 1), (12, 4, 4)]
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("img,patch,stride", STRIDED)
+def test_float64_logits_match_reference_with_overlapping_patches(backend, img, patch, stride):
+    """float64: stride < patch size (and odd grids: 5 x 5, 3 x 3) gives the reference's logits to 1e-9; the
+    reference reads the stride off the image size and takes every patch explicitly."""
+    m = random_model(img + stride, img, patch, 8, 2, 4, stride=stride).set_scan_backend(backend)
+    assert m.cfg.grid == (img - patch) // stride + 1 and m.pos_embed.shape[1] == m.cfg.grid ** 2 + 1
+    x = torch.randn(2, 3, img, img, dtype=torch.float64, generator=torch.Generator().manual_seed(img))
+    ref = ref_vim.forward({k: v.numpy() for k, v in m.state_dict().items()}, x.numpy())
+    with torch.no_grad():
+        y = m(x).numpy()
+    assert np.abs(y - ref).max() <= 1e-9, f"max |dlogit| {np.abs(y - ref).max():.3e}"
+    assert np.abs(ref).max() > 1e-3
+
+
+def test_stride_8_models_have_730_tokens_and_their_class_token_at_364():
+    """hustvl's Vim-tiny+ / Vim-small+: patch 16, stride 8 at 224 px: a 27 x 27 grid, 729 patches + class token."""
+    for name, alias in (("vim_tiny_plus", "vim_tiny_patch16_stride8_224_bimambav2_final_pool_mean_abs_pos_embed_with_midclstok_div2"),
+                        ("vim_small_plus", "vim_small_patch16_stride8_224_bimambav2_final_pool_mean_abs_pos_embed_with_midclstok_div2")):
+        cfg = stm_fast.registry.MODEL_CONFIGS[stm_fast.registry.canonical_name(alias)]
+        assert stm_fast.registry.canonical_name(alias) == name
+        assert (cfg.patch_size, cfg.patch_stride, cfg.grid, cfg.num_tokens, cfg.cls_position) == (16, 8, 27, 730, 364)
+    m = stm_fast.create_model("vim_tiny_plus")
+    assert m.patch_embed.proj.stride == (8, 8) and m.pos_embed.shape == (1, 730, 192)
 
 
 @settings(max_examples=6)

@@ -11,9 +11,10 @@ import torch
 
 from ..checkpoint import CheckpointError
 from ..merge import TOKEN_WEIGHT_VARIANTS
-from ..models import list_models, parse_overrides
-from ..reduction import STM_DEFAULTS, check_rate
-from ..runtime import AMP_DTYPES
+from ..models import OVERRIDES, list_models, parse_overrides
+from ..reduction import STM_DEFAULTS, check_rate, list_methods
+from ..registry import ALIASES, MODEL_CONFIGS, describe
+from ..runtime import AMP_DTYPES, HelpFormatter
 from .errors import RunError
 from .grid import DEFAULT_RATES, METHOD_GROUPS
 from .imagenet import DataError
@@ -28,38 +29,81 @@ offline, about a minute on two cores). With --model --checkpoint --data: an offi
 ImageNet-1k validation images. Results go to --out (resumable): results.json, results.csv, table.md,
 accuracy_vs_flops.png. docs/conventions.md defines rates, schedules and FLOPs."""
 
+def _data_options(ap):
+    g = ap.add_argument_group("model and data (none of them: the embedded digits default)")
+    g.add_argument("--model", default=None, choices=list_models(), metavar="NAME",
+                   help="architecture of --checkpoint (vim_tiny when omitted): " + ", ".join(sorted(MODEL_CONFIGS)) +
+                        ", or an official registry name; --list shows them all")
+    g.add_argument("--checkpoint", help="official hustvl/Vim .pth (state dict under 'model'), or a bare state dict")
+    g.add_argument("--ema", action="store_true", help="load the checkpoint's 'model_ema' weights")
+    g.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
+                   help="architecture override for a custom checkpoint (" + ", ".join(OVERRIDES) + "); repeatable")
+    g.add_argument("--data", help="ImageNet val folder: ImageFolder layout (val/<wnid>/*.JPEG), or flat with --labels")
+    g.add_argument("--labels", help="labels for a flat folder: a CSV (filename,label or Kaggle's LOC_val_solution.csv), "
+                                    "or the official ILSVRC2012_validation_ground_truth.txt (with --devkit)")
+    g.add_argument("--devkit", help="ILSVRC2012 devkit folder (or its data/meta.mat) for the official ground truth")
+    g.add_argument("--limit", type=int, help="evaluate only the first N images (default: all)")
+
+
+def _method_options(ap):
+    g = ap.add_argument_group("what is evaluated")
+    g.add_argument("--methods", nargs="+", default=list(METHOD_GROUPS[1:]), choices=METHOD_GROUPS, metavar="GROUP",
+                   help="method groups, any of: " + ", ".join(METHOD_GROUPS) + "; none = the baseline alone (always "
+                        "evaluated), stm-oneside = STM on one side only (Table 3), stm-weights = the HSP weight variants")
+    g.add_argument("--rates", nargs="+", type=float, default=list(DEFAULT_RATES),
+                   help="token reduction rates, fractions (0.2 = 20%%; docs/conventions.md §6)")
+    g.add_argument("--schedule", help="instead of rates: tokens removed after each layer IN TOTAL, comma-separated "
+                                      "(one value = every layer); STM on both sides splits each entry equally, so the "
+                                      "paper's '2 tokens per direction at every layer' is --schedule 4")
+    g.add_argument("--stm-sides", default=STM_DEFAULTS["sides"], choices=["both", "left", "right"],
+                   help="STM: which sides of the class token lose tokens")
+    g.add_argument("--stm-positions", default=STM_DEFAULTS["positions"], choices=["ends", "uniform"],
+                   help="STM: which tokens of a side are merged (docs/conventions.md §3)")
+    g.add_argument("--stm-weights", default=STM_DEFAULTS["weights"], choices=list(TOKEN_WEIGHT_VARIANTS),
+                   help="STM: the merge weights (docs/conventions.md §4)")
+    g.add_argument("--stm-start-layer", type=int, default=STM_DEFAULTS["start_layer"],
+                   help="STM: the first layer after which tokens merge")
+
+
+def _run_options(ap):
+    g = ap.add_argument_group("how it runs")
+    g.add_argument("--batch-size", type=int, default=None, help="images per batch (default: 128, 360 for the embedded default)")
+    g.add_argument("--workers", type=int, default=0, help="DataLoader worker processes decoding images")
+    g.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    g.add_argument("--dtype", default="fp32", choices=list(AMP_DTYPES), help="autocast precision")
+    g.add_argument("--on-bad-image", default="skip", choices=["skip", "error"],
+                   help="an unreadable image is excluded and listed (skip) or stops the run (error)")
+    g.add_argument("--out", help="output folder (default: runs/<date-time>); reuse it to resume")
+    g.add_argument("--quiet", action="store_true", help="no progress bar and no table on stdout")
+    g.add_argument("--list", action="store_true", help="list the models, method groups and methods, then exit")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="python -m stm_fast.eval", description=DESCRIPTION,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default="vim_tiny", choices=list_models(), metavar="NAME",
-                    help="architecture of --checkpoint: vim_tiny, vim_small, vim_base or an official registry name")
-    ap.add_argument("--checkpoint", help="official hustvl/Vim .pth (state dict under 'model'), or a bare state dict")
-    ap.add_argument("--ema", action="store_true", help="load the checkpoint's 'model_ema' weights")
-    ap.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
-                    help="architecture override for a custom checkpoint (img_size, patch_size, embed_dim, depth, d_state, "
-                         "num_classes, channels); repeatable")
-    ap.add_argument("--data", help="ImageNet val folder: ImageFolder layout, or flat with --labels")
-    ap.add_argument("--labels", help="labels for a flat folder: a CSV, or the official ground-truth file (with --devkit)")
-    ap.add_argument("--devkit", help="ILSVRC2012 devkit folder (or its data/meta.mat) for the official ground truth")
-    ap.add_argument("--methods", nargs="+", default=list(METHOD_GROUPS), choices=METHOD_GROUPS,
-                    help="method groups; stm-oneside = STM on one side only (Table 3); stm-weights = the HSP weight variants")
-    ap.add_argument("--rates", nargs="+", type=float, default=list(DEFAULT_RATES), help="token reduction rates (0.2 = 20%%)")
-    ap.add_argument("--schedule", help="instead of rates: tokens removed after each layer IN TOTAL, comma-separated "
-                                       "(one value = every layer); STM on both sides splits each entry equally, so the "
-                                       "paper's '2 tokens per direction at every layer' is --schedule 4")
-    ap.add_argument("--stm-sides", default=STM_DEFAULTS["sides"], choices=["both", "left", "right"])
-    ap.add_argument("--stm-positions", default=STM_DEFAULTS["positions"], choices=["ends", "uniform"])
-    ap.add_argument("--stm-weights", default=STM_DEFAULTS["weights"], choices=list(TOKEN_WEIGHT_VARIANTS))
-    ap.add_argument("--stm-start-layer", type=int, default=STM_DEFAULTS["start_layer"])
-    ap.add_argument("--limit", type=int, help="evaluate only the first N images")
-    ap.add_argument("--batch-size", type=int, default=None, help="default 128 (360 for the embedded default)")
-    ap.add_argument("--workers", type=int, default=0)
-    ap.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
-    ap.add_argument("--dtype", default="fp32", choices=list(AMP_DTYPES), help="autocast precision")
-    ap.add_argument("--on-bad-image", default="skip", choices=["skip", "error"])
-    ap.add_argument("--out", help="output folder (default: runs/<date-time>); reuse it to resume")
-    ap.add_argument("--quiet", action="store_true")
+    ap = argparse.ArgumentParser(prog="python -m stm_fast.eval", description=DESCRIPTION, formatter_class=HelpFormatter)
+    _data_options(ap)
+    _method_options(ap)
+    _run_options(ap)
     return ap
+
+
+def listing() -> str:
+    """What ``--list`` prints: every model name with its shape, the method groups, the reduction methods."""
+    lines = ["models:"] + [f"  {n:16s} {describe(n)}" for n in sorted(MODEL_CONFIGS)]
+    lines += ["  aliases (hustvl/Vim's registry names):"] + [f"    {a} -> {n}" for a, n in sorted(ALIASES.items())]
+    lines += ["method groups (--methods): " + ", ".join(METHOD_GROUPS),
+              "reduction methods (stm_fast.reduce): " + ", ".join(list_methods())]
+    return "\n".join(lines)
+
+
+def _check_real_run(args):
+    """--model, --ema or --override only mean something with a --checkpoint: say what runs instead."""
+    given = [f for f, on in (("--model", args.model is not None), ("--ema", args.ema), ("--override", args.override)) if on]
+    if given and args.checkpoint is None:
+        raise RunError(f"{', '.join(given)} given without --checkpoint: without a checkpoint (and --data) the embedded "
+                       f"digits default runs (three small Vims shipped with the package). To evaluate a real model: "
+                       f"python -m stm_fast.eval --model NAME --checkpoint FILE.pth --data /path/to/imagenet/val")
+    if args.model is None:
+        args.model = "vim_tiny"
 
 
 def _schedule(text):
@@ -73,6 +117,9 @@ def _schedule(text):
 
 def parse_args(argv=None) -> argparse.Namespace:
     args = build_parser().parse_args(argv)
+    if args.list:
+        return args
+    _check_real_run(args)
     try:
         for r in args.rates:
             check_rate(r, "--rates")
@@ -92,7 +139,11 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     try:
-        evaluate(parse_args(argv))
+        args = parse_args(argv)
+        if args.list:
+            print(listing())
+            return 0
+        evaluate(args)
     except (CheckpointError, DataError, RunError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -10,11 +10,13 @@ __all__ = ["DEFAULT_RATES", "METHOD_GROUPS", "STM_WEIGHT_VARIANTS", "experiments
 
 DEFAULT_RATES = (0.15, 0.2, 0.3, 0.4)
 STM_WEIGHT_VARIANTS = ("avg", "drop", "mean", "decay", "lsq_norm")  # the HSP ablations beside the default lsq
-METHOD_GROUPS = ("stm", "stm-oneside", "stm-weights", "tome", "top", "evit")
+METHOD_GROUPS = ("none", "stm", "stm-oneside", "stm-weights", "tome", "top", "evit")  # none: the baseline alone
 
 
 def _group(group, rate, schedule, stm_options):
     """The experiments of one method group at one rate (or schedule)."""
+    if group == "none":
+        return []  # the baseline is always the first experiment
     if group == "stm":
         return [("stm", rate, schedule, dict(stm_options))]
     if group == "stm-oneside":

@@ -21,7 +21,7 @@ from contextlib import contextmanager
 from types import MappingProxyType
 from typing import Any, Iterator
 
-from . import evit, stm, tome, top  # noqa: F401  (each registers its method)
+from . import stm, tome, top, evit  # noqa: F401, I001  (each registers its method, in this order)
 from .base import METHODS, Method, Reduction, ReductionPass, register_method
 from .schedule import check_rate, check_schedule, check_step_limits, rate_of, solve_schedule, tokens_per_layer
 from .stm import STM_DEFAULTS
@@ -38,7 +38,7 @@ def list_methods() -> list[str]:
 def _none(cfg, rate, schedule) -> Reduction:
     if rate not in (None, 0) or (schedule is not None and any(schedule if not isinstance(schedule, int) else [schedule])):
         raise ValueError("method 'none' takes no rate or schedule")
-    L, depth = cfg.num_patches + 1, cfg.depth
+    L, depth = cfg.num_tokens, cfg.depth
     return Reduction("none", MappingProxyType({}), (0,) * (depth - 1), (L,) * depth, 0.0, 0.0, (0,) * (depth - 1))
 
 
@@ -59,7 +59,7 @@ def make_reduction(model_or_cfg, method: str, rate: float | None = None, schedul
     if (rate is None) == (schedule is None):
         raise ValueError(f"reduce(..., '{method}'): give exactly one of rate= or schedule=")
     impl = METHODS[method](cfg, **options)
-    depth, L = cfg.depth, cfg.num_patches + 1
+    depth, L = cfg.depth, cfg.num_tokens
     points, budget = impl.reduction_points(), impl.token_budget()
     if schedule is None:
         rate = check_rate(rate)
