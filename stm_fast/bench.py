@@ -18,6 +18,7 @@ that time over the same forward's time.
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import statistics
 import sys
@@ -29,7 +30,8 @@ from .flops import flops
 from .models import OVERRIDES, create_model, list_models, parse_overrides
 from .reduction import check_rate, list_methods, make_reduction, reduced
 from .registry import MODEL_CONFIGS
-from .runtime import AMP_DTYPES, HelpFormatter, atomic_write_json, autocast, flush_denormals, pick_device, synchronize
+from .runtime import (AMP_DTYPES, HelpFormatter, atomic_write_json, autocast, check_device, flush_denormals,
+                      non_negative_int, pick_device, positive_int, synchronize)
 
 __all__ = ["run_bench", "main", "build_parser", "table"]
 
@@ -148,6 +150,17 @@ def table(rows):
     return "\n".join(out) + f"\n\nbatch {rows[0]['batch_size'] if rows else '?'}, {rows[0]['dtype'] if rows else ''}, {dev}"
 
 
+def _check_json_path(path):
+    """ValueError unless ``--json`` names a file that can be written (checked before the run, not after it)."""
+    if path is None:
+        return
+    folder = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):
+        raise ValueError(f"--json {path} is a folder: give a file name, e.g. {os.path.join(path, 'bench.json')}")
+    if not os.path.isdir(folder) or not os.access(folder, os.W_OK):
+        raise ValueError(f"--json {path}: the folder {folder} does not exist or is not writable")
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m stm_fast.bench", description=__doc__, formatter_class=HelpFormatter)
     methods = [m for m in list_methods() if m != "none"]
@@ -158,11 +171,11 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--methods", nargs="+", default=methods, choices=methods, metavar="METHOD",
                     help="reduction methods, any of: " + ", ".join(methods) + " (the baseline is always timed)")
     ap.add_argument("--rates", nargs="+", type=float, default=[0.15, 0.2, 0.3, 0.4], help="fractions (0.2 = 20%%)")
-    ap.add_argument("--batch-size", type=int, help="images per forward (default: 8 on CPU, 256 on CUDA)")
+    ap.add_argument("--batch-size", type=positive_int, help="images per forward (default: 8 on CPU, 256 on CUDA)")
     ap.add_argument("--dtype", default="fp32", choices=list(AMP_DTYPES), help="autocast precision")
-    ap.add_argument("--rounds", type=int, default=7,
+    ap.add_argument("--rounds", type=positive_int, default=7,
                     help="interleaved timed rounds (medians); 5 proved too few on a noisy 2-core machine")
-    ap.add_argument("--warmup", type=int, default=2, help="untimed forwards per configuration before the rounds")
+    ap.add_argument("--warmup", type=non_negative_int, default=2, help="untimed forwards per configuration before the rounds")
     ap.add_argument("--json", help="also write the rows to this JSON file")
     ap.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
                     help="architecture override (" + ", ".join(OVERRIDES) + "); repeatable")
@@ -180,6 +193,8 @@ def main(argv=None):
         overrides = parse_overrides(args.override)
         for r in args.rates:
             check_rate(r, "--rates")
+        check_device(args.device)
+        _check_json_path(args.json)
     except ValueError as e:
         ap.error(str(e))
     with flush_denormals():  # as stm_fast.eval: subnormal decays would time the FPU, not the method

@@ -6,6 +6,7 @@ import argparse
 import os
 import pickle
 import pickletools
+import re
 import zipfile
 
 import torch
@@ -49,9 +50,39 @@ def _unreadable(path, msg):
             f"written by torch.save): {first[:200]}")
 
 
+def _refused_code(path, msg):
+    """The CheckpointError for a file that references Python code, or None if ``msg`` is another failure."""
+    found = re.search(r"unsupported global:?\s*(?:GLOBAL\s+)?([\w.]+)", msg, re.IGNORECASE)
+    name = found.group(1) if found else _pickled_code(path)
+    if name is None:
+        return None
+    return CheckpointError(
+        f"refusing to load {path}: it references the Python object {name}, and unpickling it may execute code, "
+        f"so it was not loaded (checkpoints are read as tensors and containers only). If you trust the file, "
+        f"re-save just the state dict: torch.save({{'model': model.state_dict()}}, path)")
+
+
+def _entry(obj, path, key, ema):
+    """The state dict inside a loaded checkpoint object."""
+    if key is None:
+        key = "model_ema" if ema else None
+    if key is None and all(isinstance(v, torch.Tensor) for v in obj.values()):
+        return obj
+    key = key or ("model" if "model" in obj else "state_dict" if "state_dict" in obj else "model")
+    if key not in obj:
+        found = ", ".join(sorted(map(str, obj.keys()))[:12])
+        hint = (" (this file has no EMA weights; drop --ema)" if key == "model_ema"
+                else " (it holds EMA weights only: pass --ema, or ema=True)" if "model_ema" in obj else "")
+        raise CheckpointError(f"{path} has no '{key}' entry{hint}; its top-level keys are: {found}")
+    if not isinstance(obj[key], dict):
+        raise CheckpointError(f"{path}['{key}'] is a {type(obj[key]).__name__}, not a state dict")
+    return obj[key]
+
+
 def read_state_dict(path, key=None, ema=False):
     """The state dict stored in ``path``: a bare state dict, or the entry ``key`` (default ``model``,
-    or ``model_ema`` with ``ema=True``) of a checkpoint dict. A ``module.`` prefix (DDP) is removed."""
+    or ``model_ema`` with ``ema=True``) of a checkpoint dict. A ``module.`` prefix (DDP) is removed.
+    Tensors holding NaN or inf are refused (a model that computes nothing meaningful)."""
     path = os.fspath(path)
     if not os.path.exists(path):
         raise CheckpointError(f"checkpoint file not found: {path}")
@@ -63,33 +94,17 @@ def read_state_dict(path, key=None, ema=False):
         obj = _torch_load(path)
     except (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile, OSError, LookupError, ValueError,
             TypeError, AttributeError) as e:
-        msg = str(e)
-        code = _pickled_code(path)
-        if "Unsupported global" in msg or code:  # a class or function reference: loading would run code
-            detail = next((ln.strip() for ln in msg.splitlines() if "Unsupported global" in ln), f"it references {code}")
-            raise CheckpointError(
-                f"refusing to load {path}: it contains Python objects that could run code, and checkpoints are "
-                f"loaded with weights_only=True ({detail[:200]}). If you trust the file, re-save just the state "
-                f"dict: torch.save({{'model': model.state_dict()}}, path)") from None
-        raise CheckpointError(_unreadable(path, msg)) from None
+        raise (_refused_code(path, str(e)) or CheckpointError(_unreadable(path, str(e)))) from None
     if not isinstance(obj, dict):
         raise CheckpointError(f"{path} holds a {type(obj).__name__}, expected a state dict or a dict with a 'model' entry")
-    if key is None:
-        key = "model_ema" if ema else None
-    if key is None and all(isinstance(v, torch.Tensor) for v in obj.values()):
-        sd = obj
-    else:
-        key = key or ("model" if "model" in obj else "state_dict" if "state_dict" in obj else "model")
-        if key not in obj:
-            found = ", ".join(sorted(map(str, obj.keys()))[:12])
-            hint = " (this file has no EMA weights; drop --ema)" if key == "model_ema" else ""
-            raise CheckpointError(f"{path} has no '{key}' entry{hint}; its top-level keys are: {found}")
-        sd = obj[key]
-        if not isinstance(sd, dict):
-            raise CheckpointError(f"{path}['{key}'] is a {type(sd).__name__}, not a state dict")
+    sd = _entry(obj, path, key, ema)
     bad = [k for k, v in sd.items() if not isinstance(v, torch.Tensor)]
     if bad:
         raise CheckpointError(f"{path}: entries that are not tensors: {bad[:5]}")
+    nonfinite = [k for k, v in sd.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if nonfinite:
+        raise CheckpointError(f"{path}: {len(nonfinite)} tensor(s) hold NaN or inf ({', '.join(nonfinite[:5])}): the "
+                              f"file is damaged or from a diverged training run; use another checkpoint")
     if sd and all(k.startswith("module.") for k in sd):
         sd = {k[len("module."):]: v for k, v in sd.items()}
     return sd

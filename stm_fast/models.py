@@ -20,8 +20,12 @@ def parse_overrides(items: list[str]) -> dict[str, int]:
     out = {}
     for item in items:
         k, sep, v = item.partition("=")
-        if not sep or not v.isdigit():
+        if not sep or not v.strip().isdigit():
             raise ValueError(f"--override takes KEY=INTEGER, got {item!r}")
+        if k not in OVERRIDES:
+            raise ValueError(f"--override {item}: unknown key {k!r}; allowed: {', '.join(OVERRIDES)}")
+        if int(v) < 1:
+            raise ValueError(f"--override {item}: {k} must be a positive integer")
         out[k] = int(v)
     return out
 

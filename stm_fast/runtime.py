@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["HelpFormatter", "AMP_DTYPES", "compute_dtype", "pick_device", "autocast", "synchronize", "flush_denormals",
+__all__ = ["HelpFormatter", "AMP_DTYPES", "compute_dtype", "pick_device", "check_device", "positive_int", "non_negative_int", "autocast", "synchronize", "flush_denormals",
            "atomic_write", "atomic_write_json"]
 
 AMP_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}  # command-line name -> autocast dtype
@@ -34,6 +34,24 @@ def compute_dtype(*values: Any) -> torch.dtype:
 def pick_device(name: str | None = None) -> torch.device:
     """The device to run on: ``name`` if given, else CUDA when available, else the CPU."""
     return torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+
+def check_device(name: str | None = None) -> torch.device:
+    """``pick_device(name)``, checked: ValueError (one line, with the fix) for a name torch does not know or
+    a device this machine does not have."""
+    try:
+        device = pick_device(name)
+    except (RuntimeError, ValueError):
+        raise ValueError(f"--device {name!r} is not a device name: use cpu, cuda or cuda:N") from None
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ValueError(f"--device {name}: this machine has no usable CUDA device; use --device cpu")
+        if device.index is not None and device.index >= count:
+            raise ValueError(f"--device {name}: this machine has {count} CUDA device(s) (cuda:0..cuda:{count - 1})")
+    elif device.type != "cpu":
+        raise ValueError(f"--device {name}: only cpu and cuda devices are supported")
+    return device
 
 
 def autocast(device: torch.device, precision: str = "fp32"):
@@ -98,3 +116,23 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
         if "default" in text or nothing or not action.option_strings:
             return text
         return f"{text} (default: {' '.join(map(str, default)) if isinstance(default, list) else default})"
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1 (the error names the value)."""
+    return _bounded_int(text, 1, "a positive integer")
+
+
+def non_negative_int(text: str) -> int:
+    """argparse type: an integer >= 0."""
+    return _bounded_int(text, 0, "a non-negative integer")
+
+
+def _bounded_int(text, low, what):
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+    if value < low:
+        raise argparse.ArgumentTypeError(f"expected {what}, got {value}")
+    return value

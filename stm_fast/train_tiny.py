@@ -87,7 +87,7 @@ def _train(seed, epochs, batch, lr, out, threads, progress, max_steps):
     acc = evaluate(model, x_te, y_te)
     meta = {"seed": seed, "epochs": epochs, "batch": batch, "lr": lr, "test_accuracy": acc,
             "train_seconds": round(time.time() - t0, 1), "torch": str(torch.__version__)}
-    out = out or checkpoint_path(seed)
+    out = out or f"vim_digits_seed{seed}.pth"  # never the shipped file unless asked for (main: --replace-shipped)
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     tmp = out + ".tmp"
     model.eval()
@@ -100,13 +100,24 @@ def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m stm_fast.train_tiny", description=__doc__, formatter_class=HelpFormatter)
     ap.add_argument("--seed", type=int, required=True, help="the seed to train (0, 1, 2 are the shipped models)")
     ap.add_argument("--epochs", type=int, default=30, help="training epochs (the shipped models: 30)")
-    ap.add_argument("--out", default=None, help="where to write the checkpoint (default: the package's shipped file)")
+    ap.add_argument("--out", default=None,
+                    help="where to write the checkpoint (default: vim_digits_seed<S>.pth in the current folder; the "
+                         "package's shipped models are only replaced with --replace-shipped)")
+    ap.add_argument("--replace-shipped", action="store_true",
+                    help="write into the package's shipped checkpoint of this seed (what the embedded default evaluates)")
     return ap
 
 
 def main(argv=None):
-    args = build_parser().parse_args(argv)
-    acc, meta, out = train(args.seed, epochs=args.epochs, out=args.out)
+    ap = build_parser()
+    args = ap.parse_args(argv)
+    shipped = os.path.abspath(checkpoint_path(args.seed))
+    out = args.out or (shipped if args.replace_shipped else f"vim_digits_seed{args.seed}.pth")
+    if os.path.abspath(out) == shipped and not args.replace_shipped:
+        ap.error(f"--out {out} is the package's shipped model of seed {args.seed}: pass --replace-shipped to replace it")
+    if os.path.isdir(out):
+        ap.error(f"--out {out} is a folder: give a file name")
+    acc, meta, out = train(args.seed, epochs=args.epochs, out=out)
     print(f"seed {args.seed}: test accuracy {100 * acc:.2f}% on 360 images, {meta['train_seconds']} s -> {out}")
     return 0
 

@@ -17,7 +17,7 @@ from stm_fast import eval as ev
 SYNS = ["n01440764", "n01443537", "n15075141"]  # canonical indices 0, 1, 999
 SMALL = dict(img_size=32, patch_size=4, embed_dim=16, depth=4, d_state=8)  # 64 patches + class token
 OVERRIDES = [f"--override={k}={v}" for k, v in SMALL.items()]
-FAST = ["--methods", "stm", "tome", "--rates", "0.2", "0.4", "--quiet", "--batch-size", "4"]
+FAST = ["--methods", "stm", "tome", "--rates", "0.1", "0.2", "--quiet", "--batch-size", "4"]
 
 
 @pytest.fixture(scope="module")
@@ -87,16 +87,14 @@ def test_imagefolder_run_writes_every_output(tmp_path, checkpoint, folders):
     assert len(base) == 1 and base[0]["images"] == 12 and base[0]["bad_images"] == 1
     (bad,) = base[0]["bad_image_files"]
     assert bad.startswith(os.path.join(tree, "n01440764", "broken.JPEG") + ": "), "the file and the reason are reported"
+    assert len(recs) == 5
     for r in recs:
         assert set(r) >= {"model", "method", "rate", "achieved_rate", "options", "top1", "top5", "images", "bad_images",
                           "gflops_paper", "gflops_full", "images_per_s"}
-        if r.get("error"):  # tome at 40% has one reduction point here (after layer 1) and cannot get there
-            assert (r["method"], r["rate"]) == ("tome", 0.4) and "cannot" in r["error"] and r["top1"] is None
-        elif r["method"] != "none":
+        if r["method"] != "none":
             assert abs(r["achieved_rate"] - r["rate"]) <= 0.01 and r["gflops_paper"] < base[0]["gflops_paper"]
     table = open(os.path.join(out, "table.md")).read()
     assert "baseline (no reduction)" in table and "| tome |" in table and "1 unreadable image(s) excluded" in table
-    assert "| tome | 0.4 | — | n/a: cannot reach" in table
 
 
 def test_flat_folder_with_labels_scores_the_same_images_identically(tmp_path, checkpoint, folders):
@@ -132,7 +130,7 @@ def test_interrupted_run_resumes_without_recomputing(tmp_path, checkpoint, folde
     before = calls["n"]
     code, resumed = run(["--checkpoint", checkpoint, "--data", tree, "--out", out, *OVERRIDES, *FAST])
     assert code == 0
-    n_cfg = sum(1 for r in expected if not r.get("error"))  # 4 feasible configurations
+    n_cfg = len(expected)  # the baseline and 4 reduced configurations
     n_batches = 4  # 13 files, batch 4
     # the interrupt came during batch 1: batch 0 was saved and is not recomputed; batch 1 (in flight) is redone
     assert calls["n"] - before == n_cfg * (n_batches - 1), "finished batches are not recomputed"
@@ -143,7 +141,9 @@ def test_resume_refuses_other_settings(tmp_path, checkpoint, folders, capsys):
     out = str(tmp_path / "r")
     assert run(["--checkpoint", checkpoint, "--data", folders[0], "--out", out, *OVERRIDES, *FAST])[0] == 0
     code, _ = run(["--checkpoint", checkpoint, "--data", folders[0], "--out", out, "--limit", "5", *OVERRIDES, *FAST])
-    assert code == 2 and "holds a run with other settings" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert code == 2 and "holds a run of other inputs (the image list (names, sizes or labels), limit (None -> 5) changed)" in err
+    assert "--restart" in err
 
 
 def test_two_process_gloo_run_equals_single_process(tmp_path, checkpoint, folders):

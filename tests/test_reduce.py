@@ -110,7 +110,7 @@ def test_schedule_solver_is_as_uniform_as_possible():
     (lambda m: stm_fast.reduce(m, "stm", schedule=[2] * 30), "only 23 merge points"),
     (lambda m: stm_fast.reduce(m, "stm", schedule=[-2]), "non-negative integers"),
     (lambda m: stm_fast.reduce(m, "stm", schedule=[200]), "more than the 194"),
-    (lambda m: stm_fast.reduce(m, "stm", rate=0.2, start_layer=23), "start_layer must be in 0..22"),
+    (lambda m: stm_fast.reduce(m, "stm", rate=0.2, start_layer=23), "start_layer must be an integer in 0..22"),
     (lambda m: stm_fast.reduce(m, "stm", rate=0.2, weights="median"), "weights must be one of"),
     (lambda m: stm_fast.reduce(m, "stm", schedule=[0, 2], start_layer=2), "cannot reduce after layer 1"),
     (lambda m: stm_fast.reduce(m, "tome", rate=0.2, layers="middle"), "tome: layers must be one of"),

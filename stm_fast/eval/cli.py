@@ -14,8 +14,8 @@ from ..merge import TOKEN_WEIGHT_VARIANTS
 from ..models import OVERRIDES, list_models, parse_overrides
 from ..reduction import STM_DEFAULTS, check_rate, list_methods
 from ..registry import ALIASES, MODEL_CONFIGS, describe
-from ..runtime import AMP_DTYPES, HelpFormatter
-from .errors import RunError
+from ..runtime import AMP_DTYPES, HelpFormatter, non_negative_int, positive_int
+from .errors import NoImagesError, RunError
 from .grid import DEFAULT_RATES, METHOD_GROUPS
 from .imagenet import DataError
 from .run import evaluate
@@ -42,7 +42,7 @@ def _data_options(ap):
     g.add_argument("--labels", help="labels for a flat folder: a CSV (filename,label or Kaggle's LOC_val_solution.csv), "
                                     "or the official ILSVRC2012_validation_ground_truth.txt (with --devkit)")
     g.add_argument("--devkit", help="ILSVRC2012 devkit folder (or its data/meta.mat) for the official ground truth")
-    g.add_argument("--limit", type=int, help="evaluate only the first N images (default: all)")
+    g.add_argument("--limit", type=positive_int, help="evaluate only the first N images (default: all)")
 
 
 def _method_options(ap):
@@ -61,19 +61,22 @@ def _method_options(ap):
                    help="STM: which tokens of a side are merged (docs/conventions.md §3)")
     g.add_argument("--stm-weights", default=STM_DEFAULTS["weights"], choices=list(TOKEN_WEIGHT_VARIANTS),
                    help="STM: the merge weights (docs/conventions.md §4)")
-    g.add_argument("--stm-start-layer", type=int, default=STM_DEFAULTS["start_layer"],
+    g.add_argument("--stm-start-layer", type=non_negative_int, default=STM_DEFAULTS["start_layer"],
                    help="STM: the first layer after which tokens merge")
 
 
 def _run_options(ap):
     g = ap.add_argument_group("how it runs")
-    g.add_argument("--batch-size", type=int, default=None, help="images per batch (default: 128, 360 for the embedded default)")
-    g.add_argument("--workers", type=int, default=0, help="DataLoader worker processes decoding images")
+    g.add_argument("--batch-size", type=positive_int, default=None, help="images per batch (default: 128, 360 for the embedded default)")
+    g.add_argument("--workers", type=non_negative_int, default=0, help="DataLoader worker processes decoding images")
     g.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     g.add_argument("--dtype", default="fp32", choices=list(AMP_DTYPES), help="autocast precision")
     g.add_argument("--on-bad-image", default="skip", choices=["skip", "error"],
                    help="an unreadable image is excluded and listed (skip) or stops the run (error)")
-    g.add_argument("--out", help="output folder (default: runs/<date-time>); reuse it to resume")
+    g.add_argument("--out", help="output folder (default: runs/<date-time>); reuse it to resume a run of the same inputs, "
+                                 "or to add method groups to it")
+    g.add_argument("--restart", action="store_true",
+                   help="discard what --out holds from an earlier run (its run.json, progress and result files) first")
     g.add_argument("--quiet", action="store_true", help="no progress bar and no table on stdout")
     g.add_argument("--list", action="store_true", help="list the models, method groups and methods, then exit")
 
@@ -108,10 +111,10 @@ def _check_real_run(args):
 
 def _schedule(text):
     """'--schedule 4' -> 4 (every layer); '0,4,2' -> [0, 4, 2]: tokens removed after each layer in total."""
-    try:
-        values = [int(v) for v in text.replace(" ", "").split(",") if v != ""]
-    except ValueError:
-        raise RunError(f"--schedule takes comma-separated integers, got {text!r}") from None
+    parts = text.replace(" ", "").split(",")
+    if not all(p.isdigit() for p in parts):
+        raise RunError(f"--schedule takes non-negative integers separated by commas (e.g. 4 or 0,4,4), got {text!r}")
+    values = [int(v) for v in parts]
     return values[0] if len(values) == 1 else values
 
 
@@ -126,7 +129,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         args.overrides = parse_overrides(args.override)
     except ValueError as e:
         raise RunError(str(e)) from None
-    if args.schedule:
+    if args.schedule is not None:
         args.schedule = _schedule(args.schedule)
     args.stm_options = {"sides": args.stm_sides, "positions": args.stm_positions, "weights": args.stm_weights,
                         "start_layer": args.stm_start_layer}
@@ -144,6 +147,9 @@ def main(argv=None) -> int:
             print(listing())
             return 0
         evaluate(args)
+    except NoImagesError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 3
     except (CheckpointError, DataError, RunError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

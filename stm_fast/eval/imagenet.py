@@ -1,49 +1,31 @@
-"""ImageNet validation images for ``stm_fast.eval``: folder layouts, labels, the official transform, bad images.
-
-Class indices always follow the canonical ImageNet-1k order (the 1000 WordNet IDs sorted, shipped in
-``data/imagenet_synsets.txt``), so a folder holding only some classes is still labelled correctly.
+"""ImageNet validation images for ``stm_fast.eval``: folder layouts, the official transform, image decoding.
 
 Layouts:
 
-* ImageFolder: ``root/<wnid>/<image>``, one sub-folder per synset (the usual ``val`` after the
-  standard re-arrangement script).
-* Flat: ``root/<image>`` plus ``--labels``:
-  - a CSV with a header naming an image column (``filename``, ``file``, ``image``, ``ImageId`` or ``path``)
-    and a label column (``label``, ``class``, ``synset``, ``wnid`` or ``PredictionString``, whose first
-    token is used, as in Kaggle's ``LOC_val_solution.csv``); a label is a wnid or a 0-based canonical index;
-  - or the official ``ILSVRC2012_validation_ground_truth.txt`` (one ILSVRC2012_ID per line for
-    ILSVRC2012_val_00000001.JPEG, ...), together with ``--devkit`` (the devkit folder or its
-    ``data/meta.mat``), which maps those IDs to wnids.
+* ImageFolder: ``root/<wnid>/<image>``, one sub-folder per synset (the usual ``val`` after the standard
+  re-arrangement script); the folders hold the labels, so ``--labels`` is refused there.
+* Flat: ``root/<image>`` plus ``--labels`` (``stm_fast.eval.labels`` lists the accepted files).
+
+Only regular files are read: a FIFO, a device or a broken link with an image name is skipped and
+listed (``skipped``), never opened. An image that cannot be decoded is excluded and reported per batch.
+Images are converted to 8-bit RGB (``to_rgb``): 16-bit and 32-bit integer greyscale (modes I;16, I) is
+scaled by 1/257 (65535 -> 255), floating-point greyscale (mode F) in [0, 1] by 255 and in [0, 255] kept;
+other values are reported as unreadable rather than clipped into a different picture.
 """
 
 from __future__ import annotations
 
-import csv
 import os
-import re
+import stat
 
+import numpy as np
 import torch
 
-__all__ = ["SYNSETS", "eval_transform", "ImageNetVal", "collate_skip_bad", "DataError", "IMAGE_EXTENSIONS"]
+from .labels import SYNSET_INDEX, SYNSETS, DataError, read_labels
+
+__all__ = ["SYNSETS", "eval_transform", "ImageNetVal", "collate_skip_bad", "DataError", "IMAGE_EXTENSIONS", "to_rgb"]
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
-_WNID = re.compile(r"^n\d{8}$")
-
-
-class DataError(ValueError):
-    """A dataset problem found before any work starts; the message names the problem and the fix."""
-
-
-def _load_synsets():
-    path = os.path.join(os.path.dirname(os.path.dirname(__file__)), "data", "imagenet_synsets.txt")
-    with open(path) as f:
-        ids = f.read().split()
-    assert len(ids) == 1000 and ids == sorted(ids), "corrupt package data: imagenet_synsets.txt"
-    return ids
-
-
-SYNSETS = _load_synsets()
-SYNSET_INDEX = {w: i for i, w in enumerate(SYNSETS)}
 
 
 def eval_transform(img_size=224, crop_pct=0.875):
@@ -62,63 +44,67 @@ def _is_image(name):
     return name.lower().endswith(IMAGE_EXTENSIONS)
 
 
-def _label_of(value, where):
-    value = str(value).strip()
-    if _WNID.match(value):
-        if value not in SYNSET_INDEX:
-            raise DataError(f"{where}: {value!r} is not one of the 1000 ImageNet-1k synsets")
-        return SYNSET_INDEX[value]
-    if value.isdigit() and int(value) < 1000:
-        return int(value)
-    raise DataError(f"{where}: label {value!r} is neither a synset id (nXXXXXXXX) nor a class index 0..999")
+def _regular_images(folder, names, skipped):
+    """The image-named regular files among ``names`` of ``folder``; the others are added to ``skipped``."""
+    out = []
+    for n in sorted(names):
+        if not _is_image(n):
+            continue
+        path = os.path.join(folder, n)
+        try:
+            mode = os.stat(path).st_mode
+        except OSError as e:
+            skipped.append(f"{path}: {type(e).__name__} ({e.strerror or e})")
+            continue
+        if stat.S_ISREG(mode):
+            out.append(n)
+        elif not stat.S_ISDIR(mode):
+            skipped.append(f"{path}: not a regular file (a FIFO, socket or device); not opened")
+    return out
 
 
-def _devkit_mapping(devkit):
-    """ILSVRC2012_ID (1..1000) -> wnid, from the devkit's meta.mat."""
-    from scipy.io import loadmat
+def to_rgb(im):
+    """An 8-bit RGB copy of a PIL image, scaling 16-bit, 32-bit integer and float greyscale instead of clipping
+    it (see the module docstring). ValueError for values that no such scaling maps to 0..255."""
+    from PIL import Image
 
-    path = devkit
-    if os.path.isdir(devkit):
-        path = os.path.join(devkit, "data", "meta.mat")
-    if not os.path.isfile(path):
-        raise DataError(f"--devkit {devkit}: no meta.mat found (expected the ILSVRC2012 devkit folder or data/meta.mat)")
-    meta = loadmat(path, squeeze_me=True)["synsets"]
-    return {int(s["ILSVRC2012_ID"]): str(s["WNID"]) for s in meta if int(s["ILSVRC2012_ID"]) <= 1000}
+    if im.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        a = np.asarray(im, dtype=np.float64)
+        lo, hi = (float(a.min()), float(a.max())) if a.size else (0.0, 0.0)
+        if not np.isfinite(a).all() or lo < 0:
+            raise ValueError(f"{im.mode} image with negative or non-finite values")
+        if im.mode == "F":
+            scale = 255.0 if hi <= 1 else 1.0 if hi <= 255 else None
+        else:
+            scale = 1 / 257 if hi <= 65535 else None
+        if scale is None:
+            raise ValueError(f"{im.mode} image with values up to {hi:g}: no known scale maps them to 0..255")
+        return Image.fromarray(np.round(a * scale).astype(np.uint8), "L").convert("RGB")
+    return im.convert("RGB")  # grayscale, CMYK, palette, PNG-in-.JPEG: all end up RGB
 
 
-def _read_labels(path, files, devkit=None):
-    """{filename: class index} for the flat layout."""
-    if not os.path.isfile(path):
-        raise DataError(f"--labels {path}: file not found")
-    with open(path, newline="") as f:
-        text = f.read()
-    lines = [ln for ln in text.splitlines() if ln.strip()]
-    if not lines:
-        raise DataError(f"--labels {path}: the file is empty")
-    if all(ln.strip().isdigit() for ln in lines[:50]):  # official ground truth: one ILSVRC2012_ID per line
-        if devkit is None:
-            raise DataError(
-                f"--labels {path} looks like the official ILSVRC2012_validation_ground_truth.txt (ILSVRC2012 IDs, not "
-                f"class indices): also pass --devkit <ILSVRC2012_devkit_t12 folder> so the IDs can be mapped to synsets")
-        ids = _devkit_mapping(devkit)
-        names = sorted(files)
-        if len(lines) != len(names) and len(lines) < len(names):
-            raise DataError(f"--labels {path} has {len(lines)} lines but the folder has {len(names)} images")
-        by_name = {f"ILSVRC2012_val_{i + 1:08d}": SYNSET_INDEX[ids[int(v)]] for i, v in enumerate(lines)}
-        return {n: by_name.get(os.path.splitext(n)[0]) for n in names}
-    reader = csv.DictReader(lines)
-    fields = {k.lower(): k for k in (reader.fieldnames or [])}
-    img_col = next((fields[k] for k in ("filename", "file", "image", "imageid", "path") if k in fields), None)
-    lab_col = next((fields[k] for k in ("label", "class", "synset", "wnid", "predictionstring") if k in fields), None)
-    if img_col is None or lab_col is None:
-        raise DataError(f"--labels {path}: expected a CSV header with an image column (filename/file/image/ImageId/path) "
-                        f"and a label column (label/class/synset/wnid/PredictionString); found {reader.fieldnames}")
-    out = {}
-    for row_no, row in enumerate(reader, start=2):
-        name = os.path.basename(row[img_col].strip())
-        value = row[lab_col].split()[0] if row[lab_col].strip() else ""
-        out[os.path.splitext(name)[0]] = _label_of(value, f"--labels {path}, line {row_no}")
-    return {n: out.get(os.path.splitext(n)[0]) for n in files}
+def _imagefolder(root, subdirs, skipped):
+    bad = [d for d in subdirs if d not in SYNSET_INDEX]
+    if bad:
+        raise DataError(f"--data {root}: sub-folders must be ImageNet synset ids (nXXXXXXXX, e.g. n01440764), one per "
+                        f"class; found {len(bad)} that are not: {bad[:5]}. For a flat folder of images pass --labels")
+    samples = []
+    for d in subdirs:
+        for dirpath, _, names in sorted(os.walk(os.path.join(root, d))):
+            samples += [(os.path.join(dirpath, n), SYNSET_INDEX[d]) for n in _regular_images(dirpath, names, skipped)]
+    return samples
+
+
+def _flat(root, images, labels, devkit):
+    if labels is None:
+        raise DataError(f"--data {root} is a flat folder of {len(images)} images: pass --labels (a CSV, or the "
+                        f"official ground-truth file with --devkit) so they can be scored")
+    mapping = read_labels(labels, images, devkit)
+    missing = [n for n in images if mapping.get(n) is None]
+    if missing:
+        raise DataError(f"--labels {labels} does not match the images: {len(missing)} of {len(images)} have no "
+                        f"label (e.g. {missing[:3]}); is it the label file of this folder?")
+    return [(os.path.join(root, n), mapping[n]) for n in images]
 
 
 class ImageNetVal(torch.utils.data.Dataset):
@@ -129,31 +115,16 @@ class ImageNetVal(torch.utils.data.Dataset):
             raise DataError(f"--data {root}: no such folder")
         entries = sorted(os.listdir(root))
         subdirs = [e for e in entries if os.path.isdir(os.path.join(root, e))]
-        images = [e for e in entries if _is_image(e) and os.path.isfile(os.path.join(root, e))]
-        samples = []
-        if subdirs and labels is None:
-            bad = [d for d in subdirs if d not in SYNSET_INDEX]
-            if bad:
-                raise DataError(f"--data {root}: sub-folders must be ImageNet synset ids (e.g. n01440764); these are not: "
-                                f"{bad[:5]}. For a flat folder of images pass --labels")
-            for d in subdirs:
-                for dirpath, _, names in sorted(os.walk(os.path.join(root, d))):
-                    samples += [(os.path.join(dirpath, n), SYNSET_INDEX[d]) for n in sorted(names) if _is_image(n)]
-        elif images:
-            if labels is None:
-                raise DataError(f"--data {root} is a flat folder of {len(images)} images: pass --labels (a CSV, or the "
-                                f"official ground-truth file with --devkit) so they can be scored")
-            mapping = _read_labels(labels, images, devkit)
-            missing = [n for n in images if mapping.get(n) is None]
-            if missing:
-                raise DataError(f"--labels {labels} does not match the images: {len(missing)} of {len(images)} have no "
-                                f"label (e.g. {missing[:3]}); is it the label file of this folder?")
-            samples = [(os.path.join(root, n), mapping[n]) for n in images]
+        self.skipped = []  # image-named entries that are not regular files: listed, never opened
+        images = _regular_images(root, entries, self.skipped)
+        if subdirs and labels is not None and not images:
+            raise DataError(f"--data {root} is an ImageFolder (one sub-folder per synset), which already holds the "
+                            f"labels: drop --labels {labels}")
+        samples = _imagefolder(root, subdirs, self.skipped) if subdirs and labels is None else (
+            _flat(root, images, labels, devkit) if images else [])
         if not samples:
             raise DataError(f"--data {root}: no images found (looked for {', '.join(IMAGE_EXTENSIONS)})")
-        if limit is not None:
-            samples = samples[:limit]
-        self.samples = samples
+        self.samples = samples[:limit] if limit is not None else samples
         self.transform = transform or eval_transform()
 
     def __len__(self):
@@ -165,8 +136,7 @@ class ImageNetVal(torch.utils.data.Dataset):
         path, label = self.samples[i]
         try:
             with Image.open(path) as im:
-                im = im.convert("RGB")  # grayscale, CMYK, palette, PNG-in-.JPEG: all end up RGB
-                x = self.transform(im)
+                x = self.transform(to_rgb(im))
         except Exception as e:  # noqa: BLE001 - any decoding failure is a bad image, reported not raised
             return None, label, i, f"{path}: {type(e).__name__}: {str(e)[:120]}"
         return x, label, i, None

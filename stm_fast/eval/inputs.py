@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-import os
-
 import torch
 
 from .. import digits
+from ..checkpoint import CheckpointError
 from ..models import create_model
 from .errors import RunError
-from .imagenet import ImageNetVal, eval_transform
+from .imagenet import DataError, ImageNetVal, eval_transform
 
-__all__ = ["load_models", "load_dataset", "run_settings"]
+__all__ = ["load_models", "load_dataset"]
 
 
 def load_models(args, device):
@@ -21,8 +20,13 @@ def load_models(args, device):
                 for s, p in zip(digits.SEEDS, digits.shipped_checkpoints())]
     if args.checkpoint is None or args.data is None:
         raise RunError("a real run needs both --checkpoint and --data (with neither, the embedded digits default runs)")
-    model = create_model(args.model, checkpoint_path=args.checkpoint, ema=args.ema, **args.overrides).to(device)
-    return [(args.model, model)]
+    try:
+        model = create_model(args.model, checkpoint_path=args.checkpoint, ema=args.ema, **args.overrides)
+    except (TypeError, ValueError) as e:
+        if isinstance(e, CheckpointError):
+            raise
+        raise RunError(f"--model {args.model} with --override {' '.join(args.override)}: {e}") from None
+    return [(args.model, model.to(device))]
 
 
 class _TensorData(torch.utils.data.Dataset):
@@ -38,21 +42,18 @@ class _TensorData(torch.utils.data.Dataset):
         return self.x[i], int(self.y[i]), i, None
 
 
-def load_dataset(args, img_size):
-    """The digits test split (embedded default) or the ImageNet validation folder of ``--data``."""
+def load_dataset(args, cfg):
+    """The digits test split (embedded default) or the ImageNet validation folder of ``--data``, whose labels
+    must be classes of the model (``cfg``)."""
     if args.data is None:
         _, _, x, y = digits.load_split()
         if args.limit:
             x, y = x[: args.limit], y[: args.limit]
         return _TensorData(x, y)
-    return ImageNetVal(args.data, labels=args.labels, devkit=args.devkit, limit=args.limit,
-                       transform=eval_transform(img_size))
-
-
-def run_settings(args):
-    """What determines the numbers of a run, as recorded in ``run.json``."""
-    return {"model": args.model if args.checkpoint else "digits",
-            "checkpoint": os.path.abspath(args.checkpoint) if args.checkpoint else None,
-            "data": os.path.abspath(args.data) if args.data else "sklearn-digits-test", "labels": args.labels,
-            "limit": args.limit, "batch_size": args.batch_size, "dtype": args.dtype, "ema": args.ema,
-            "overrides": args.overrides}
+    data = ImageNetVal(args.data, labels=args.labels, devkit=args.devkit, limit=args.limit,
+                       transform=eval_transform(cfg.img_size))
+    outside = [(p, label) for p, label in data.samples if label >= cfg.num_classes]
+    if outside:
+        raise DataError(f"{len(outside)} image(s) have a label outside the model's {cfg.num_classes} classes (e.g. "
+                        f"{outside[0][0]}: class {outside[0][1]}); is --override num_classes right?")
+    return data

@@ -1,15 +1,36 @@
-"""Resumable progress of an eval run: per-rank counts saved atomically after every batch, and the run's
-settings in ``run.json`` so that a rerun into the same folder resumes only the same run."""
+"""The output folder of an eval run: what it holds, who writes it, and resumable per-rank progress.
+
+``run.json`` records the run's fingerprint (``stm_fast.eval.fingerprint``), the number of processes and
+every experiment ever run into the folder; ``progress.rank<r>.json`` the counts of each rank, saved
+atomically after every batch. A rerun into the same folder resumes only a run of the same fingerprint
+(else a clear refusal naming what changed, with ``--restart`` to discard the old files), and merges its
+experiments with those already there, so finished rows are never dropped. A lock file keeps two runs from
+writing one folder at once. Every file read back is checked; a corrupt or foreign one is a clear error.
+"""
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import json
 import os
 
 from ..runtime import atomic_write_json
 from .errors import RunError
+from .fingerprint import describe_difference
 
-__all__ = ["Progress", "check_run_folder", "write_run_file"]
+__all__ = ["Progress", "check_out_path", "RunFolder", "OUTPUT_FILES"]
+
+OUTPUT_FILES = ("run.json", "results.json", "results.csv", "table.md", "accuracy_vs_flops.png")
+_FIX = "choose another --out, or pass --restart to discard what it holds"
+
+
+def _read_json(path, what):
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError) as e:
+        raise RunError(f"{path} is not a readable {what} ({type(e).__name__}: {str(e)[:80]}): {_FIX}") from None
 
 
 class Progress:
@@ -20,8 +41,10 @@ class Progress:
         self.counts = {}  # key -> {"batches", "top1", "top5", "images", "seconds"}
         self.bad = {}  # batch index -> [messages]
         if os.path.exists(path):
-            with open(path) as f:
-                data = json.load(f)
+            data = _read_json(path, "progress file of stm_fast.eval")
+            if not (isinstance(data, dict) and isinstance(data.get("counts"), dict) and isinstance(data.get("bad"), dict)
+                    and all(isinstance(c, dict) and isinstance(c.get("batches"), int) for c in data["counts"].values())):
+                raise RunError(f"{path} is not a progress file of stm_fast.eval: {_FIX}")
             self.counts, self.bad = data["counts"], data["bad"]
 
     def done(self, key):
@@ -40,21 +63,69 @@ class Progress:
         atomic_write_json(self.path, {"counts": self.counts, "bad": self.bad})
 
 
-def check_run_folder(out, settings, world):
-    """RunError if ``out`` holds a run with other settings (resuming would mix two runs' numbers)."""
-    run_file = os.path.join(out, "run.json")
-    if not os.path.exists(run_file):
-        return
-    with open(run_file) as f:
-        old = json.load(f)
-    if old.get("settings") != settings or old.get("world", 1) != world:
-        raise RunError(f"--out {out} holds a run with other settings ({old.get('settings')}, {old.get('world', 1)} "
-                       f"process(es)); resume with the same settings, or choose a new --out")
+def check_out_path(out):
+    """RunError unless ``out`` is (or can be made) a writable folder; checked before any work."""
+    probe = os.path.abspath(out)
+    while not os.path.exists(probe):
+        probe = os.path.dirname(probe)
+    if not os.path.isdir(probe):
+        where = "is a file" if probe == os.path.abspath(out) else f"lies inside the file {probe}"
+        raise RunError(f"--out {out} {where}, not a folder: choose a folder for the results")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise RunError(f"--out {out}: {probe} is not writable by this user: choose a folder you can write to")
 
 
-def write_run_file(out, settings, world):
-    """Create ``out`` and record the run's settings there (once; a resumed run finds them)."""
-    os.makedirs(out, exist_ok=True)
-    run_file = os.path.join(out, "run.json")
-    if not os.path.exists(run_file):
-        atomic_write_json(run_file, {"settings": settings, "world": world}, indent=1)
+class RunFolder:
+    """The output folder, locked for the run's lifetime (rank 0). ``open`` checks or records ``run.json``."""
+
+    def __init__(self, out):
+        self.out = out
+        self.lock_file = None
+
+    def lock(self):
+        os.makedirs(self.out, exist_ok=True)
+        self.lock_file = open(os.path.join(self.out, ".lock"), "a+")
+        try:
+            fcntl.flock(self.lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            if e.errno not in (errno.EAGAIN, errno.EACCES):
+                raise
+            self.lock_file.close()
+            self.lock_file = None
+            raise RunError(f"another run is writing into --out {self.out} right now: wait for it to finish, or choose "
+                           f"another --out") from None
+
+    def release(self):
+        if self.lock_file is not None:
+            fcntl.flock(self.lock_file, fcntl.LOCK_UN)
+            self.lock_file.close()
+            self.lock_file = None
+
+    def restart(self):
+        """Remove what a previous run wrote here (only this tool's files)."""
+        for name in os.listdir(self.out):
+            if name in OUTPUT_FILES or (name.startswith("progress.rank") and name.endswith(".json")):
+                os.remove(os.path.join(self.out, name))
+
+    def open(self, fingerprint, world, experiments):
+        """The experiments of the run: those already recorded here (same fingerprint required) followed by the
+        new ones; ``run.json`` is (re)written with the union."""
+        path = os.path.join(self.out, "run.json")
+        known = []
+        if os.path.exists(path):
+            old = _read_json(path, "run record of stm_fast.eval")
+            if not (isinstance(old, dict) and isinstance(old.get("fingerprint"), dict) and isinstance(old.get("experiments"), list)):
+                raise RunError(f"{path} is not a run record of stm_fast.eval: {_FIX}")
+            if old["fingerprint"] != fingerprint or old.get("world", 1) != world:
+                what = describe_difference(old["fingerprint"], fingerprint) or f"processes ({old.get('world', 1)} -> {world})"
+                raise RunError(f"--out {self.out} holds a run of other inputs ({what} changed): its numbers cannot be "
+                               f"mixed with these; {_FIX}")
+            known = [tuple(e) for e in old["experiments"]]
+        merged = known + [e for e in (tuple(_jsonable(e)) for e in experiments) if e not in known]
+        atomic_write_json(path, {"fingerprint": fingerprint, "world": world, "experiments": merged}, indent=1)
+        return [tuple(e) for e in merged]
+
+
+def _jsonable(e):
+    """An experiment as JSON would give it back (so that old and new ones compare equal)."""
+    return json.loads(json.dumps(list(e)))

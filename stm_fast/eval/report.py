@@ -3,16 +3,17 @@
 from __future__ import annotations
 
 import csv
+import io
 import json
 import os
 
 from ..reduction import STM_DEFAULTS
-from ..runtime import atomic_write_json
+from ..runtime import atomic_write, atomic_write_json
 
 __all__ = ["write_outputs", "markdown_table"]
 
 _CSV_FIELDS = ["model", "method", "rate", "achieved_rate", "options", "schedule", "top1", "top5", "images", "bad_images",
-               "gflops_paper", "gflops_full", "gflops_overhead", "images_per_s", "error"]
+               "gflops_paper", "gflops_full", "gflops_overhead", "images_per_s"]
 
 
 def _label(rec):
@@ -45,7 +46,7 @@ def _groups(records):
     return out
 
 
-def markdown_table(records, bad):
+def markdown_table(records, bad, skipped=()):
     models = sorted({r["model"] for r in records})
     base = {r["model"]: r["top1"] for r in records if r["method"] == "none"}
     n_models = len(models)
@@ -53,20 +54,17 @@ def markdown_table(records, bad):
             "|---|---|---|---|---|---|---|---|---|")
     rows = []
     for (label, point), recs in _groups(records).items():
-        if any(r.get("error") for r in recs):
-            err = next(r["error"] for r in recs if r.get("error"))
-            rows.append(f"| {label} | {json.loads(point)} | — | n/a: {err.split(';')[0][:90]} | | | | | |")
-            continue
         point_v = json.loads(point)
         rate = f"{100 * point_v:.0f}%" if isinstance(point_v, float) else str(point_v)
-        deltas = [r["top1"] - base[r["model"]] for r in recs if r["model"] in base]
+        deltas = [r["top1"] - base[r["model"]] for r in recs if base.get(r["model"]) is not None and r["top1"] is not None]
         rows.append("| " + " | ".join([
             label, rate, _stat([100 * r["achieved_rate"] for r in recs]), _stat([r["top1"] for r in recs]),
             _stat(deltas), _stat([r["top5"] for r in recs]), _stat([r["gflops_paper"] for r in recs], fmt=".4g"),
             _stat([r["gflops_full"] for r in recs], fmt=".4g"), _stat([r["images_per_s"] for r in recs], 0)]) + " |")
     n_img = max((r["images"] for r in records), default=0)
     note = (f"\n{n_img} images per cell; " + (f"mean [min-max] over {n_models} models ({', '.join(models)}); "
-            if n_models > 1 else f"model {models[0]}; ") + f"{len(bad)} unreadable image(s) excluded.")
+            if n_models > 1 else f"model {models[0]}; ") + f"{len(bad)} unreadable image(s) excluded"
+            + (f"; {len(skipped)} non-regular file(s) skipped unopened." if skipped else "."))
     return "\n".join([head, *rows]) + note
 
 
@@ -79,7 +77,7 @@ def _plot(path, records):
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
     curves = {}
     for (label, point), recs in _groups(records).items():
-        ok = [r for r in recs if not r.get("error")]
+        ok = [r for r in recs if r["top1"] is not None]
         if ok:
             g = sum(r["gflops_paper"] for r in ok) / len(ok)
             a = sum(r["top1"] for r in ok) / len(ok)
@@ -93,23 +91,28 @@ def _plot(path, records):
     ax.set_xlabel("GFLOPs per image (paper convention)")
     ax.set_ylabel("top-1 accuracy (%)")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path)
+    tmp = f"{path}.tmp{os.getpid()}.png"
+    fig.savefig(tmp)
     plt.close(fig)
+    os.replace(tmp, path)
 
 
-def write_outputs(out, records, bad):
-    records = [{**r, "bad_image_files": list(bad)} for r in records]
+def write_outputs(out, records, bad, skipped=()):
+    """results.json (every record, with the bad and skipped files), results.csv, table.md and the plot;
+    each file written atomically. Returns the table."""
+    records = [{**r, "bad_image_files": list(bad), "skipped_file_list": list(skipped)} for r in records]
     atomic_write_json(os.path.join(out, "results.json"), records, indent=1)
-    with open(os.path.join(out, "results.csv"), "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=_CSV_FIELDS, extrasaction="ignore")
-        w.writeheader()
-        for r in records:
-            w.writerow({**r, "options": json.dumps(r["options"], sort_keys=True),
-                        "schedule": json.dumps(r["schedule"]) if r["schedule"] is not None else ""})
-    table = markdown_table(records, bad)
-    with open(os.path.join(out, "table.md"), "w") as f:
-        f.write(table + "\n")
+    rows = io.StringIO()
+    w = csv.DictWriter(rows, fieldnames=_CSV_FIELDS, extrasaction="ignore")
+    w.writeheader()
+    for r in records:
+        w.writerow({**r, "options": json.dumps(r["options"], sort_keys=True),
+                    "schedule": json.dumps(r["schedule"]) if r["schedule"] is not None else ""})
+    atomic_write(os.path.join(out, "results.csv"), rows.getvalue())
+    table = markdown_table(records, bad, skipped)
+    atomic_write(os.path.join(out, "table.md"), table + "\n")
     _plot(os.path.join(out, "accuracy_vs_flops.png"), records)
     return table

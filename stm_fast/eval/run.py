@@ -9,13 +9,14 @@ import time
 import torch
 
 from ..flops import flops
-from ..reduction import make_reduction, reduced
-from ..runtime import autocast, flush_denormals, pick_device, synchronize
-from .errors import RunError
+from ..reduction import METHODS, make_reduction, reduced
+from ..runtime import autocast, check_device, flush_denormals, synchronize
+from .errors import NoImagesError, RunError
 from .grid import exp_key, experiments
 from .imagenet import DataError, collate_skip_bad
-from .inputs import load_dataset, load_models, run_settings
-from .progress import Progress, check_run_folder, write_run_file
+from .fingerprint import run_fingerprint
+from .inputs import load_dataset, load_models
+from .progress import Progress, RunFolder, check_out_path
 from .report import write_outputs
 
 __all__ = ["evaluate", "RunError"]
@@ -28,8 +29,19 @@ def evaluate(args):
         return _evaluate(args)
 
 
+def _env_int(name, default):
+    value = os.environ.get(name, str(default))
+    try:
+        return int(value)
+    except ValueError:
+        raise RunError(f"environment variable {name}={value!r} is not an integer (torchrun sets it; unset it to run "
+                       f"as one process)") from None
+
+
 def _dist():
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+    world, rank = _env_int("WORLD_SIZE", 1), _env_int("RANK", 0)
+    if world < 1 or not 0 <= rank < world:
+        raise RunError(f"WORLD_SIZE={world} and RANK={rank} do not describe a process group (need 0 <= RANK < WORLD_SIZE)")
     if world > 1 and not torch.distributed.is_initialized():
         backend = "nccl" if torch.cuda.is_available() and os.environ.get("STM_DIST_BACKEND", "") != "gloo" else "gloo"
         torch.distributed.init_process_group(backend=backend)
@@ -38,9 +50,18 @@ def _dist():
     return 0, 1
 
 
+def _cli_spelling(e):
+    """'stm (sides=left) at --rates 0.2': an experiment as the user asked for it (defaults left out)."""
+    method, rate, sched, options = e
+    defaults = METHODS[method].defaults if method in METHODS else {}
+    extra = [f"{k}={v}" for k, v in options.items() if defaults.get(k, object()) != v]
+    where = f"--schedule {sched}" if sched is not None else f"--rates {rate}"
+    return f"{method}{' (' + ', '.join(extra) + ')' if extra else ''} at {where}"
+
+
 def _plans(models, exps):
-    """{key: Reduction} of every feasible (model, experiment) and {key: message} of the others."""
-    plans, errors = {}, {}
+    """{key: Reduction} of every (model, experiment); an infeasible one is a RunError before any work."""
+    plans = {}
     for name, model in models:
         for e in exps:
             method, rate, sched, options = e
@@ -48,40 +69,70 @@ def _plans(models, exps):
                 plans[exp_key(name, e)] = make_reduction(model, method, rate=None if sched is not None else rate,
                                                          schedule=sched, **options)
             except (ValueError, TypeError) as err:
-                errors[exp_key(name, e)] = str(err)
-    return plans, errors
+                why = str(err).replace("pass schedule=[...]", "pass --schedule N,N,... (tokens after each layer)")
+                raise RunError(f"{_cli_spelling(e)} cannot run on {name}: {why}. Drop that rate or method group "
+                               f"(--rates / --methods) or change the STM options") from None
+    return plans
+
+
+def _device(args, world):
+    try:
+        device = check_device(args.device)
+    except ValueError as e:
+        raise RunError(str(e)) from None
+    if device.type == "cuda" and world > 1:
+        device = torch.device("cuda", _env_int("LOCAL_RANK", 0))
+    return device
+
+
+def _prepare(args, rank, world, device):
+    """Everything checked and loaded before a file is written: (models, dataset, plans, folder, experiments)."""
+    check_out_path(args.out)
+    models = load_models(args, device)  # checkpoint and data errors surface here, before any output is written
+    dataset = load_dataset(args, models[0][1].cfg)
+    exps = experiments(args.methods, args.rates, args.schedule, args.stm_options)
+    _plans(models, exps)  # every requested configuration can run
+    fingerprint = run_fingerprint(args, dataset, device)
+    folder = RunFolder(args.out)
+    if rank == 0:
+        folder.lock()
+        if args.restart:
+            folder.restart()
+        exps = folder.open(fingerprint, world, exps)
+    if world > 1:
+        shared = [exps]
+        torch.distributed.broadcast_object_list(shared, src=0)
+        exps = [tuple(e) for e in shared[0]]
+        os.makedirs(args.out, exist_ok=True)
+    return models, dataset, _plans(models, exps), folder, exps
 
 
 def _evaluate(args):
     rank, world = _dist()
-    device = pick_device(args.device)
-    if device.type == "cuda" and world > 1:
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-    settings = run_settings(args)
-    check_run_folder(args.out, settings, world)
-    models = load_models(args, device)  # checkpoint and data errors surface here, before any output is written
-    dataset = load_dataset(args, models[0][1].cfg.img_size)
-    if rank == 0:
-        write_run_file(args.out, settings, world)
-    else:
-        os.makedirs(args.out, exist_ok=True)
-    exps = experiments(args.methods, args.rates, args.schedule, args.stm_options)
-    plans, errors = _plans(models, exps)
-    shard = list(range(rank, len(dataset), world))
-    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, shard), batch_size=args.batch_size,
-                                         shuffle=False, num_workers=args.workers, collate_fn=collate_skip_bad)
-    progress = Progress(os.path.join(args.out, f"progress.rank{rank}.json"))
-    _run_batches(args, loader, math.ceil(len(shard) / args.batch_size), models, exps, plans, progress, device, rank, world)
-    return _finish(args, rank, world, models, exps, plans, errors, progress)
+    device = _device(args, world)
+    models, dataset, plans, folder, exps = _prepare(args, rank, world, device)
+    try:
+        shard = list(range(rank, len(dataset), world))
+        loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, shard), batch_size=args.batch_size,
+                                             shuffle=False, num_workers=args.workers, collate_fn=collate_skip_bad)
+        progress = Progress(os.path.join(args.out, f"progress.rank{rank}.json"))
+        _run_batches(args, loader, math.ceil(len(shard) / args.batch_size), models, exps, plans, progress, device,
+                     rank, world)
+        return _finish(args, rank, world, models, exps, plans, progress, getattr(dataset, "skipped", []))
+    finally:
+        folder.release()
 
 
-def _score(model, reduction, x, y, device, precision):
-    """(top-1 hits, top-5 hits, seconds) of one configuration on one batch."""
+def _score(model, reduction, x, y, device, precision, where):
+    """(top-1 hits, top-5 hits, seconds) of one configuration on one batch; non-finite logits stop the run."""
     t0 = time.perf_counter()
     with reduced(model, reduction), torch.inference_mode(), autocast(device, precision):
         logits = model(x)
     synchronize(device)
     seconds = time.perf_counter() - t0
+    if not bool(torch.isfinite(logits).all()):
+        raise RunError(f"non-finite logits (NaN or inf) in {where}: the numbers would mean nothing, so the run stops "
+                       f"(finished batches are saved); check the checkpoint and --dtype (fp32 is the safest)")
     topk = logits.float().topk(min(5, logits.shape[1]), dim=1).indices.cpu()
     return int((topk[:, 0] == y).sum()), int((topk == y[:, None]).any(dim=1).sum()), seconds
 
@@ -108,7 +159,9 @@ def _run_batches(args, loader, n_batches, models, exps, plans, progress, device,
                 key = exp_key(name, e)
                 if key not in plans or progress.done(key) > b:
                     continue
-                top1, top5, seconds = (0, 0, 0.0) if x is None else _score(model, plans[key], xd, y, device, args.dtype)
+                where = f"batch {b} of {name}, {_cli_spelling(e)}"
+                top1, top5, seconds = (0, 0, 0.0) if x is None else _score(model, plans[key], xd, y, device, args.dtype,
+                                                                           where)
                 progress.add(key, b, top1, top5, 0 if x is None else len(y), seconds)
                 images_seen += 0 if x is None else len(y)
                 bar.update(1)
@@ -133,38 +186,32 @@ def _gather(progress, keys, rank, world):
     return counts, sorted(bad)
 
 
-def _record(name, model, e, plan, count, bad):
-    """The result record of one (model, experiment)."""
+def _record(name, model, e, plan, count, bad, skipped):
+    """The result record of one (model, experiment); accuracy None when no image of the cell could be read."""
     method, rate, sched, options = e
-    rec = {"model": name, "method": method, "rate": rate, "schedule": sched, "options": options, "images": 0,
-           "bad_images": len(bad)}
-    if plan is None:
-        return rec
-    n = max(count["images"], 1)
+    n = count["images"]
     paper = flops(model.cfg, convention="paper", reduction=plan)
-    rec.update(achieved_rate=plan.rate, tokens_per_layer=list(plan.tokens_per_layer),
-               top1=100.0 * count["top1"] / n, top5=100.0 * count["top5"] / n, images=count["images"],
-               gflops_paper=paper["total"], gflops_full=flops(model.cfg, convention="full", reduction=plan)["total"],
-               gflops_overhead=paper["overhead"],
-               images_per_s=count["images"] / count["seconds"] if count["seconds"] > 0 else None)
-    return rec
+    return {"model": name, "method": method, "rate": rate, "schedule": sched, "options": options,
+            "achieved_rate": plan.rate, "tokens_per_layer": list(plan.tokens_per_layer),
+            "top1": 100.0 * count["top1"] / n if n else None, "top5": 100.0 * count["top5"] / n if n else None,
+            "images": n, "bad_images": len(bad), "skipped_files": len(skipped),
+            "gflops_paper": paper["total"], "gflops_full": flops(model.cfg, convention="full", reduction=plan)["total"],
+            "gflops_overhead": paper["overhead"],
+            "images_per_s": n / count["seconds"] if count["seconds"] > 0 else None}
 
 
-def _finish(args, rank, world, models, exps, plans, errors, progress):
+def _finish(args, rank, world, models, exps, plans, progress, skipped):
     counts, bad = _gather(progress, list(plans), rank, world)
     if rank != 0:
         return None
-    records = []
-    for name, model in models:
-        for e in exps:
-            key = exp_key(name, e)
-            rec = _record(name, model, e, plans.get(key), counts.get(key), bad)
-            if key in errors:
-                rec.update(error=errors[key], achieved_rate=None, top1=None, top5=None, gflops_paper=None,
-                           gflops_full=None, images_per_s=None)
-            records.append(rec)
-    table = write_outputs(args.out, records, bad)
+    records = [_record(name, model, e, plans[exp_key(name, e)], counts[exp_key(name, e)], bad, skipped)
+               for name, model in models for e in exps]
+    table = write_outputs(args.out, records, bad, skipped)
     if not args.quiet:
         print(table)
         print(f"\nresults: {os.path.join(args.out, 'results.json')} (+ results.csv, table.md, accuracy_vs_flops.png)")
+    empty = [r for r in records if r["top1"] is None]
+    if empty:
+        raise NoImagesError(f"no image of {len(empty)} cell(s) could be read (accuracy n/a in {args.out}/table.md); "
+                            f"see the bad_image_files in results.json")
     return records

@@ -36,7 +36,9 @@ def list_methods() -> list[str]:
 
 
 def _none(cfg, rate, schedule) -> Reduction:
-    if rate not in (None, 0) or (schedule is not None and any(schedule if not isinstance(schedule, int) else [schedule])):
+    removes = (rate is not None and check_rate(rate) > 0) or (
+        schedule is not None and any(check_schedule(schedule, cfg.depth, range(cfg.depth - 1), 1, None, "none")))
+    if removes:
         raise ValueError("method 'none' takes no rate or schedule")
     L, depth = cfg.num_tokens, cfg.depth
     return Reduction("none", MappingProxyType({}), (0,) * (depth - 1), (L,) * depth, 0.0, 0.0, (0,) * (depth - 1))
@@ -54,7 +56,7 @@ def make_reduction(model_or_cfg, method: str, rate: float | None = None, schedul
     cfg = getattr(model_or_cfg, "cfg", model_or_cfg)
     if method == "none":
         return _none(cfg, rate, schedule)
-    if method not in METHODS:
+    if not isinstance(method, str) or method not in METHODS:
         raise ValueError(f"unknown reduction method {method!r}; choose one of {', '.join(list_methods())}")
     if (rate is None) == (schedule is None):
         raise ValueError(f"reduce(..., '{method}'): give exactly one of rate= or schedule=")

@@ -9,6 +9,7 @@ The model's layer loop (``stm_fast.vim.VisionMamba.forward_features``) consults 
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass, field, replace
 from types import MappingProxyType
 from typing import Any, Callable, ClassVar, Mapping
@@ -41,6 +42,9 @@ class Method:
             raise TypeError(f"reduce(..., '{self.name}'): unknown option(s) {bad}; allowed: {', '.join(sorted(self.defaults))}")
         self.cfg = cfg
         self.options = {**self.defaults, **options}
+        for k, v in self.options.items():  # a boolean option takes True or False, never a truthy string
+            if isinstance(self.defaults[k], bool) and not isinstance(v, bool):
+                raise ValueError(f"{self.name}: {k} must be True or False, got {v!r}")
 
     def reduction_points(self) -> list[int]:
         """The layers after which this method may reduce (0-based, ascending)."""
@@ -105,7 +109,9 @@ class Reduction:
         return any(self.schedule)
 
     def begin(self, hidden: torch.Tensor) -> ReductionPass | None:
-        return ReductionPass(self, hidden) if self.active else None
+        """The pass of one forward; None (the plain loop) when nothing is removed or the batch is empty
+        (an empty batch gives an empty result, whatever the method)."""
+        return ReductionPass(self, hidden) if self.active and hidden.shape[0] > 0 else None
 
     def with_step_hook(self, hook: StepHook | None) -> Reduction:
         return replace(self, step_hook=hook)
@@ -158,7 +164,13 @@ class PruningMethod(Method):
 
 
 def check_layers(method: str, layers, depth: int) -> list[int]:
-    """Layer indices after which ``method`` reduces, sorted, each in 0..depth-2 (else ValueError)."""
+    """Layer indices after which ``method`` reduces, sorted, each an integer in 0..depth-2 (else ValueError)."""
+    if isinstance(layers, (str, bytes)) or not hasattr(layers, "__iter__"):
+        raise ValueError(f"{method}: layers must be a list of layer indices, got {layers!r}")
+    layers = list(layers)
+    odd = [l for l in layers if not (isinstance(l, numbers.Integral) and not isinstance(l, bool))]
+    if odd:
+        raise ValueError(f"{method}: layers must be integers (layer indices), got {odd[0]!r}")
     layers = sorted(int(l) for l in layers)
     bad = [l for l in layers if not 0 <= l <= depth - 2]
     if bad:

@@ -9,18 +9,40 @@ over the layers the method reduces at, front-loaded only when the token budget f
 
 from __future__ import annotations
 
+import math
+import numbers
 from typing import Callable, Sequence
 
-__all__ = ["check_rate", "rate_of", "tokens_per_layer", "solve_schedule", "check_schedule", "check_step_limits"]
+__all__ = ["check_rate", "is_integer", "rate_of", "tokens_per_layer", "solve_schedule", "check_schedule", "check_step_limits"]
 
 TOLERANCE = 0.01  # a requested rate is met within ±1 percentage point
 
 
 def check_rate(rate: float, what: str = "rate") -> float:
     """``rate`` as a float in [0, 1), else ValueError naming ``what`` (e.g. '--rates') and the fraction rule."""
-    if not 0 <= rate < 1:
+    if isinstance(rate, bool) or not isinstance(rate, numbers.Real) or not math.isfinite(rate) or not 0 <= rate < 1:
         raise ValueError(f"{what} must be in [0, 1) (a fraction: 0.2 means 20%), got {rate!r}")
     return float(rate)
+
+
+def is_integer(value) -> bool:
+    """An int (or numpy integer), not a bool or a float: what counts as a number of tokens or a layer index."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _entries(schedule, depth, layers, method):
+    """A schedule argument as a list of ints: an integer for every allowed layer, or a sequence of integers."""
+    if is_integer(schedule):
+        return [int(schedule) if i in layers else 0 for i in range(depth - 1)]
+    if isinstance(schedule, (str, bytes)) or not hasattr(schedule, "__iter__"):
+        raise ValueError(f"{method}: schedule must be an integer or a sequence of integers (tokens removed after each "
+                         f"layer), got {schedule!r}")
+    entries = list(schedule)
+    for i, k in enumerate(entries):
+        if not is_integer(k):
+            raise ValueError(f"{method}: schedule entries must be integers (tokens), got {k!r} "
+                             f"({type(k).__name__}) after layer {i}")
+    return [int(k) for k in entries]
 
 
 def rate_of(tokens_per_layer: Sequence[int]) -> float:
@@ -107,10 +129,11 @@ def _max_rate(depth, L, layers, step_unit, max_total, step_limit=None):
 def check_schedule(schedule, depth: int, layers: Sequence[int], step_unit: int, max_total: int | None,
                    method: str) -> list[int]:
     """A given schedule as a list of depth - 1 non-negative ints (an int: that many after every allowed
-    layer), checked against the allowed layers, the step unit and the token budget (ValueError otherwise)."""
-    if isinstance(schedule, int):
-        schedule = [schedule if i in layers else 0 for i in range(depth - 1)]
-    schedule = list(schedule)
+    layer), checked against the allowed layers, the step unit and the token budget (ValueError otherwise).
+    Entries are ints or numpy integers; floats (even 2.0), bools and strings are refused."""
+    schedule = _entries(schedule, depth, layers, method)
+    if not schedule:
+        raise ValueError(f"{method}: the schedule is empty; give tokens removed after each layer, e.g. 4 or [0, 4, 4]")
     if len(schedule) > depth - 1:
         if len(schedule) == depth and schedule[-1] == 0:
             schedule = schedule[:-1]
@@ -119,7 +142,7 @@ def check_schedule(schedule, depth: int, layers: Sequence[int], step_unit: int, 
                              f"(after layers 0..{depth - 2})")
     schedule = schedule + [0] * (depth - 1 - len(schedule))
     for i, k in enumerate(schedule):
-        if int(k) != k or k < 0:
+        if k < 0:
             raise ValueError(f"{method}: schedule entries must be non-negative integers, got {k!r} after layer {i}")
         if k and i not in layers:
             raise ValueError(f"{method}: this configuration cannot reduce after layer {i} (allowed: {list(layers)})")

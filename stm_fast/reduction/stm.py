@@ -13,6 +13,7 @@ import torch
 from ..merge import TOKEN_WEIGHT_VARIANTS, ends_weights, merge_ends, merge_tokens, plan_index, token_weights
 from ..stats import StatsRequest
 from .base import Method, register_method
+from .schedule import is_integer
 
 __all__ = ["STM", "STM_DEFAULTS"]
 
@@ -37,13 +38,14 @@ class STM(Method):
             raise ValueError(f"stm: positions must be 'ends' or 'uniform', got {o['positions']!r}")
         if o["weights"] not in TOKEN_WEIGHT_VARIANTS:
             raise ValueError(f"stm: weights must be one of {TOKEN_WEIGHT_VARIANTS}, got {o['weights']!r}")
-        start = int(o["start_layer"])
-        if not 0 <= start <= cfg.depth - 2:
-            raise ValueError(f"stm: start_layer must be in 0..{cfg.depth - 2} (merges happen between layers), got {start}")
+        start = o["start_layer"]
+        if not is_integer(start) or not 0 <= start <= cfg.depth - 2:
+            raise ValueError(f"stm: start_layer must be an integer in 0..{cfg.depth - 2} (merges happen between layers), "
+                             f"got {start!r}")
         self.step_unit = 2 if o["sides"] == "both" else 1
 
     def reduction_points(self):
-        return list(range(int(self.options["start_layer"]), self.cfg.depth - 1))
+        return list(range(self.options["start_layer"], self.cfg.depth - 1))
 
     def token_budget(self):
         c = self.cfg.cls_position

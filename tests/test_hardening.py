@@ -1,0 +1,396 @@
+"""Hostile and broken inputs, one case each: every result is tied to what produced it, every bad input is a
+one-line error (a non-zero exit, nothing written), nothing hangs. The matrix, by group:
+
+results tied to inputs   changed checkpoint/images on resume, other --methods into a finished folder,
+                         a cell without a readable image, non-finite weights and logits
+labels                   conflicting duplicates, labels outside the model's classes, names that differ only
+                         by extension, BOM / Latin-1 CSVs, rows without a label, non-integer labels,
+                         ground-truth ids outside 1..1000, a --devkit that is not a devkit
+images                   16-bit and float greyscale, a FIFO in the folder
+options                  --limit/--batch-size/--workers/--schedule/--override/--device/WORLD_SIZE/RANK,
+                         reduce() arguments of the wrong type, an empty batch
+output folder            a file, inside a file, corrupt run.json/progress files, two runs at once, --restart
+messages                 code in a checkpoint, EMA-only checkpoints, --labels with an ImageFolder, bench and
+                         train_tiny options
+"""
+
+import fcntl
+import json
+import os
+import threading
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import stm_fast
+from stm_fast import bench, train_tiny
+from stm_fast.eval import cli
+from stm_fast.eval.imagenet import to_rgb
+from tests.test_eval import OVERRIDES, SYNS, checkpoint, folders  # noqa: F401  (fixtures)
+
+QUICK = ["--methods", "stm", "--rates", "0.1", "--quiet", "--batch-size", "4", *OVERRIDES]
+
+
+def run_cli(args, capsys):
+    """(exit code, the last stderr line, number of stderr lines) of the eval command line."""
+    code = cli.main(args)
+    err = capsys.readouterr().err.strip().splitlines()
+    return code, (err[-1] if err else ""), len(err)
+
+
+def records(out):
+    return json.load(open(os.path.join(out, "results.json")))
+
+
+def flat_folder(tmp_path, rows, names=("a.JPEG", "b.JPEG"), header="filename,label", encoding="utf-8", bom=b""):
+    folder = tmp_path / "flat"
+    folder.mkdir()
+    for n in names:
+        Image.fromarray(np.full((40, 40, 3), 100, np.uint8)).save(folder / n, format="JPEG")
+    (tmp_path / "labels.csv").write_bytes(bom + "\n".join([header, *rows]).encode(encoding))
+    return str(folder), str(tmp_path / "labels.csv")
+
+
+# ------------------------------------------------------------------------------ results tied to inputs
+
+def test_a_replaced_checkpoint_is_not_resumed_into_old_numbers(tmp_path, checkpoint, folders, capsys):
+    out = str(tmp_path / "run")
+    assert cli.main(["--checkpoint", checkpoint, "--data", folders[0], "--out", out, *QUICK]) == 0
+    other = tmp_path / "other.pth"
+    sd = torch.load(checkpoint, weights_only=False)
+    sd["model"]["head.bias"] += 1.0
+    torch.save(sd, other)
+    code, err, n = run_cli(["--checkpoint", str(other), "--data", folders[0], "--out", out, *QUICK], capsys)
+    assert code == 2 and n == 1
+    assert "holds a run of other inputs (the checkpoint file's content changed)" in err and "--restart" in err
+    assert cli.main(["--checkpoint", str(other), "--data", folders[0], "--out", out, "--restart", *QUICK]) == 0
+
+
+def test_added_images_are_not_resumed_into_old_numbers(tmp_path, checkpoint, folders, capsys):
+    import shutil
+
+    tree = tmp_path / "val"
+    shutil.copytree(folders[0], tree)
+    out = str(tmp_path / "run")
+    assert cli.main(["--checkpoint", checkpoint, "--data", str(tree), "--out", out, *QUICK]) == 0
+    Image.fromarray(np.zeros((40, 40, 3), np.uint8)).save(tree / SYNS[1] / "new.JPEG")
+    code, err, _ = run_cli(["--checkpoint", checkpoint, "--data", str(tree), "--out", out, *QUICK], capsys)
+    assert code == 2 and "the image list (names, sizes or labels) changed" in err
+
+
+def test_other_methods_into_a_finished_folder_are_merged_not_dropped(tmp_path, checkpoint, folders):
+    out = str(tmp_path / "run")
+    base = ["--checkpoint", checkpoint, "--data", folders[0], "--out", out, "--quiet", "--batch-size", "4", *OVERRIDES]
+    assert cli.main(base + ["--methods", "stm", "--rates", "0.1"]) == 0
+    first = {(r["method"], r["rate"]): r["top1"] for r in records(out)}
+    assert cli.main(base + ["--methods", "tome", "--rates", "0.1"]) == 0
+    both = {(r["method"], r["rate"]): r["top1"] for r in records(out)}
+    assert set(both) == {("none", 0.0), ("stm", 0.1), ("tome", 0.1)}
+    assert all(both[k] == v for k, v in first.items()), "finished rows are kept as they were"
+    assert "| tome |" in open(os.path.join(out, "table.md")).read() and "| stm |" in open(os.path.join(out, "table.md")).read()
+
+
+def test_a_cell_without_readable_images_is_null_and_fails_the_run(tmp_path, checkpoint, capsys):
+    tree = tmp_path / "val" / SYNS[0]
+    tree.mkdir(parents=True)
+    for i in range(3):
+        (tree / f"bad{i}.JPEG").write_bytes(b"\xff\xd8\xff\xe0 not a jpeg")
+    out = str(tmp_path / "run")
+    code, err, _ = run_cli(["--checkpoint", checkpoint, "--data", str(tmp_path / "val"), "--out", out, *QUICK], capsys)
+    assert code == 3 and "no image of 2 cell(s) could be read" in err
+    assert all(r["top1"] is None and r["images"] == 0 for r in records(out))
+    assert "| baseline (no reduction) | 0% | 0.0 | n/a |" in open(os.path.join(out, "table.md")).read()
+
+
+def test_non_finite_weights_are_refused_at_load(tmp_path, checkpoint, folders, capsys):
+    sd = torch.load(checkpoint, weights_only=False)
+    sd["model"]["layers.0.mixer.D"][3] = float("nan")
+    bad = tmp_path / "nan.pth"
+    torch.save(sd, bad)
+    code, err, n = run_cli(["--checkpoint", str(bad), "--data", folders[0], "--out", str(tmp_path / "o"), *QUICK], capsys)
+    assert code == 2 and n == 1 and "1 tensor(s) hold NaN or inf (layers.0.mixer.D)" in err
+    assert not (tmp_path / "o").exists()
+
+
+def test_non_finite_logits_stop_the_run_naming_batch_and_configuration(tmp_path, checkpoint, folders, capsys, monkeypatch):
+    real = stm_fast.vim.VisionMamba.forward
+
+    def poisoned(self, x):
+        y = real(self, x)
+        return y * float("nan") if self.reduction is not None else y
+
+    monkeypatch.setattr(stm_fast.vim.VisionMamba, "forward", poisoned)
+    code, err, _ = run_cli(["--checkpoint", checkpoint, "--data", folders[0], "--out", str(tmp_path / "o"), *QUICK], capsys)
+    assert code == 2 and "non-finite logits (NaN or inf) in batch 0 of vim_tiny, stm at --rates 0.1" in err
+
+
+# ------------------------------------------------------------------------------------------- labels
+
+@pytest.mark.parametrize("rows,names,message", [
+    (["a.JPEG,n01440764", "b.JPEG,1", "a.JPEG,2"], ("a.JPEG", "b.JPEG"), "lines 2 and 4 give a two labels"),
+    (["a.JPEG,n01440764", "b.JPEG"], ("a.JPEG", "b.JPEG"), "line 3: no label in the row"),
+    (["a.JPEG,n01440764", "b.JPEG,seven"], ("a.JPEG", "b.JPEG"), "line 3: label 'seven' is neither a synset id"),
+    (["a.JPEG,0", "a.png,1"], ("a.JPEG", "a.png"), "a.JPEG and a.png differ only by extension"),
+])
+def test_bad_label_rows_are_named(tmp_path, checkpoint, capsys, rows, names, message):
+    folder, labels = flat_folder(tmp_path, rows, names)
+    code, err, n = run_cli(["--checkpoint", checkpoint, "--data", folder, "--labels", labels,
+                            "--out", str(tmp_path / "o"), *QUICK], capsys)
+    assert code == 2 and n == 1 and message in err
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("encoding,bom", [("utf-8", b"\xef\xbb\xbf"), ("utf-16-le", b"\xff\xfe"), ("cp1252", b"")])
+def test_csv_with_a_byte_order_mark_or_latin1_is_read(tmp_path, checkpoint, encoding, bom):
+    folder, labels = flat_folder(tmp_path, ["a.JPEG,0", "b.JPEG,n01443537"], header="filename,label", encoding=encoding,
+                                 bom=bom)
+    if encoding == "cp1252":  # a Latin-1 comment column does not break the file
+        text = open(labels, encoding="cp1252").read().replace("filename,label", "filename,label,note")
+        text = text.replace("a.JPEG,0", "a.JPEG,0,caf\xe9")
+        open(labels, "w", encoding="cp1252").write(text)
+    out = str(tmp_path / "o")
+    assert cli.main(["--checkpoint", checkpoint, "--data", folder, "--labels", labels, "--out", out, *QUICK]) == 0
+    assert records(out)[0]["images"] == 2
+
+
+def test_labels_outside_the_models_classes_are_an_error(tmp_path, checkpoint, capsys):
+    folder, labels = flat_folder(tmp_path, ["a.JPEG,0", "b.JPEG,999"])
+    code, err, _ = run_cli(["--checkpoint", checkpoint, "--data", folder, "--labels", labels, "--out", str(tmp_path / "o"),
+                            *QUICK, "--override", "num_classes=10"], capsys)
+    assert code == 2  # the 10-class model cannot even load the 1000-class file ...
+    ten = tmp_path / "ten.pth"
+    torch.manual_seed(0)
+    torch.save({"model": stm_fast.create_model("vim_tiny", **{**dict(img_size=32, patch_size=4, embed_dim=16, depth=4,
+                                                                        d_state=8), "num_classes": 10}).state_dict()}, ten)
+    code, err, _ = run_cli(["--checkpoint", str(ten), "--data", folder, "--labels", labels, "--out", str(tmp_path / "o"),
+                            *QUICK, "--override", "num_classes=10"], capsys)
+    assert code == 2 and "1 image(s) have a label outside the model's 10 classes" in err and "b.JPEG: class 999" in err
+
+
+def test_ground_truth_ids_outside_1_to_1000_and_a_fake_devkit_are_errors(tmp_path, checkpoint, capsys):
+    folder, _ = flat_folder(tmp_path, [], names=("ILSVRC2012_val_00000001.JPEG", "ILSVRC2012_val_00000002.JPEG"))
+    gt = tmp_path / "gt.txt"
+    gt.write_text("1\n1001\n")
+    fake = tmp_path / "devkit" / "data"
+    fake.mkdir(parents=True)
+    (fake / "meta.mat").write_bytes(b"MATLAB? no, just bytes")
+    code, err, _ = run_cli(["--checkpoint", checkpoint, "--data", folder, "--labels", str(gt), "--devkit",
+                            str(tmp_path / "devkit"), "--out", str(tmp_path / "o"), *QUICK], capsys)
+    assert code == 2 and "is not the ILSVRC2012 devkit's meta.mat" in err
+    from scipy.io import savemat
+
+    synsets = np.zeros(1000, dtype=[("ILSVRC2012_ID", "O"), ("WNID", "O")])
+    for i, w in enumerate(stm_fast.eval.imagenet.SYNSETS):
+        synsets[i] = (i + 1, w)
+    savemat(fake / "meta.mat", {"synsets": synsets})
+    code, err, _ = run_cli(["--checkpoint", checkpoint, "--data", folder, "--labels", str(gt), "--devkit",
+                            str(tmp_path / "devkit"), "--out", str(tmp_path / "o"), *QUICK], capsys)
+    assert code == 2 and "line 2 holds '1001', not an ILSVRC2012_ID in 1..1000" in err
+
+
+# ------------------------------------------------------------------------------------------- images
+
+def test_16_bit_and_float_greyscale_are_scaled_not_clipped():
+    grey = np.array([[0, 100, 255], [30, 60, 90]], np.uint8)
+    want = np.asarray(Image.fromarray(grey, "L").convert("RGB"))
+    sixteen = Image.fromarray(grey.astype(np.uint16) * 257)  # what a 16-bit greyscale PNG decodes to
+    assert sixteen.mode == "I;16"
+    assert np.array_equal(np.asarray(to_rgb(sixteen)), want)
+    assert np.array_equal(np.asarray(to_rgb(sixteen.convert("I"))), want)
+    assert np.array_equal(np.asarray(to_rgb(Image.fromarray(grey.astype(np.float32) / 255))), want)
+    clipped = np.asarray(sixteen.convert("RGB"))
+    assert not np.array_equal(clipped, want), "PIL's own conversion would clip: the test must be able to fail"
+    with pytest.raises(ValueError, match="no known scale"):
+        to_rgb(Image.fromarray(np.full((2, 2), 1000.0, np.float32)))
+
+
+def test_a_fifo_in_the_image_folder_is_skipped_and_listed_not_opened(tmp_path, checkpoint, folders):
+    import shutil
+
+    tree = tmp_path / "val"
+    shutil.copytree(folders[0], tree)
+    os.mkfifo(tree / SYNS[0] / "pipe.JPEG")  # opening it would block forever
+    out = str(tmp_path / "o")
+    done = []
+    t = threading.Thread(target=lambda: done.append(cli.main(["--checkpoint", checkpoint, "--data", str(tree), "--out",
+                                                              out, *QUICK])), daemon=True)
+    t.start()
+    t.join(120)
+    assert done == [0], "the run finished"
+    rec = records(out)[0]
+    assert rec["skipped_files"] == 1 and rec["skipped_file_list"][0].endswith("pipe.JPEG: not a regular file (a FIFO, "
+                                                                             "socket or device); not opened")
+
+
+# ------------------------------------------------------------------------------------------ options
+
+@pytest.mark.parametrize("args,message", [
+    (["--limit", "0"], "argument --limit: expected a positive integer, got 0"),
+    (["--limit", "-3"], "argument --limit: expected a positive integer, got -3"),
+    (["--batch-size", "0"], "argument --batch-size: expected a positive integer, got 0"),
+    (["--workers", "-1"], "argument --workers: expected a non-negative integer, got -1"),
+    (["--schedule", ""], "--schedule takes non-negative integers separated by commas"),
+    (["--schedule", "4,,2"], "--schedule takes non-negative integers separated by commas"),
+    (["--schedule", "-1"], "--schedule takes non-negative integers separated by commas"),
+    (["--rates", "nan"], "--rates must be in [0, 1)"),
+])
+def test_meaningless_options_are_errors_before_any_work(tmp_path, capsys, args, message):
+    out = tmp_path / "o"
+    with pytest.raises(SystemExit) if args[0] in ("--limit", "--batch-size", "--workers") else _no_exit():
+        code = cli.main(args + ["--quiet", "--out", str(out)])
+        assert code == 2
+    assert message in capsys.readouterr().err and not out.exists()
+
+
+class _no_exit:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+@pytest.mark.parametrize("override,message", [
+    ("colour=3", "unknown key 'colour'"), ("depth=0", "depth must be a positive integer"),
+    ("stride=0", "stride must be a positive integer"), ("patch_size=5", "img_size 32 does not fit patch_size 5"),
+])
+def test_bad_overrides_are_one_line_errors(tmp_path, checkpoint, folders, capsys, override, message):
+    code, err, n = run_cli(["--checkpoint", checkpoint, "--data", folders[0], "--out", str(tmp_path / "o"), *QUICK,
+                            "--override", override], capsys)
+    assert code == 2 and n == 1 and message in err and not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("device,message", [
+    ("foo", "--device 'foo' is not a device name"), ("cuda", "--device cuda: this machine has no usable CUDA device"),
+    ("cuda:3", "--device cuda:3:"),
+])
+def test_a_device_that_is_not_here_is_a_one_line_error(tmp_path, capsys, device, message):
+    if device.startswith("cuda") and torch.cuda.is_available() and device == "cuda":
+        pytest.skip("this machine has CUDA")
+    code, err, n = run_cli(["--device", device, "--quiet", "--out", str(tmp_path / "o")], capsys)
+    assert code == 2 and n == 1 and message in err and not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("env,message", [({"WORLD_SIZE": "two"}, "WORLD_SIZE='two' is not an integer"),
+                                         ({"WORLD_SIZE": "1", "RANK": "x"}, "RANK='x' is not an integer"),
+                                         ({"WORLD_SIZE": "2", "RANK": "5"}, "do not describe a process group")])
+def test_distributed_environment_that_is_not_integers_is_an_error(tmp_path, capsys, monkeypatch, env, message):
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    code, err, n = run_cli(["--quiet", "--out", str(tmp_path / "o")], capsys)
+    assert code == 2 and n == 1 and message in err
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    (dict(schedule=2.0), "schedule must be an integer or a sequence of integers"),
+    (dict(schedule=[float("inf")]), "schedule entries must be integers (tokens), got inf"),
+    (dict(schedule=[]), "the schedule is empty"),
+    (dict(rate="0.2"), "rate must be in [0, 1)"), (dict(rate=True), "rate must be in [0, 1)"),
+    (dict(rate=0.2, start_layer=1.5), "start_layer must be an integer in 0..2"),
+    (dict(rate=0.2, start_layer=True), "start_layer must be an integer in 0..2"),
+])
+def test_reduce_arguments_of_the_wrong_type_are_clear_errors(kwargs, message):
+    m = stm_fast.create_model("vim_tiny", img_size=16, patch_size=4, embed_dim=8, depth=4, d_state=4)
+    with pytest.raises(ValueError) as ei:
+        stm_fast.reduce(m, "stm", **kwargs)
+    assert message in str(ei.value)
+
+
+def test_reduce_option_types_and_numpy_integers():
+    m = stm_fast.create_model("vim_tiny", img_size=16, patch_size=4, embed_dim=8, depth=4, d_state=4)
+    with pytest.raises(ValueError, match="align must be True or False, got 'no'"):
+        stm_fast.reduce(m, "top", rate=0.2, align="no")
+    with pytest.raises(ValueError, match=r"layers must be integers \(layer indices\), got 1.5"):
+        stm_fast.reduce(m, "top", rate=0.2, layers=[1.5])
+    assert stm_fast.make_reduction(m, "stm", schedule=np.int64(2)).schedule == (2, 2, 2), "numpy integers are integers"
+
+
+@pytest.mark.parametrize("method", ["stm", "tome", "top", "evit"])
+def test_a_reduced_model_given_an_empty_batch_returns_an_empty_result(method):
+    m = stm_fast.create_model("vim_tiny", img_size=16, patch_size=4, embed_dim=8, depth=4, d_state=4, num_classes=5)
+    stm_fast.reduce(m, method, schedule=[2, 2, 0], **({} if method == "stm" else {"layers": [0, 1]}))
+    with torch.no_grad():
+        assert m(torch.empty(0, 3, 16, 16)).shape == (0, 5)
+
+
+# ------------------------------------------------------------------------------------ output folder
+
+def test_out_that_is_a_file_or_inside_one_is_an_error(tmp_path, capsys):
+    f = tmp_path / "file.txt"
+    f.write_text("x")
+    for out, message in ((f, "is a file, not a folder"), (f / "sub", f"lies inside the file {f}")):
+        code, err, n = run_cli(["--quiet", "--out", str(out)], capsys)
+        assert code == 2 and n == 1 and message in err
+    assert f.read_text() == "x"
+
+
+@pytest.mark.parametrize("name,content,message", [
+    ("run.json", "{not json", "run.json is not a readable run record"), ("run.json", "", "is not a readable run record"),
+    ("run.json", '{"settings": {}}', "run.json is not a run record of stm_fast.eval"),
+    ("progress.rank0.json", "[1, 2]", "progress.rank0.json is not a progress file of stm_fast.eval"),
+    ("progress.rank0.json", '{"counts": {"k": {"batches": "many"}}, "bad": {}}', "is not a progress file"),
+])
+def test_corrupt_or_foreign_files_in_out_are_errors(tmp_path, capsys, name, content, message):
+    out = tmp_path / "o"
+    out.mkdir()
+    (out / name).write_text(content)
+    code, err, n = run_cli(["--quiet", "--limit", "20", "--methods", "none", "--out", str(out)], capsys)
+    assert code == 2 and n == 1 and message in err and "--restart" in err
+    assert cli.main(["--quiet", "--limit", "20", "--methods", "none", "--out", str(out), "--restart"]) == 0
+
+
+def test_two_runs_into_one_folder_at_once_are_refused(tmp_path, capsys):
+    out = tmp_path / "o"
+    out.mkdir()
+    with open(out / ".lock", "a+") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)  # another run holds the folder
+        code, err, n = run_cli(["--quiet", "--limit", "20", "--methods", "none", "--out", str(out)], capsys)
+    assert code == 2 and n == 1 and "another run is writing into --out" in err
+    assert not (out / "run.json").exists()
+
+
+# ------------------------------------------------------------------------------------------ messages
+
+def test_an_ema_only_checkpoint_points_to_ema(tmp_path, checkpoint, folders, capsys):
+    sd = torch.load(checkpoint, weights_only=False)
+    f = tmp_path / "ema_only.pth"
+    torch.save({"model_ema": sd["model"], "epoch": 3}, f)
+    code, err, _ = run_cli(["--checkpoint", str(f), "--data", folders[0], "--out", str(tmp_path / "o"), *QUICK], capsys)
+    assert code == 2 and "has no 'model' entry (it holds EMA weights only: pass --ema" in err
+    assert cli.main(["--checkpoint", str(f), "--ema", "--data", folders[0], "--out", str(tmp_path / "o"), *QUICK]) == 0
+
+
+def test_labels_with_an_imagefolder_say_the_folders_hold_the_labels(tmp_path, checkpoint, folders, capsys):
+    code, err, _ = run_cli(["--checkpoint", checkpoint, "--data", folders[0], "--labels", folders[2],
+                            "--out", str(tmp_path / "o"), *QUICK], capsys)
+    assert code == 2 and "is an ImageFolder (one sub-folder per synset), which already holds the labels" in err
+
+
+def test_unsupported_global_says_it_was_not_loaded_and_never_suggests_disabling_the_check(tmp_path, capsys):
+    f = tmp_path / "net.pth"
+    torch.save({"model": torch.nn.Linear(2, 2)}, f)  # a whole module: unpickling needs its class
+    code, err, n = run_cli(["--checkpoint", str(f), "--data", str(tmp_path), "--quiet", "--out", str(tmp_path / "o")],
+                           capsys)
+    assert code == 2 and n == 1 and "references the Python object torch.nn.modules.linear.Linear" in err
+    assert "may execute code, so it was not loaded" in err and "weights_only=False" not in err
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--methods", "stmm"], "invalid choice: 'stmm'"), (["--model", "vim_huge"], "invalid choice: 'vim_huge'"),
+    (["--rounds", "0"], "--rounds: expected a positive integer, got 0"), (["--json", "."], "is a folder"),
+])
+def test_bench_options_are_checked_before_the_run(capsys, args, message):
+    with pytest.raises(SystemExit) as ei:
+        bench.main(args)
+    assert ei.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_train_tiny_never_overwrites_the_shipped_models_by_default(capsys):
+    from stm_fast import digits
+
+    with pytest.raises(SystemExit):
+        train_tiny.main(["--seed", "0", "--out", digits.checkpoint_path(0)])
+    assert "pass --replace-shipped to replace it" in capsys.readouterr().err
+    assert train_tiny.build_parser().parse_args(["--seed", "1"]).out is None  # default: ./vim_digits_seed1.pth
