@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import stm_fast
+from stm_fast.runtime import synchronize
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 BATCH = 256 if DEVICE == "cuda" else 8
@@ -23,8 +24,7 @@ def test_forward_throughput(benchmark, name, dtype):
     def run():
         with torch.inference_mode(), torch.autocast(DEVICE, dtype=torch.bfloat16, enabled=dtype == "bf16"):
             y = model(x)
-        if DEVICE == "cuda":
-            torch.cuda.synchronize()
+        synchronize(torch.device(DEVICE))
         return y
 
     run()  # warm-up

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import stm_fast
+from stm_fast.runtime import synchronize
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 BATCH = 256 if DEVICE == "cuda" else 8
@@ -52,8 +53,7 @@ def test_reduction_step(benchmark, method):
     def run(*a):
         with torch.inference_mode():
             out = impl.step(*a)
-        if DEVICE == "cuda":
-            torch.cuda.synchronize()
+        synchronize(torch.device(DEVICE))
         return out
 
     x, _ = run(*fresh()[0])

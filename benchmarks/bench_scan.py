@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from stm_fast import ssm
+from stm_fast.runtime import synchronize
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 SHAPES = {"vim_tiny": (8, 384, 197, 16), "vim_small": (8, 768, 197, 16)}
@@ -22,8 +23,7 @@ def _inputs(batch, D, L, N, device=DEVICE, dtype=torch.float32, seed=0):
 
 def _run(backend, kw):
     y = ssm.selective_scan(**kw, backend=backend)
-    if y.is_cuda:
-        torch.cuda.synchronize()
+    synchronize(y.device)
     return y
 
 

@@ -6,12 +6,16 @@ This module only chooses and calls a backend; the kernels live in ``stm_fast.ops
   inputs that need gradients go through its differentiable twin ``ops.scan_autograd``.
 * ``triton`` (``ops.scan_triton``): a Triton kernel (CUDA, inference); runs on CPU tensors under
   ``TRITON_INTERPRET=1``.
-* ``mamba_ssm``: mamba-ssm's CUDA ``selective_scan_fn`` when installed.
+* ``mamba_ssm`` (``ops.scan_mamba``): mamba-ssm's compiled CUDA forward (float32/16/bf16, inference).
 * ``loop`` (``ops.scan_loop``): one Python iteration per time step, the naive floor the benchmarks compare
   against (never chosen automatically).
 
-``backend=None`` picks ``mamba_ssm`` on CUDA when installed, else ``triton`` on CUDA when importable,
-else ``torch``. The environment variable ``STM_SCAN_BACKEND`` overrides the automatic choice.
+Automatic choice (``backend=None``): on CUDA ``mamba_ssm`` when its kernel really works there (probed
+once, ``ops.probe``) and the call suits it (no float64, no ``decay_scale``, no gradients), else
+``triton`` when it works and no gradient is needed, else ``torch``; on other devices ``torch``. A kernel
+that is installed but does not work is passed over with one line on stderr saying why. The environment
+variable ``STM_SCAN_BACKEND`` (or ``backend=``) forces a backend; one that cannot run the call is a
+``BackendUnavailable`` error naming the reason.
 """
 
 from __future__ import annotations
@@ -23,64 +27,117 @@ import torch
 import torch.nn.functional as F
 
 from .ops.common import FirstSteps, check_scan_args
+from .ops.probe import probe, say_once
 from .ops.scan_autograd import scan_differentiable
 from .ops.scan_loop import scan_loop
 from .ops.scan_torch import scan_inference
 from .runtime import compute_dtype
 
-__all__ = ["selective_scan", "available_backends", "resolve_backend", "BACKENDS", "BackendUnavailable"]
+__all__ = ["selective_scan", "available_backends", "resolve_backend", "BACKENDS", "BackendUnavailable",
+           "exports_first_steps"]
 
 BACKENDS = ("torch", "triton", "mamba_ssm", "loop")
 
 
 class BackendUnavailable(RuntimeError):
-    """The requested scan backend cannot run here (missing package or wrong device)."""
+    """The requested scan backend cannot run here (missing or broken kernel, wrong device or dtype)."""
 
 
-def _triton_runs_on(device):
+def _check_triton(device):
     if importlib.util.find_spec("triton") is None:
-        return False
+        raise ImportError("triton is not installed")
+    if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise RuntimeError("on CPU tensors it runs only under TRITON_INTERPRET=1 (slow, for testing)")
+    if device.type not in ("cpu", "cuda"):
+        raise RuntimeError(f"it needs a CUDA device, not {device}")
     if device.type == "cuda":
-        return True
-    return device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1"
+        from .ops.scan_triton import check_triton
+
+        check_triton(device)
 
 
-def _mamba_ssm_runs_on(device):
-    return device.type == "cuda" and importlib.util.find_spec("mamba_ssm") is not None
+def _check_mamba(device):
+    from .ops.scan_mamba import check_mamba
+
+    check_mamba(device)
+
+
+def _works(name, device):
+    """(works, reason) of a backend on ``device``, probed once."""
+    if name in ("torch", "loop"):
+        return True, ""
+    if name == "triton" and device.type == "cpu":  # the interpreter: decided by the environment, not cached
+        try:
+            _check_triton(device)
+            return True, ""
+        except (ImportError, RuntimeError) as e:
+            return False, str(e)
+    check = {"triton": _check_triton, "mamba_ssm": _check_mamba}[name]
+    return probe(name, device, check)
+
+
+def _installed(name):
+    module = {"triton": "triton", "mamba_ssm": "selective_scan_cuda"}.get(name)
+    return module is not None and (importlib.util.find_spec(module) is not None
+                                   or (name == "mamba_ssm" and importlib.util.find_spec("mamba_ssm") is not None))
 
 
 def available_backends(device="cpu") -> list[str]:
-    """Backends that can run on ``device`` in this environment."""
+    """Backends that can run on ``device`` in this environment (the optional kernels probed)."""
     device = torch.device(device)
-    out = ["torch", "loop"]
-    if _triton_runs_on(device):
-        out.insert(1, "triton")
-    if _mamba_ssm_runs_on(device):
-        out.insert(0, "mamba_ssm")
-    return out
+    return [b for b in ("mamba_ssm", "triton", "torch", "loop") if _works(b, device)[0]]
 
 
-def resolve_backend(backend, device) -> str:
-    """The backend to use: the argument, else ``STM_SCAN_BACKEND``, else the best available on ``device``."""
+def _unsuited(name, dtype, needs_grad, decay_scale):
+    """Why backend ``name`` cannot take this call (None if it can)."""
+    if needs_grad and name in ("triton", "mamba_ssm"):
+        return "it is forward-only and the inputs need gradients (the torch backend is differentiable)"
+    if name == "mamba_ssm" and dtype == torch.float64:
+        return "mamba-ssm's kernel computes in float32/float16/bfloat16 only"
+    if name == "mamba_ssm" and decay_scale:
+        return "mamba-ssm's kernel has no decay_scale input"
+    return None
+
+
+def _candidates(device):
+    """The optional kernels the automatic choice tries on ``device``, best first."""
+    return ("mamba_ssm", "triton") if device.type == "cuda" else ()
+
+
+def _automatic(device, dtype, needs_grad, decay_scale):
+    for name in _candidates(device):
+        ok, reason = _works(name, device)
+        if not ok and _installed(name):
+            say_once(f"the {name} scan kernel is installed but not used on {device}: {reason}")
+        if ok and _unsuited(name, dtype, needs_grad, decay_scale) is None:
+            return name
+    return "torch"
+
+
+def resolve_backend(backend, device, dtype=None, needs_grad=False, decay_scale=False) -> str:
+    """The backend to use for a call on ``device``: the argument, else ``STM_SCAN_BACKEND``, else the best
+    available one that suits the call (``dtype``: the compute dtype; ``needs_grad``; a ``decay_scale``)."""
     device = torch.device(device)
     name = backend or os.environ.get("STM_SCAN_BACKEND") or None
     if name is None:
-        if _mamba_ssm_runs_on(device):
-            return "mamba_ssm"
-        if device.type == "cuda" and _triton_runs_on(device):
-            return "triton"
-        return "torch"
+        return _automatic(device, dtype, needs_grad, decay_scale)
     if name not in BACKENDS:
         raise ValueError(f"unknown scan backend {name!r}; choose one of {BACKENDS}")
-    if name == "triton" and not _triton_runs_on(device):
-        raise BackendUnavailable(
-            f"scan backend 'triton' cannot run on {device}: it needs a CUDA device with triton installed "
-            f"(or TRITON_INTERPRET=1 for CPU tensors, slow, for testing). Use backend='torch' instead.")
-    if name == "mamba_ssm" and not _mamba_ssm_runs_on(device):
-        raise BackendUnavailable(
-            f"scan backend 'mamba_ssm' cannot run on {device}: it needs CUDA and `pip install .[cuda]`. "
-            f"Use backend='torch' instead.")
+    ok, reason = _works(name, device)
+    if not ok:
+        raise BackendUnavailable(f"scan backend {name!r} cannot run on {device}: {reason}. Use backend='torch' "
+                                 f"(or STM_SCAN_BACKEND=torch) instead" + (" (CUDA and `pip install .[cuda]` for "
+                                                                          "mamba_ssm)" if name == "mamba_ssm" else ""))
+    why = _unsuited(name, dtype, needs_grad, decay_scale)
+    if why:
+        raise BackendUnavailable(f"scan backend {name!r} cannot run this call: {why}; use backend='torch'")
     return name
+
+
+def exports_first_steps(backend, device, needs_grad=False) -> bool:
+    """Whether a call would fill a ``FirstSteps`` request (only the torch inference path does): callers
+    skip allocating the export buffers otherwise."""
+    return not needs_grad and resolve_backend(backend, device, needs_grad=needs_grad) == "torch"
 
 
 def _unfused(name, u, delta, A, B, C, D, z, delta_bias, delta_softplus, decay_scale):
@@ -113,29 +170,25 @@ def selective_scan(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: tor
     Bbar = delta*B (Euler, as Mamba's kernels; eq. 2-3); y = (C·h + D*u) * silu(z). Computes in float32
     (float64 if any input is float64) and returns y in u's dtype, plus the last state if asked.
     ``decay_scale`` (batch, L): Abar = exp(scale * delta * A), Bbar unchanged (pruned-sequence alignment,
-    docs/conventions.md §1); mamba-ssm's kernel has no such input, so the automatic choice skips it then.
-    ``first_steps``: a ``FirstSteps`` request the ``torch`` inference path fills (when its n fits one chunk
-    and there is no decay_scale); other backends leave it untouched.
+    docs/conventions.md §1). ``first_steps``: a ``FirstSteps`` request the ``torch`` inference path fills
+    (when its n fits one chunk and there is no decay_scale); other backends leave it untouched.
     """
     check_scan_args(u, delta, A)
-    if decay_scale is not None and backend is None and os.environ.get("STM_SCAN_BACKEND") in (None, "", "mamba_ssm"):
-        backend = "triton" if u.is_cuda and _triton_runs_on(u.device) else "torch"
-    name = resolve_backend(backend, u.device)
-    if name == "mamba_ssm" and decay_scale is not None:
-        raise BackendUnavailable("scan backend 'mamba_ssm' has no decay_scale input; use 'triton' or 'torch'")
+    ct = compute_dtype(u, delta, A, B, C)
+    grad = _needs_grad(u, delta, A, B, C, D, z, delta_bias, decay_scale)
+    name = resolve_backend(backend, u.device, ct, grad, decay_scale is not None)
     if name == "mamba_ssm":
-        from mamba_ssm.ops.selective_scan_interface import selective_scan_fn
+        from .ops.scan_mamba import selective_scan_mamba
 
-        return selective_scan_fn(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
+        return selective_scan_mamba(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
     if name == "triton":
         from .ops.scan_triton import selective_scan_triton
 
         return selective_scan_triton(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state,
                                      decay_scale=decay_scale)
-    ct = compute_dtype(u, delta, A, B, C)
     cast = lambda t: None if t is None else t.to(ct)  # noqa: E731
     args = [cast(t) for t in (u, delta, A, B, C, D, z, delta_bias)]
-    if name == "torch" and not _needs_grad(u, delta, A, B, C, D, z, delta_bias, decay_scale):
+    if name == "torch" and not grad:
         uc, dc, Ac, Bc, Cc, Dc, zc, bias = args
         y, last = scan_inference(uc, dc, Ac, Bc, Cc, decay_scale=cast(decay_scale), delta_bias=bias,
                                  delta_softplus=delta_softplus, D=Dc, z=zc, first_steps=first_steps)

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from .ops.common import FirstSteps
 from .ops.conv import causal_conv1d
 from .runtime import compute_dtype
-from .ssm import selective_scan
+from .ssm import exports_first_steps, selective_scan
 from .stats import DirectionStats, LayerStats, StatsRequest
 
 __all__ = ["VimConfig", "VisionMamba", "MambaMixer", "Block", "RMSNorm", "PatchEmbed", "TokenReduction",
@@ -216,8 +216,9 @@ class MambaMixer(nn.Module):
         x, z = (t.transpose(1, 2) for t in xz.chunk(2, dim=-1))
         sf, sb = (None, None) if decay_scale is None else decay_scale
         keep = request is not None
-        bufs, first = (None, (None, None)) if not (keep and request.first_steps) else self._first_steps_buffers(
-            x, request.first_steps)
+        needs_grad = torch.is_grad_enabled() and self.A_log.requires_grad
+        export = keep and request.first_steps and exports_first_steps(self.scan_backend, x.device, needs_grad)
+        bufs, first = self._first_steps_buffers(x, request.first_steps) if export else (None, (None, None))
         y_f, st_f = self.branch(x, z, self.conv1d, self.x_proj, self.dt_proj, self.A_log, self.D, sf, first[0], keep)
         xb, zb = (t.transpose(1, 2) for t in xz.flip(1).chunk(2, dim=-1))  # one flipped copy, still channel-last
         y_b, st_b = self.branch(xb, zb, self.conv1d_b, self.x_proj_b, self.dt_proj_b, self.A_b_log, self.D_b,

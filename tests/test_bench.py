@@ -12,7 +12,7 @@ SMALL = dict(img_size=32, patch_size=4, embed_dim=16, depth=6, d_state=4, num_cl
 @pytest.fixture(scope="module")
 def rows():
     return bench.run_bench(["vim_tiny"], methods=["stm", "tome"], rates=[0.2, 0.3], batch_size=2, rounds=2,
-                           warmup=1, progress=False, overrides=SMALL)
+                           warmup=1, progress=False, overrides=SMALL, device="cpu")  # "cpu" also on a GPU machine
 
 
 def test_rows_have_throughput_speedup_and_step_cost(rows):
@@ -39,6 +39,7 @@ def test_table_and_json_output(rows, tmp_path, capsys):
     assert len([line for line in text.splitlines() if line.startswith("| vim_tiny")]) == len(rows)
     out = tmp_path / "b.json"
     assert bench.main(["--model", "vim_tiny", "--methods", "stm", "--rates", "0.2", "--rounds", "1", "--warmup", "0",
+                       "--device", "cpu",
                        "--batch-size", "1", "--json", str(out)]
                       + [a for kv in ("img_size=32", "patch_size=4", "embed_dim=16", "depth=4", "d_state=4")
                          for a in ("--override", kv)]) == 0

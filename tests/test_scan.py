@@ -150,7 +150,7 @@ def test_backend_choice_and_errors(monkeypatch):
     with pytest.raises(ValueError, match="unknown scan backend 'cuda_magic'"):
         fast.resolve_backend(None, "cpu")
     monkeypatch.delenv("STM_SCAN_BACKEND")
-    with pytest.raises(fast.BackendUnavailable, match="needs CUDA"):
+    with pytest.raises(fast.BackendUnavailable, match="needs a CUDA device"):
         fast.resolve_backend("mamba_ssm", "cpu")
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     with pytest.raises(fast.BackendUnavailable, match="triton"):
@@ -198,16 +198,36 @@ def test_channel_last_conv_gradients_equal_conv1d_gradients():
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "loop"])
-def test_cuda_backends_match_reference(backend):
-    """On CUDA, float32: triton and mamba_ssm (if installed) agree with the float64 reference."""
-    rng = np.random.default_rng(0)
-    kw = dict(u=rng.standard_normal((4, 64, 197)), delta=rng.uniform(-5, 1, (4, 64, 197)), A=-rng.uniform(0.5, 16, (64, 16)),
-              B=rng.standard_normal((4, 16, 197)), C=rng.standard_normal((4, 16, 197)), D=rng.standard_normal(64),
-              z=rng.standard_normal((4, 64, 197)), delta_bias=rng.uniform(-1, 1, 64), delta_softplus=True)
-    ref = ssm.selective_scan(**kw)
-    y = fast.selective_scan(**{k: torch.as_tensor(v, dtype=torch.float32, device="cuda") if isinstance(v, np.ndarray) else v
-                               for k, v in kw.items()}, backend=backend)
-    np.testing.assert_allclose(y.double().cpu().numpy(), ref, rtol=0, atol=1e-4 * (1 + np.abs(ref).max()))
+@pytest.mark.parametrize("L", [1, 197, 730])
+@pytest.mark.parametrize("D", [37, 64])  # 37: a tail in every channel block
+@pytest.mark.parametrize("dtype", ["fp32", "bf16", "fp64"])
+@pytest.mark.parametrize("layout", ["contiguous", "channel_last"])
+@pytest.mark.parametrize("scaled", [False, True])
+def test_cuda_backends_match_reference(backend, L, D, dtype, layout, scaled):
+    """On CUDA, every backend that runs here against the float64 reference: tails in D and L, bf16 inputs,
+    float64 (where the backend computes it), channel-last inputs, decay_scale, the last state."""
+    if dtype == "fp64" and backend == "mamba_ssm" or scaled and backend == "mamba_ssm":
+        pytest.skip("mamba-ssm's kernel has no float64 and no decay_scale (the automatic choice skips it then)")
+    rng = np.random.default_rng(L + D)
+    kw = dict(u=rng.standard_normal((3, D, L)), delta=rng.uniform(-5, 1, (3, D, L)), A=-rng.uniform(0.5, 16, (D, 16)),
+              B=rng.standard_normal((3, 16, L)), C=rng.standard_normal((3, 16, L)), D=rng.standard_normal(D),
+              z=rng.standard_normal((3, D, L)), delta_bias=rng.uniform(-1, 1, D), delta_softplus=True)
+    scale = rng.integers(1, 4, (3, L)).astype(float) if scaled else None
+    ref, ref_last = ssm.selective_scan(**kw, decay_scale=scale, return_last_state=True)
+    t = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp64": torch.float64}[dtype]
+    args = {k: (torch.as_tensor(v, dtype=t if k not in ("A", "D", "delta_bias") or dtype == "fp64" else torch.float32,
+                                device="cuda") if isinstance(v, np.ndarray) else v) for k, v in kw.items()}
+    if layout == "channel_last":
+        args.update({k: channel_last(args[k]) for k in ("u", "delta", "z", "B", "C")})
+    sc = None if scale is None else torch.as_tensor(scale, dtype=torch.float32, device="cuda")
+    y, last = fast.selective_scan(**args, backend=backend, decay_scale=sc, return_last_state=True)
+    if dtype == "bf16":  # the inputs themselves are rounded to bf16: compare against the torch backend on them
+        want, want_last = fast.selective_scan(**{k: (v.float() if torch.is_tensor(v) else v) for k, v in args.items()},
+                                              backend="torch", decay_scale=sc, return_last_state=True)
+        ref, ref_last = want.double().cpu().numpy(), want_last.double().cpu().numpy()
+    tol = {"fp32": 1e-4, "bf16": 3e-2, "fp64": 1e-10}[dtype]
+    np.testing.assert_allclose(y.double().cpu().numpy(), ref, rtol=0, atol=tol * (1 + np.abs(ref).max()))
+    np.testing.assert_allclose(last.double().cpu().numpy(), ref_last, rtol=0, atol=tol * (1 + np.abs(ref_last).max()))
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)

@@ -38,16 +38,26 @@ def _env_int(name, default):
                        f"as one process)") from None
 
 
-def _dist():
+def _world():
+    """(WORLD_SIZE, RANK) from torchrun's environment, checked."""
     world, rank = _env_int("WORLD_SIZE", 1), _env_int("RANK", 0)
     if world < 1 or not 0 <= rank < world:
         raise RunError(f"WORLD_SIZE={world} and RANK={rank} do not describe a process group (need 0 <= RANK < WORLD_SIZE)")
-    if world > 1 and not torch.distributed.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() and os.environ.get("STM_DIST_BACKEND", "") != "gloo" else "gloo"
-        torch.distributed.init_process_group(backend=backend)
-    if world > 1:
-        return torch.distributed.get_rank(), world
-    return 0, 1
+    return world, rank
+
+
+def _dist(device, world):
+    """(rank, world), the process group set up when world > 1. Each rank uses its own GPU (set as the
+    current device before the group exists, as NCCL, object collectives and Triton launches require).
+    The eval only exchanges a small table of counts and a list of file names, both on the CPU, so the
+    group is gloo (``STM_DIST_BACKEND`` overrides, e.g. "cpu:gloo,cuda:nccl")."""
+    if world == 1:
+        return 0, 1
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if not torch.distributed.is_initialized():
+        torch.distributed.init_process_group(backend=os.environ.get("STM_DIST_BACKEND") or "gloo")
+    return torch.distributed.get_rank(), world
 
 
 def _cli_spelling(e):
@@ -76,12 +86,13 @@ def _plans(models, exps):
 
 
 def _device(args, world):
+    """--device, checked; under torchrun a plain "cuda" means each rank's own GPU, cuda:LOCAL_RANK."""
     try:
         device = check_device(args.device)
+        if device.type == "cuda" and world > 1 and device.index is None:
+            device = check_device(f"cuda:{_env_int('LOCAL_RANK', 0)}")
     except ValueError as e:
         raise RunError(str(e)) from None
-    if device.type == "cuda" and world > 1:
-        device = torch.device("cuda", _env_int("LOCAL_RANK", 0))
     return device
 
 
@@ -108,8 +119,9 @@ def _prepare(args, rank, world, device):
 
 
 def _evaluate(args):
-    rank, world = _dist()
+    world, _ = _world()
     device = _device(args, world)
+    rank, world = _dist(device, world)
     models, dataset, plans, folder, exps = _prepare(args, rank, world, device)
     try:
         shard = list(range(rank, len(dataset), world))
@@ -137,6 +149,20 @@ def _score(model, reduction, x, y, device, precision, where):
     return int((topk[:, 0] == y).sum()), int((topk == y[:, None]).any(dim=1).sum()), seconds
 
 
+def _warm_up(models, exps, plans, x, device, precision):
+    """On CUDA, one untimed forward of every configuration on the first batch, so that lazy imports, Triton
+    compilation (a new one for every sequence length a reduction creates) and cuBLAS set-up stay out of the
+    timed forwards; a resumed run warms up again. On the CPU nothing is compiled per shape: no warm-up."""
+    if device.type != "cuda":
+        return True
+    for name, model in models:
+        for e in exps:
+            with reduced(model, plans[exp_key(name, e)]), torch.inference_mode(), autocast(device, precision):
+                model(x)
+    synchronize(device)
+    return True
+
+
 def _run_batches(args, loader, n_batches, models, exps, plans, progress, device, rank, world):
     """Every batch through every unfinished configuration; progress saved after each batch."""
     from tqdm import tqdm
@@ -145,7 +171,7 @@ def _run_batches(args, loader, n_batches, models, exps, plans, progress, device,
     start = min((progress.done(k) for k in keys), default=n_batches)
     bar = tqdm(total=n_batches * len(keys), initial=sum(min(progress.done(k), n_batches) for k in keys),
                desc=f"eval (rank {rank})" if world > 1 else "eval", unit="cfg-batch", disable=args.quiet or rank != 0)
-    images_seen = 0
+    images_seen, warm = 0, False
     for b, (x, y, _, bad) in enumerate(loader):
         if b < start:
             continue  # DataLoader still decodes skipped batches: resume skips the model work, the only costly part
@@ -154,6 +180,8 @@ def _run_batches(args, loader, n_batches, models, exps, plans, progress, device,
                 raise DataError("unreadable image(s): " + "; ".join(bad[:5]) + " (use --on-bad-image skip to exclude them)")
             progress.bad[str(b)] = bad
         xd = None if x is None else x.to(device, non_blocking=True)  # once per batch, for every configuration
+        if xd is not None and not warm:
+            warm = _warm_up(models, exps, plans, xd, device, args.dtype)
         for name, model in models:
             for e in exps:
                 key = exp_key(name, e)

@@ -10,28 +10,50 @@ import torch
 import torch.nn.functional as F
 
 from .common import channel_last
+from .probe import probe, say_once
 
-__all__ = ["causal_conv1d"]
+__all__ = ["causal_conv1d", "kernel_suits"]
 
 
-def _kernel_available(x):
-    return x.is_cuda and importlib.util.find_spec("causal_conv1d") is not None
+def _check_causal_conv1d(device):
+    """Raise unless causal-conv1d's compiled kernel imports and runs on ``device``."""
+    if device.type != "cuda":
+        raise RuntimeError(f"it needs a CUDA device, not {device}")
+    importlib.import_module("causal_conv1d_cuda")
+    from causal_conv1d.causal_conv1d_interface import causal_conv1d_fn
+
+    causal_conv1d_fn(torch.zeros(1, 8, 4, device=device), torch.zeros(8, 4, device=device), activation="silu")
+
+
+def kernel_suits(x, K) -> bool:
+    """Whether causal-conv1d's CUDA kernel works here (probed once) and accepts this call: float32/16/bf16
+    input, width 2..4, and a layout it reads (last axis contiguous, or channel-last with channels and
+    strides multiples of 8)."""
+    if not x.is_cuda or x.dtype not in (torch.float16, torch.bfloat16, torch.float32) or not 2 <= K <= 4:
+        return False
+    if x.stride(2) != 1 and not (x.stride(1) == 1 and x.shape[1] % 8 == 0 and x.stride(0) % 8 == 0
+                                 and x.stride(2) % 8 == 0):
+        return False
+    ok, reason = probe("causal_conv1d", x.device, _check_causal_conv1d)
+    if not ok and importlib.util.find_spec("causal_conv1d") is not None:
+        say_once(f"causal-conv1d is installed but not used on {x.device}: {reason}")
+    return ok
 
 
 def causal_conv1d(x, weight, bias=None, activation=True):
     """y_t = silu(sum_k weight[:, k] x_{t-K+1+k} + bias) over (batch, channels, L), zero history before t=0.
 
     ``weight``: (channels, 1, K) as nn.Conv1d stores it (or (channels, K)). Uses causal-conv1d's CUDA
-    kernel when installed and x is on CUDA, else torch's conv1d with left padding, or
-    K shifted multiply-adds when x is channel-last in memory (``x.stride(1) == 1``, Vim's mixer).
+    kernel when it works here and suits the call (``kernel_suits``; the weight keeps its dtype, as Mamba
+    passes it), else torch's conv1d with left padding, or K shifted multiply-adds when x is channel-last in
+    memory (``x.stride(1) == 1``, Vim's mixer).
     """
     w = weight if weight.dim() == 2 else weight[:, 0, :]
-    if _kernel_available(x) and x.dtype in (torch.float16, torch.bfloat16, torch.float32):
-        from causal_conv1d import causal_conv1d_fn
-
-        return causal_conv1d_fn(x, w.to(x.dtype), None if bias is None else bias.to(x.dtype),
-                                activation="silu" if activation else None)
     K = w.shape[-1]
+    if kernel_suits(x, K):
+        from causal_conv1d.causal_conv1d_interface import causal_conv1d_fn
+
+        return causal_conv1d_fn(x, w, None if bias is None else bias.to(w.dtype), activation="silu" if activation else None)
     w = w.to(x.dtype)
     if x.shape[1] > 1 and channel_last(x):
         return _taps_channel_last(x, w, bias, activation)
