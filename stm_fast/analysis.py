@@ -1,12 +1,107 @@
-"""Where the class token drifts: per-layer deviation from the unreduced model (the paper's Figure 3)."""
+"""What the hidden states do: per-layer maps of an image's hidden states and of the class token's hidden
+attention (the paper's Figure 1), and the class token's drift under a reduction (Figure 3)."""
 
 from __future__ import annotations
+
+import math
 
 import torch
 
 from .reduction import reduced
+from .reduction.evit import class_attention
+from .stats import StatsRequest
 
-__all__ = ["layer_losses", "plot_layer_losses"]
+__all__ = ["layer_losses", "plot_layer_losses", "hidden_state_maps", "plot_hidden_state_maps"]
+
+
+class _Observer:
+    """A reduction that removes nothing and keeps every layer's statistics: after each layer the stream is
+    handed back unchanged, which is the unreduced forward exactly (the next layer takes it as its residual)."""
+
+    def __init__(self, cls):
+        self.cls, self.stats = cls, []
+
+    def begin(self, hidden):
+        self.stats = []
+        return self
+
+    def layer_inputs(self, i):
+        return None, StatsRequest()
+
+    def reduces_after(self, i):
+        return True
+
+    def reduce(self, i, x, stats):
+        self.stats.append(stats)
+        return x
+
+    def class_rows(self, x):
+        return x[:, self.cls]
+
+
+def _state_norms(st):
+    """||h_t|| over (channels, states) at every token position of one direction: (batch, L), float64.
+    The recurrence h_t = exp(delta_t A) h_{t-1} + delta_t B_t u_t (eq. 3) in the direction's scan order."""
+    delta = st._step(st.delta_raw.transpose(1, 2)).double()  # (batch, L, E), scan order
+    u, B, A = st._u.transpose(1, 2).double(), st._B.transpose(1, 2).double(), st.A.double()
+    h = torch.zeros(delta.shape[0], A.shape[0], A.shape[1], dtype=torch.float64, device=delta.device)
+    norms = []
+    for t in range(delta.shape[1]):
+        h = torch.exp(delta[:, t, :, None] * A) * h + (delta[:, t] * u[:, t])[:, :, None] * B[:, t, None, :]
+        norms.append(h.flatten(1).norm(dim=1))
+    out = torch.stack(norms, dim=1)
+    return out.flip(1) if st.reverse else out
+
+
+def hidden_state_maps(model, images):
+    """Per layer: the norm of each direction's hidden state at every patch and the class token's hidden
+    attention to it (eq. 5, |alpha[cls, j]| averaged over channels, forward side left of the class token and
+    backward side right of it), as {"forward", "backward", "attention"}: (depth, batch, grid, grid) float64
+    maps of the unreduced model, the class token's own position left out."""
+    with torch.inference_mode():
+        return _maps(model, images)
+
+
+def _maps(model, images):
+    cls = model.token_position
+    observer = _Observer(cls)
+    with reduced(model, observer):
+        model.forward_features(images)
+    grid = model.cfg.grid
+    patches = lambda t: torch.cat([t[:, :cls], t[:, cls + 1:]], dim=1).reshape(t.shape[0], grid, grid)  # noqa: E731
+    out = {"forward": [], "backward": [], "attention": []}
+    for st in observer.stats:
+        out["forward"].append(patches(_state_norms(st.forward)))
+        out["backward"].append(patches(_state_norms(st.backward)))
+        where = torch.full((images.shape[0],), cls, dtype=torch.long, device=images.device)
+        out["attention"].append(patches(class_attention(st, where).double()))
+    return {k: torch.stack(v) for k, v in out.items()}
+
+
+def plot_hidden_state_maps(maps, path, image=0, layers=None, title="Hidden states and class-token attention"):
+    """Draw ``hidden_state_maps``'s maps of one image, a row per layer (default: up to 6 spread over the
+    depth), columns: forward ||h||, backward ||h||, class-token hidden attention. Writes a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    depth = maps["forward"].shape[0]
+    layers = layers or sorted({round(i * (depth - 1) / max(min(depth, 6) - 1, 1)) for i in range(min(depth, 6))})
+    fig, axes = plt.subplots(len(layers), 3, figsize=(7.5, 2.3 * len(layers)), dpi=110, squeeze=False)
+    for row, layer in zip(axes, layers):
+        for ax, (key, name) in zip(row, (("forward", "forward ||h||"), ("backward", "backward ||h||"),
+                                         ("attention", "class-token attention (eq. 5)"))):
+            im = ax.imshow(maps[key][layer, image].cpu().numpy(), cmap="viridis")
+            ax.set_title(f"layer {layer}: {name}", fontsize=8)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            fig.colorbar(im, ax=ax, fraction=0.046)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
 
 
 def _class_states(model, images):

@@ -28,13 +28,13 @@ class DirectionStats:
 
     Holds what the branch computed anyway, in scan order (the backward branch's run over the flipped
     sequence): the pre-bias step ``delta_raw`` (batch, E, L), ``bias`` (E,), ``B``, ``C`` (batch, N, L),
-    ``A`` (E, N), the SSM output ``y`` (batch, E, L). Accessors return token-position order; ``*_at``
+    ``A`` (E, N), the SSM output ``y`` (batch, E, L) and its input ``u`` (batch, E, L). Accessors return token-position order; ``*_at``
     read only the requested positions, so a merge step touches a handful of tokens, not the sequence.
     """
 
-    def __init__(self, delta_raw, bias, B, C, A, y, reverse=False):
+    def __init__(self, delta_raw, bias, B, C, A, y, reverse=False, u=None):
         self.delta_raw, self.bias, self._B, self._C, self.A, self._y = delta_raw, bias, B, C, A, y
-        self.reverse = reverse
+        self.reverse, self._u = reverse, u
         self.L = delta_raw.shape[-1]
 
     def _idx(self, pos):
@@ -90,6 +90,11 @@ class DirectionStats:
     @property
     def y(self):
         return self._full(self._y)
+
+    @property
+    def u(self):
+        """The scan's input (SiLU of the causal conv), (batch, E, L) in position order, when the layer kept it."""
+        return None if self._u is None else self._full(self._u)
 
 
 @dataclass

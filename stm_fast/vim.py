@@ -198,7 +198,7 @@ class MambaMixer(nn.Module):
         else:
             d = F.softplus(delta.transpose(1, 2).to(ct) + bias).transpose(1, 2)
             y = selective_scan(x, d, A, B, C, Dp.to(ct), z=z, decay_scale=decay_scale, backend=self.scan_backend)
-        return y, (DirectionStats(delta, bias, B, C, A, y, reverse=reverse) if keep else None)
+        return y, (DirectionStats(delta, bias, B, C, A, y, reverse=reverse, u=x) if keep else None)
 
     def _first_steps_buffers(self, x, n):
         """One buffer per quantity for both directions' first n steps (delta, Abar, B; step-major, forward

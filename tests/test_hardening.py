@@ -89,7 +89,8 @@ def test_other_methods_into_a_finished_folder_are_merged_not_dropped(tmp_path, c
     both = {(r["method"], r["rate"]): r["top1"] for r in records(out)}
     assert set(both) == {("none", 0.0), ("stm", 0.1), ("tome", 0.1)}
     assert all(both[k] == v for k, v in first.items()), "finished rows are kept as they were"
-    assert "| tome |" in open(os.path.join(out, "table.md")).read() and "| stm |" in open(os.path.join(out, "table.md")).read()
+    table = open(os.path.join(out, "table.md")).read()
+    assert "tome |" in table and "stm (both sides, lsq weights)" in table
 
 
 def test_a_cell_without_readable_images_is_null_and_fails_the_run(tmp_path, checkpoint, capsys):
@@ -101,7 +102,7 @@ def test_a_cell_without_readable_images_is_null_and_fails_the_run(tmp_path, chec
     code, err, _ = run_cli(["--checkpoint", checkpoint, "--data", str(tmp_path / "val"), "--out", out, *QUICK], capsys)
     assert code == 3 and "no image of 2 cell(s) could be read" in err
     assert all(r["top1"] is None and r["images"] == 0 for r in records(out))
-    assert "| baseline (no reduction) | 0% | 0.0 | n/a |" in open(os.path.join(out, "table.md")).read()
+    assert "| baseline (no reduction) | 0% | 0.0 | n/a | — | n/a |" in open(os.path.join(out, "table.md")).read()
 
 
 def test_non_finite_weights_are_refused_at_load(tmp_path, checkpoint, folders, capsys):
@@ -307,7 +308,7 @@ def test_reduce_option_types_and_numpy_integers():
     assert stm_fast.make_reduction(m, "stm", schedule=np.int64(2)).schedule == (2, 2, 2), "numpy integers are integers"
 
 
-@pytest.mark.parametrize("method", ["stm", "tome", "top", "evit"])
+@pytest.mark.parametrize("method", ["stm", "tome", "top", "evit", "mtr"])
 def test_a_reduced_model_given_an_empty_batch_returns_an_empty_result(method):
     m = stm_fast.create_model("vim_tiny", img_size=16, patch_size=4, embed_dim=8, depth=4, d_state=4, num_classes=5)
     stm_fast.reduce(m, method, schedule=[2, 2, 0], **({} if method == "stm" else {"layers": [0, 1]}))

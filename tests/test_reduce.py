@@ -10,7 +10,8 @@ from stm_fast.reduction import rate_of, solve_schedule
 from tests.test_vim import random_model
 
 METHOD_OPTIONS = [("stm", {}), ("stm", {"sides": "left"}), ("stm", {"weights": "avg"}), ("stm", {"positions": "uniform"}),
-                  ("tome", {}), ("tome", {"layers": "all"}), ("top", {}), ("top", {"align": False}), ("evit", {})]
+                  ("tome", {}), ("tome", {"layers": "all"}), ("top", {}), ("top", {"align": False}), ("evit", {}),
+                  ("mtr", {}), ("mtr", {"keep_frac": 0.0})]
 
 
 @pytest.fixture(scope="module")
@@ -67,7 +68,7 @@ def test_rate_zero_and_none_are_bitwise_the_unreduced_model(method, options):
         assert torch.equal(m(x), base)
         stm_fast.reduce(m, method, schedule=[0, 0, 0], **options)
         assert torch.equal(m(x), base)
-        layers = {"layers": [0, 1, 2]} if method in ("top", "evit") or (method == "tome" and "layers" not in options) else {}
+        layers = {"layers": [0, 1, 2]} if method in ("top", "evit", "mtr") or (method == "tome" and "layers" not in options) else {}
         stm_fast.reduce(m, method, schedule=[2, 2, 0], **options, **layers)
         assert not torch.equal(m(x), base), "a real reduction changes the logits"
         stm_fast.reduce(m, "none")
@@ -80,7 +81,7 @@ def test_each_image_is_reduced_as_if_alone(method, options):
     """Data-dependent methods keep per-image indices (the class token can move differently per image):
     in float64, image i in a batch gives the same logits as image i alone."""
     m = random_model(2, 16, 4, 12, 4, 8)
-    layers = {"layers": [0, 1, 2]} if method in ("top", "evit") or (method == "tome" and "layers" not in options) else {}
+    layers = {"layers": [0, 1, 2]} if method in ("top", "evit", "mtr") or (method == "tome" and "layers" not in options) else {}
     stm_fast.reduce(m, method, schedule=[2, 2, 2], **options, **layers)
     x = torch.randn(4, 3, 16, 16, dtype=torch.float64)
     with torch.no_grad():

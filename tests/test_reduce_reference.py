@@ -64,6 +64,7 @@ def _check(method, tokens, schedule, **kw):
 @pytest.mark.parametrize("method, schedule, options", [
     ("stm", [6, 4, 0], {}), ("stm", [0, 3, 2], dict(sides="right", positions="uniform")), ("stm", [2, 2, 2], dict(sides="left")),
     ("tome", [5, 4, 2], dict(layers="all")), ("top", [6, 5, 0], dict(layers=[0, 1])), ("evit", [5, 4, 3], dict(layers=[0, 1, 2])),
+    ("mtr", [5, 4, 3], dict(layers=[0, 1, 2])),
 ])
 def test_every_method_matches_reference_with_overlapping_patches(method, schedule, options):
     """A stride smaller than the patch (hustvl's "+" models) on an odd grid: every method equals the float64
@@ -221,6 +222,36 @@ def test_evit_reference_step_by_hand(monkeypatch):
     np.testing.assert_allclose(h, np.stack([fused, hidden[2], hidden[4]]))
     np.testing.assert_allclose(r, 2 * h)
     assert s["cls"] == 1 and list(s["pos"]) == [0, 2, 4]
+
+
+# ------------------------------------------------------------------------------------------------- mtr
+
+@pytest.mark.parametrize("tokens, schedule, options", [
+    (17, [5, 4, 3], dict(layers=[0, 1, 2])),
+    (17, [6, 0], dict(layers=[0])),
+    (10, [3, 2, 2], dict(layers=[0, 1, 2], keep_frac=0.0)),  # no Keep group: every other token is a Target
+    (17, [4, 3, 0], dict(layers=[0, 1], keep_frac=0.75)),
+])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_mtr_matches_reference(tokens, schedule, options, seed):
+    err = _check("mtr", tokens, schedule, seed=seed, **options)
+    assert err <= TOL, f"max |dlogit| {err:.3e}"
+
+
+def test_mtr_reference_step_by_hand():
+    """6 tokens, class token at 2. Importance (mean Delta of both directions): [5, 1, 0, 2, 6, 0.5] (the class
+    token's own value is ignored). k = 2: Sources = the two least important (5 then 1), of the remaining
+    3 patch tokens ceil(0.5 * 3) = 2 are kept (4, 0) and token 3 is the only Target: it becomes the mean of
+    tokens 3, 5 and 1; order kept."""
+    delta_f = np.array([[5.0, 1.0, 9.0, 2.0, 6.0, 0.5]])
+    stats = {"forward": {"delta": delta_f}, "backward": {"delta": np.zeros((1, 6))}}
+    np.testing.assert_allclose(reductions.mtr_importance(stats), delta_f[0])
+    hidden = np.arange(12.0).reshape(6, 2)
+    state = {"cls": 2, "pos": np.arange(6), "size": np.ones(6)}
+    h, r, s = reductions.mtr_step(2, hidden, hidden + 1, state, stats, {"keep_frac": 0.5})
+    np.testing.assert_allclose(h, np.stack([hidden[0], hidden[2], (hidden[3] + hidden[5] + hidden[1]) / 3, hidden[4]]))
+    np.testing.assert_allclose(r, h + 1)
+    assert s["cls"] == 1 and list(s["pos"]) == [0, 2, 3, 4]
 
 
 # ---------------------------------------------------------------------------------------- regression

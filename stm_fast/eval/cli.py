@@ -55,6 +55,10 @@ def _method_options(ap):
     g.add_argument("--schedule", help="instead of rates: tokens removed after each layer IN TOTAL, comma-separated "
                                       "(one value = every layer); STM on both sides splits each entry equally, so the "
                                       "paper's '2 tokens per direction at every layer' is --schedule 4")
+    g.add_argument("--paper", choices=["inferred", "literal"],
+                   help="instead of --rates/--schedule, the paper's Table 2 and 3 settings for vim_tiny/vim_small/vim_base: "
+                        "'inferred' from the FLOPs the tables report (e.g. Vim-Ti: one token per side after every layer), "
+                        "'literal' as its text says (two per direction at every layer); stm_fast/eval/paper.py explains")
     g.add_argument("--stm-sides", default=STM_DEFAULTS["sides"], choices=["both", "left", "right"],
                    help="STM: which sides of the class token lose tokens")
     g.add_argument("--stm-positions", default=STM_DEFAULTS["positions"], choices=["ends", "uniform"],
@@ -78,6 +82,9 @@ def _run_options(ap):
     g.add_argument("--restart", action="store_true",
                    help="discard what --out holds from an earlier run (its run.json, progress and result files) first")
     g.add_argument("--quiet", action="store_true", help="no progress bar and no table on stdout")
+    g.add_argument("--figures", action="store_true",
+                   help="also write the paper's Figure 1 (hidden-state and class-token attention maps per layer) for two "
+                        "images and Figure 3 (class-token deviation per layer) of the first model")
     g.add_argument("--list", action="store_true", help="list the models, method groups and methods, then exit")
 
 
@@ -131,6 +138,9 @@ def parse_args(argv=None) -> argparse.Namespace:
         raise RunError(str(e)) from None
     if args.schedule is not None:
         args.schedule = _schedule(args.schedule)
+    if args.paper and (args.schedule is not None or args.checkpoint is None):
+        raise RunError("--paper runs the paper's own settings on an official checkpoint: give --model and --checkpoint, "
+                       "and no --schedule")
     args.stm_options = {"sides": args.stm_sides, "positions": args.stm_positions, "weights": args.stm_weights,
                         "start_layer": args.stm_start_layer}
     if args.batch_size is None:

@@ -6,11 +6,11 @@ import json
 
 from ..reduction import STM_DEFAULTS
 
-__all__ = ["DEFAULT_RATES", "METHOD_GROUPS", "STM_WEIGHT_VARIANTS", "experiments", "exp_key"]
+__all__ = ["DEFAULT_RATES", "METHOD_GROUPS", "STM_WEIGHT_VARIANTS", "experiments", "exp_key", "unique"]
 
 DEFAULT_RATES = (0.15, 0.2, 0.3, 0.4)
 STM_WEIGHT_VARIANTS = ("avg", "drop", "mean", "decay", "lsq_norm")  # the HSP ablations beside the default lsq
-METHOD_GROUPS = ("none", "stm", "stm-oneside", "stm-weights", "tome", "top", "evit")  # none: the baseline alone
+METHOD_GROUPS = ("none", "stm", "stm-oneside", "stm-weights", "tome", "top", "evit", "mtr")  # none: the baseline alone
 
 
 def _group(group, rate, schedule, stm_options):
@@ -36,13 +36,18 @@ def experiments(groups, rates, schedule, stm_options):
     for g in groups:
         for rate, sched in points:
             out += _group(g, rate, sched, stm_options)
-    seen, unique = set(), []
-    for e in out:
+    return unique(out)
+
+
+def unique(exps):
+    """The experiments without repetitions, in first-seen order."""
+    seen, out = set(), []
+    for e in exps:
         k = json.dumps(e, sort_keys=True)
         if k not in seen:
             seen.add(k)
-            unique.append(e)
-    return unique
+            out.append(e)
+    return out
 
 
 def exp_key(model_name, exp):

@@ -14,6 +14,7 @@ import errno
 import fcntl
 import json
 import os
+import shutil
 
 from ..runtime import atomic_write_json
 from .errors import RunError
@@ -21,7 +22,7 @@ from .fingerprint import describe_difference
 
 __all__ = ["Progress", "check_out_path", "RunFolder", "OUTPUT_FILES"]
 
-OUTPUT_FILES = ("run.json", "results.json", "results.csv", "table.md", "accuracy_vs_flops.png")
+OUTPUT_FILES = ("run.json", "results.json", "results.csv", "table.md", "accuracy_vs_flops.png", "claims.json")
 _FIX = "choose another --out, or pass --restart to discard what it holds"
 
 
@@ -106,6 +107,7 @@ class RunFolder:
         for name in os.listdir(self.out):
             if name in OUTPUT_FILES or (name.startswith("progress.rank") and name.endswith(".json")):
                 os.remove(os.path.join(self.out, name))
+        shutil.rmtree(os.path.join(self.out, "predictions"), ignore_errors=True)
 
     def open(self, fingerprint, world, experiments):
         """The experiments of the run: those already recorded here (same fingerprint required) followed by the

@@ -1,4 +1,11 @@
-"""Tables, files and the plot of an eval run (results.json / results.csv / table.md / accuracy_vs_flops.png)."""
+"""The files of an eval run: results.json, results.csv, table.md (and, through ``figures``, the plot).
+
+The table has one row per configuration, its rate, the achieved rate, top-1 as mean [min, max] over the
+run's models, the difference to the baseline pooled over the models with its paired 95% interval,
+agreement with the baseline's predictions, top-5 and FLOPs in a readable unit. The best method at each rate
+(highest mean top-1 among the reduced rows) is in bold. Throughput is not shown here: an eval is not a
+benchmark (``python -m stm_fast.bench`` is).
+"""
 
 from __future__ import annotations
 
@@ -7,112 +14,115 @@ import io
 import json
 import os
 
-from ..reduction import STM_DEFAULTS
 from ..runtime import atomic_write, atomic_write_json
+from .claims import describe
 
-__all__ = ["write_outputs", "markdown_table"]
+__all__ = ["write_outputs", "markdown_table", "label", "flops_unit", "point_of"]
 
-_CSV_FIELDS = ["model", "method", "rate", "achieved_rate", "options", "schedule", "top1", "top5", "images", "bad_images",
-               "gflops_paper", "gflops_full", "gflops_overhead", "images_per_s"]
-
-
-def _label(rec):
-    if rec["method"] == "none":
-        return "baseline (no reduction)"
-    opts = rec["options"] or {}
-    if rec["method"] == "stm":
-        extra = [f"{k}={v}" for k, v in opts.items() if STM_DEFAULTS.get(k) != v]
-        return "stm" + (f" ({', '.join(extra)})" if extra else "")
-    return rec["method"] + (f" ({', '.join(f'{k}={v}' for k, v in opts.items())})" if opts else "")
+_CSV_FIELDS = ["model", "method", "rate", "achieved_rate", "options", "schedule", "top1", "top5", "agreement",
+               "vs_baseline_diff", "vs_baseline_ci_low", "vs_baseline_ci_high", "images", "bad_images", "gflops_paper",
+               "gflops_full", "gflops_overhead", "images_per_s"]
 
 
-def _stat(values, digits=1, fmt=None):
+def label(rec):
+    return "baseline (no reduction)" if rec["method"] == "none" else describe(rec["method"], rec["options"] or {})
+
+
+def point_of(rec):
+    """The rate (a float) or 'schedule S' of a record."""
+    return rec["rate"] if rec["schedule"] is None else f"schedule {rec['schedule']}"
+
+
+def flops_unit(gflops):
+    """(scale, unit) that shows FLOPs of this size readably: G, M or K."""
+    for scale, unit in ((1.0, "GFLOPs"), (1e3, "MFLOPs"), (1e6, "KFLOPs")):
+        if gflops * scale >= 0.1:
+            return scale, unit
+    return 1e6, "KFLOPs"
+
+
+def _range(values, fmt="{:.1f}"):
     values = [v for v in values if v is not None]
     if not values:
         return "n/a"
-    f = (lambda v: format(v, fmt)) if fmt else (lambda v: f"{v:.{digits}f}")  # noqa: E731
     mean = sum(values) / len(values)
     if len(values) == 1 or max(values) == min(values):
-        return f(mean)
-    return f"{f(mean)} [{f(min(values))}-{f(max(values))}]"
+        return fmt.format(mean)
+    return f"{fmt.format(mean)} [{fmt.format(min(values))}, {fmt.format(max(values))}]"
 
 
 def _groups(records):
-    """{(label, rate/schedule): [records over models]} in first-seen order."""
+    """{(label, point): [records over models]} in first-seen order."""
     out = {}
     for r in records:
-        point = r["rate"] if r["schedule"] is None else f"schedule {r['schedule']}"
-        out.setdefault((_label(r), json.dumps(point)), []).append(r)
+        out.setdefault((label(r), json.dumps(point_of(r))), []).append(r)
     return out
 
 
-def markdown_table(records, bad, skipped=()):
+def _best(groups):
+    """The (label, point) of the best reduced configuration at each point (highest mean top-1)."""
+    best = {}
+    for (lab, point), recs in groups.items():
+        tops = [r["top1"] for r in recs if r["top1"] is not None]
+        if recs[0]["method"] == "none" or not tops:
+            continue
+        mean = sum(tops) / len(tops)
+        if point not in best or mean > best[point][0]:
+            best[point] = (mean, lab)
+    return {(lab, p) for p, (_, lab) in best.items()}
+
+
+def _delta(pooled):
+    if pooled is None or pooled.get("diff") is None:
+        return "n/a"
+    return f"{pooled['diff']:+.1f} [{pooled['ci_low']:+.1f}, {pooled['ci_high']:+.1f}]"
+
+
+def markdown_table(records, bad, skipped=(), pooled=None):
+    """The table (see the module docstring); ``pooled``: {(label, point json): pooled vs-baseline stats}."""
     models = sorted({r["model"] for r in records})
-    base = {r["model"]: r["top1"] for r in records if r["method"] == "none"}
-    n_models = len(models)
-    head = ("| method | rate | achieved | top-1 (%) | Δ top-1 | top-5 (%) | GFLOPs paper | GFLOPs full | images/s |\n"
-            "|---|---|---|---|---|---|---|---|---|")
+    scale, unit = flops_unit(min(r["gflops_paper"] for r in records))
+    spread = "mean [min, max] over models" if len(models) > 1 else "one model"
+    head = (f"| method | rate | achieved (%) | top-1 (%) | Δ top-1 vs baseline [95% CI] | agreement (%) | top-5 (%) "
+            f"| {unit} paper | {unit} full |\n|---|---|---|---|---|---|---|---|---|")
+    groups = _groups(records)
+    best = _best(groups)
     rows = []
-    for (label, point), recs in _groups(records).items():
-        point_v = json.loads(point)
-        rate = f"{100 * point_v:.0f}%" if isinstance(point_v, float) else str(point_v)
-        deltas = [r["top1"] - base[r["model"]] for r in recs if base.get(r["model"]) is not None and r["top1"] is not None]
+    for (lab, point), recs in groups.items():
+        p = json.loads(point)
+        rate = f"{100 * p:.0f}%" if isinstance(p, float) else str(p)
+        top1 = _range([r["top1"] for r in recs])
+        if (lab, point) in best:
+            top1, lab = f"**{top1}**", f"**{lab}**"
         rows.append("| " + " | ".join([
-            label, rate, _stat([100 * r["achieved_rate"] for r in recs]), _stat([r["top1"] for r in recs]),
-            _stat(deltas), _stat([r["top5"] for r in recs]), _stat([r["gflops_paper"] for r in recs], fmt=".4g"),
-            _stat([r["gflops_full"] for r in recs], fmt=".4g"), _stat([r["images_per_s"] for r in recs], 0)]) + " |")
+            lab, rate, _range([100 * r["achieved_rate"] for r in recs]), top1,
+            "—" if recs[0]["method"] == "none" else _delta((pooled or {}).get((label(recs[0]), point))),
+            _range([r["agreement"] for r in recs]), _range([r["top5"] for r in recs]),
+            _range([scale * r["gflops_paper"] for r in recs], "{:.4g}"),
+            _range([scale * r["gflops_full"] for r in recs], "{:.4g}")]) + " |")
     n_img = max((r["images"] for r in records), default=0)
-    note = (f"\n{n_img} images per cell; " + (f"mean [min-max] over {n_models} models ({', '.join(models)}); "
-            if n_models > 1 else f"model {models[0]}; ") + f"{len(bad)} unreadable image(s) excluded"
-            + (f"; {len(skipped)} non-regular file(s) skipped unopened." if skipped else "."))
+    note = (f"\n{n_img} images per cell; top-1, agreement and top-5 as {spread} ({', '.join(models)}); Δ pooled over "
+            f"the models, paired on the same images (bootstrap 95% interval); **bold**: the best method at each rate; "
+            f"{len(bad)} unreadable image(s) excluded" + (f"; {len(skipped)} non-regular file(s) skipped unopened." if skipped
+                                                          else "."))
     return "\n".join([head, *rows]) + note
 
 
-def _plot(path, records):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
-    curves = {}
-    for (label, point), recs in _groups(records).items():
-        ok = [r for r in recs if r["top1"] is not None]
-        if ok:
-            g = sum(r["gflops_paper"] for r in ok) / len(ok)
-            a = sum(r["top1"] for r in ok) / len(ok)
-            curves.setdefault(label, []).append((g, a))
-    base = curves.pop("baseline (no reduction)", [])
-    for label, pts in curves.items():
-        pts.sort()
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=label)
-    for g, a in base:
-        ax.scatter([g], [a], marker="*", s=160, color="black", zorder=5, label="baseline")
-    ax.set_xlabel("GFLOPs per image (paper convention)")
-    ax.set_ylabel("top-1 accuracy (%)")
-    ax.grid(alpha=0.3)
-    if ax.get_legend_handles_labels()[0]:
-        ax.legend(fontsize=7)
-    fig.tight_layout()
-    tmp = f"{path}.tmp{os.getpid()}.png"
-    fig.savefig(tmp)
-    plt.close(fig)
-    os.replace(tmp, path)
-
-
-def write_outputs(out, records, bad, skipped=()):
-    """results.json (every record, with the bad and skipped files), results.csv, table.md and the plot;
-    each file written atomically. Returns the table."""
+def write_outputs(out, records, bad, skipped=(), pooled=None):
+    """results.json (every record, with the bad and skipped files), results.csv and table.md, each written
+    atomically. Returns the table."""
     records = [{**r, "bad_image_files": list(bad), "skipped_file_list": list(skipped)} for r in records]
     atomic_write_json(os.path.join(out, "results.json"), records, indent=1)
     rows = io.StringIO()
     w = csv.DictWriter(rows, fieldnames=_CSV_FIELDS, extrasaction="ignore")
     w.writeheader()
     for r in records:
+        vs = r.get("vs_baseline") or {}
         w.writerow({**r, "options": json.dumps(r["options"], sort_keys=True),
-                    "schedule": json.dumps(r["schedule"]) if r["schedule"] is not None else ""})
+                    "schedule": json.dumps(r["schedule"]) if r["schedule"] is not None else "",
+                    "vs_baseline_diff": vs.get("diff"), "vs_baseline_ci_low": vs.get("ci_low"),
+                    "vs_baseline_ci_high": vs.get("ci_high")})
     atomic_write(os.path.join(out, "results.csv"), rows.getvalue())
-    table = markdown_table(records, bad, skipped)
+    table = markdown_table(records, bad, skipped, pooled)
     atomic_write(os.path.join(out, "table.md"), table + "\n")
-    _plot(os.path.join(out, "accuracy_vs_flops.png"), records)
     return table

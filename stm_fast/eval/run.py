@@ -5,19 +5,23 @@ from __future__ import annotations
 import math
 import os
 import time
+from dataclasses import dataclass
 
 import torch
 
-from ..flops import flops
 from ..reduction import METHODS, make_reduction, reduced
 from ..runtime import autocast, check_device, flush_denormals, synchronize
-from .errors import NoImagesError, RunError
+from .errors import RunError
+from ..registry import canonical_name
 from .grid import exp_key, experiments
+from .paper import paper_experiments, table2_schedule
 from .imagenet import DataError, collate_skip_bad
 from .fingerprint import run_fingerprint
 from .inputs import load_dataset, load_models
+from .predictions import PredictionStore
 from .progress import Progress, RunFolder, check_out_path
-from .report import write_outputs
+from .figures import write_paper_figures
+from .results import finish
 
 __all__ = ["evaluate", "RunError"]
 
@@ -96,12 +100,23 @@ def _device(args, world):
     return device
 
 
+def _experiments(args, models):
+    """The grid of --methods x --rates (or --schedule), or the paper's settings with --paper."""
+    if not args.paper:
+        return experiments(args.methods, args.rates, args.schedule, args.stm_options)
+    both = {**args.stm_options, "sides": "both"}
+    stm_rate = make_reduction(models[0][1], "stm", schedule=table2_schedule(canonical_name(args.model), args.paper),
+                              **both).rate
+    peers = [g for g in args.methods if g in METHODS and g != "stm"]
+    return paper_experiments(args.model, args.paper, args.stm_options, peers, stm_rate)
+
+
 def _prepare(args, rank, world, device):
     """Everything checked and loaded before a file is written: (models, dataset, plans, folder, experiments)."""
     check_out_path(args.out)
     models = load_models(args, device)  # checkpoint and data errors surface here, before any output is written
     dataset = load_dataset(args, models[0][1].cfg)
-    exps = experiments(args.methods, args.rates, args.schedule, args.stm_options)
+    exps = _experiments(args, models)
     _plans(models, exps)  # every requested configuration can run
     fingerprint = run_fingerprint(args, dataset, device)
     folder = RunFolder(args.out)
@@ -118,6 +133,21 @@ def _prepare(args, rank, world, device):
     return models, dataset, _plans(models, exps), folder, exps
 
 
+@dataclass
+class _Run:
+    """What the batch loop works with."""
+
+    args: object
+    models: list
+    exps: list
+    plans: dict
+    device: torch.device
+    rank: int
+    world: int
+    progress: Progress = None
+    store: PredictionStore = None
+
+
 def _evaluate(args):
     world, _ = _world()
     device = _device(args, world)
@@ -127,16 +157,20 @@ def _evaluate(args):
         shard = list(range(rank, len(dataset), world))
         loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, shard), batch_size=args.batch_size,
                                              shuffle=False, num_workers=args.workers, collate_fn=collate_skip_bad)
-        progress = Progress(os.path.join(args.out, f"progress.rank{rank}.json"))
-        _run_batches(args, loader, math.ceil(len(shard) / args.batch_size), models, exps, plans, progress, device,
-                     rank, world)
-        return _finish(args, rank, world, models, exps, plans, progress, getattr(dataset, "skipped", []))
+        run = _Run(args, models, exps, plans, device, rank, world,
+                   Progress(os.path.join(args.out, f"progress.rank{rank}.json")), PredictionStore(args.out, rank, len(shard)))
+        _run_batches(run, loader, math.ceil(len(shard) / args.batch_size))
+        records = finish(run, getattr(dataset, "skipped", []))
+        if args.figures and rank == 0:
+            write_paper_figures(run, dataset)
+        return records
     finally:
         folder.release()
 
 
 def _score(model, reduction, x, y, device, precision, where):
-    """(top-1 hits, top-5 hits, seconds) of one configuration on one batch; non-finite logits stop the run."""
+    """(top-1 predictions, top-1 hits, top-5 hits, seconds) of one configuration on one batch; non-finite
+    logits stop the run."""
     t0 = time.perf_counter()
     with reduced(model, reduction), torch.inference_mode(), autocast(device, precision):
         logits = model(x)
@@ -146,100 +180,66 @@ def _score(model, reduction, x, y, device, precision, where):
         raise RunError(f"non-finite logits (NaN or inf) in {where}: the numbers would mean nothing, so the run stops "
                        f"(finished batches are saved); check the checkpoint and --dtype (fp32 is the safest)")
     topk = logits.float().topk(min(5, logits.shape[1]), dim=1).indices.cpu()
-    return int((topk[:, 0] == y).sum()), int((topk == y[:, None]).any(dim=1).sum()), seconds
+    return topk[:, 0], int((topk[:, 0] == y).sum()), int((topk == y[:, None]).any(dim=1).sum()), seconds
 
 
-def _warm_up(models, exps, plans, x, device, precision):
+def _warm_up(run, x):
     """On CUDA, one untimed forward of every configuration on the first batch, so that lazy imports, Triton
     compilation (a new one for every sequence length a reduction creates) and cuBLAS set-up stay out of the
     timed forwards; a resumed run warms up again. On the CPU nothing is compiled per shape: no warm-up."""
-    if device.type != "cuda":
+    if run.device.type != "cuda":
         return True
-    for name, model in models:
-        for e in exps:
-            with reduced(model, plans[exp_key(name, e)]), torch.inference_mode(), autocast(device, precision):
+    for name, model in run.models:
+        for e in run.exps:
+            with reduced(model, run.plans[exp_key(name, e)]), torch.inference_mode(), autocast(run.device, run.args.dtype):
                 model(x)
-    synchronize(device)
+    synchronize(run.device)
     return True
 
 
-def _run_batches(args, loader, n_batches, models, exps, plans, progress, device, rank, world):
+def _batch(run, b, x, y, idx):
+    """Batch b through every configuration that has not done it; returns the forwards run."""
+    xd = None if x is None else x.to(run.device, non_blocking=True)  # once per batch, for every configuration
+    positions = ((idx - run.rank) // run.world).numpy()  # the images' places in this rank's shard
+    if x is not None:
+        run.store.record_labels(positions, y.numpy())
+    done = 0
+    for name, model in run.models:
+        for e in run.exps:
+            key = exp_key(name, e)
+            if run.progress.done(key) > b:
+                continue
+            top1 = top5 = 0
+            seconds = 0.0
+            if x is not None:
+                pred, top1, top5, seconds = _score(model, run.plans[key], xd, y, run.device, run.args.dtype,
+                                                   f"batch {b} of {name}, {_cli_spelling(e)}")
+                run.store.record(key, positions, pred.numpy())
+            run.progress.add(key, b, top1, top5, 0 if x is None else len(y), seconds)
+            done += 1
+    run.store.flush()  # the predictions are on disk before the progress file counts the batch
+    run.progress.save()
+    return done
+
+
+def _run_batches(run, loader, n_batches):
     """Every batch through every unfinished configuration; progress saved after each batch."""
     from tqdm import tqdm
 
-    keys = list(plans)
-    start = min((progress.done(k) for k in keys), default=n_batches)
-    bar = tqdm(total=n_batches * len(keys), initial=sum(min(progress.done(k), n_batches) for k in keys),
-               desc=f"eval (rank {rank})" if world > 1 else "eval", unit="cfg-batch", disable=args.quiet or rank != 0)
-    images_seen, warm = 0, False
-    for b, (x, y, _, bad) in enumerate(loader):
+    keys, args = list(run.plans), run.args
+    start = min((run.progress.done(k) for k in keys), default=n_batches)
+    bar = tqdm(total=n_batches * len(keys), initial=sum(min(run.progress.done(k), n_batches) for k in keys),
+               desc=f"eval (rank {run.rank})" if run.world > 1 else "eval", unit="cfg-batch",
+               disable=args.quiet or run.rank != 0)
+    warm = False
+    for b, (x, y, idx, bad) in enumerate(loader):
         if b < start:
             continue  # DataLoader still decodes skipped batches: resume skips the model work, the only costly part
         if bad:
             if args.on_bad_image == "error":
                 raise DataError("unreadable image(s): " + "; ".join(bad[:5]) + " (use --on-bad-image skip to exclude them)")
-            progress.bad[str(b)] = bad
-        xd = None if x is None else x.to(device, non_blocking=True)  # once per batch, for every configuration
-        if xd is not None and not warm:
-            warm = _warm_up(models, exps, plans, xd, device, args.dtype)
-        for name, model in models:
-            for e in exps:
-                key = exp_key(name, e)
-                if key not in plans or progress.done(key) > b:
-                    continue
-                where = f"batch {b} of {name}, {_cli_spelling(e)}"
-                top1, top5, seconds = (0, 0, 0.0) if x is None else _score(model, plans[key], xd, y, device, args.dtype,
-                                                                           where)
-                progress.add(key, b, top1, top5, 0 if x is None else len(y), seconds)
-                images_seen += 0 if x is None else len(y)
-                bar.update(1)
-        progress.save()
-        if bar.format_dict.get("elapsed"):  # images through the model per second, over all configurations
-            bar.set_postfix(img_per_s=f"{images_seen / max(bar.format_dict['elapsed'], 1e-9):.0f}")
+            run.progress.bad[str(b)] = bad
+        if x is not None and not warm:
+            warm = _warm_up(run, x.to(run.device))
+        bar.update(_batch(run, b, x, y, idx))
     bar.close()
-
-
-def _gather(progress, keys, rank, world):
-    counts = {k: dict(progress.counts.get(k, {"top1": 0, "top5": 0, "images": 0, "seconds": 0.0})) for k in keys}
-    bad = [m for msgs in progress.bad.values() for m in msgs]
-    if world > 1:
-        t = torch.tensor([[counts[k]["top1"], counts[k]["top5"], counts[k]["images"], counts[k]["seconds"]] for k in keys],
-                         dtype=torch.float64)
-        torch.distributed.all_reduce(t)
-        for k, row in zip(keys, t.tolist()):
-            counts[k] = {"top1": int(row[0]), "top5": int(row[1]), "images": int(row[2]), "seconds": row[3] / world}
-        lists = [None] * world
-        torch.distributed.all_gather_object(lists, bad)
-        bad = [m for part in lists for m in part]
-    return counts, sorted(bad)
-
-
-def _record(name, model, e, plan, count, bad, skipped):
-    """The result record of one (model, experiment); accuracy None when no image of the cell could be read."""
-    method, rate, sched, options = e
-    n = count["images"]
-    paper = flops(model.cfg, convention="paper", reduction=plan)
-    return {"model": name, "method": method, "rate": rate, "schedule": sched, "options": options,
-            "achieved_rate": plan.rate, "tokens_per_layer": list(plan.tokens_per_layer),
-            "top1": 100.0 * count["top1"] / n if n else None, "top5": 100.0 * count["top5"] / n if n else None,
-            "images": n, "bad_images": len(bad), "skipped_files": len(skipped),
-            "gflops_paper": paper["total"], "gflops_full": flops(model.cfg, convention="full", reduction=plan)["total"],
-            "gflops_overhead": paper["overhead"],
-            "images_per_s": n / count["seconds"] if count["seconds"] > 0 else None}
-
-
-def _finish(args, rank, world, models, exps, plans, progress, skipped):
-    counts, bad = _gather(progress, list(plans), rank, world)
-    if rank != 0:
-        return None
-    records = [_record(name, model, e, plans[exp_key(name, e)], counts[exp_key(name, e)], bad, skipped)
-               for name, model in models for e in exps]
-    table = write_outputs(args.out, records, bad, skipped)
-    if not args.quiet:
-        print(table)
-        print(f"\nresults: {os.path.join(args.out, 'results.json')} (+ results.csv, table.md, accuracy_vs_flops.png)")
-    empty = [r for r in records if r["top1"] is None]
-    if empty:
-        raise NoImagesError(f"no image of {len(empty)} cell(s) could be read (accuracy n/a in {args.out}/table.md); "
-                            f"see the bad_image_files in results.json")
-    return records

@@ -12,7 +12,7 @@ by a schedule as uniform as possible over the layers the method reduces at; the 
 reported in the ``Reduction``.
 
 Methods (one module each, registered with ``@register_method``): ``stm`` (``stm.py``), ``tome``,
-``top``, ``evit``; and ``none``. A new method is one new module plus its import below.
+``top``, ``evit``, ``mtr``; and ``none``. A new method is one new module plus its import below.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from contextlib import contextmanager
 from types import MappingProxyType
 from typing import Any, Iterator
 
-from . import stm, tome, top, evit  # noqa: F401, I001  (each registers its method, in this order)
+from . import stm, tome, top, evit, mtr  # noqa: F401, I001  (each registers its method, in this order)
 from .base import METHODS, Method, Reduction, ReductionPass, register_method
 from .schedule import check_rate, check_schedule, check_step_limits, rate_of, solve_schedule, tokens_per_layer
 from .stm import STM_DEFAULTS
@@ -75,9 +75,14 @@ def make_reduction(model_or_cfg, method: str, rate: float | None = None, schedul
                      rate, overhead, impl)
 
 
-def install(model, reduction: Reduction | None):
-    """Make ``reduction`` the model's only reduction state (None or a 'none' reduction: the plain model)."""
-    if reduction is not None and reduction.method != "none":
+def install(model, reduction):
+    """Make ``reduction`` the model's only reduction state (None or a 'none' reduction: the plain model).
+    Besides ``Reduction`` values, any object with the model's ``TokenReduction`` interface is accepted
+    (``stm_fast.analysis`` installs one that removes nothing and only observes the layers)."""
+    if not isinstance(reduction, Reduction):
+        model.reduction = reduction
+        return model
+    if reduction.method != "none":
         cfg = reduction.impl.cfg
         if (cfg.depth, cfg.num_patches) != (model.cfg.depth, model.cfg.num_patches):
             raise ValueError(f"this {reduction.method} reduction was made for a model with depth {cfg.depth} and "
@@ -96,10 +101,11 @@ def reduce(model, method: str, rate: float | None = None, schedule=None, **optio
 @contextmanager
 def reduced(model, method, rate: float | None = None, schedule=None, **options: Any) -> Iterator[Reduction]:
     """Within the block the model runs with a reduction (a ``Reduction`` value, or a method name and its
-    arguments as for ``reduce``); afterwards the reduction it had before is back. Yields the value."""
-    if isinstance(method, Reduction) and (rate is not None or schedule is not None or options):
+    arguments as for ``reduce``, or any ``TokenReduction``); afterwards the reduction it had before is back.
+    Yields the value."""
+    if not isinstance(method, str) and (rate is not None or schedule is not None or options):
         raise TypeError("reduced(model, reduction): a Reduction value takes no rate, schedule or options")
-    value = method if isinstance(method, Reduction) else make_reduction(model, method, rate, schedule, **options)
+    value = method if not isinstance(method, str) else make_reduction(model, method, rate, schedule, **options)
     saved = model.reduction
     install(model, value)
     try:

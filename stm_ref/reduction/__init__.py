@@ -9,21 +9,22 @@ path, which reduces the one stream residual + mixer output, the reference reduce
 same weights (docs/conventions.md §5): the two must agree.
 
 Methods (``STEPS``), one module each: ``stm`` (docs/conventions.md §3-4) and the peers of §8, ``tome``,
-``top`` (with its hidden-state alignment in ``decay_scales``) and ``evit``. Data-dependent choices have no
+``top`` (with its hidden-state alignment in ``decay_scales``), ``evit`` and ``mtr``. Data-dependent choices have no
 ties for generic (random) inputs; where they tie, sorts here are stable (lower index first).
 """
 
 from __future__ import annotations
 
 from .evit import class_attention, evit_step
+from .mtr import mtr_importance, mtr_step
 from .stm import stm_step
 from .tome import tome_step
 from .top import top_importance, top_scales, top_step
 
-__all__ = ["STEPS", "decay_scales", "stm_step", "tome_step", "top_step", "evit_step", "top_scales", "top_importance",
-           "class_attention"]
+__all__ = ["STEPS", "decay_scales", "stm_step", "tome_step", "top_step", "evit_step", "mtr_step", "top_scales",
+           "top_importance", "class_attention", "mtr_importance"]
 
-STEPS = {"stm": stm_step, "tome": tome_step, "top": top_step, "evit": evit_step}
+STEPS = {"stm": stm_step, "tome": tome_step, "top": top_step, "evit": evit_step, "mtr": mtr_step}
 _SCALES = {"top": top_scales}
 
 
