@@ -18,9 +18,11 @@ __all__ = ["StatsRequest", "DirectionStats", "LayerStats"]
 @dataclass(frozen=True)
 class StatsRequest:
     """What a layer must export for the reduction step after it: its statistics and, when ``first_steps``
-    is n > 0, the scan's own delta, Abar and B of each direction's first n steps (STM's ``ends`` plan)."""
+    is n > 0, the scan's own delta, Abar and B of each direction's first n steps (STM's ``ends`` plan);
+    with ``output``, also the mixer's output before it is added to the residual (R-MeeTo's metric)."""
 
     first_steps: int = 0
+    output: bool = False
 
 
 class DirectionStats:
@@ -107,6 +109,7 @@ class LayerStats:
     forward: DirectionStats
     backward: DirectionStats
     first_steps: tuple | None = None
+    output: torch.Tensor | None = None  # the mixer output (batch, L, d), when requested
 
     def direction(self, forward: bool) -> DirectionStats:
         return self.forward if forward else self.backward

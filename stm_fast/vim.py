@@ -229,7 +229,10 @@ class MambaMixer(nn.Module):
             with_B = exported and first[0].B is not None and first[1].B is not None
             stats = LayerStats(st_f, st_b, (bufs if with_B else bufs[:2] + (None,)) if exported else None)
         y = y_b.transpose(1, 2).flip(1).add_(y_f.transpose(1, 2)).mul_(0.5)  # (y_f + flip(y_b)) / 2, (batch, L, E) rows
-        return self.out_proj(y), stats
+        out = self.out_proj(y)
+        if keep and request.output:
+            stats.output = out
+        return out, stats
 
 
 class Block(nn.Module):

@@ -120,11 +120,12 @@ def mixer(sd, i, hidden, decay_scale=None, return_stats=False):
     return out, {"forward": st_f, "backward": back}
 
 
-def forward_features(sd, image, eps=1e-5, reduction=None):
+def forward_features(sd, image, eps=1e-5, reduction=None, image_index=0):
     """Class-token features of one image (C, H, W) after the final Add -> RMSNorm: (d,).
 
     ``reduction``: {"method", "schedule" (tokens removed after each layer), "options"}, e.g. the
     ``to_dict()`` of the ``Reduction`` that ``stm_fast.reduce`` installs; the same reduction in float64.
+    ``image_index``: the image's place in its batch (only ToP-ViM's released code treats image 0 apart).
     """
     sd = {k: np.asarray(v, dtype=np.float64) for k, v in sd.items()}
     hidden = embed(sd, np.asarray(image, dtype=np.float64))
@@ -134,8 +135,8 @@ def forward_features(sd, image, eps=1e-5, reduction=None):
     schedule = list(reduction["schedule"]) if reduction and reduction.get("method", "none") != "none" else []
     step = None
     if schedule and any(schedule):
-        step = reduction_steps.STEPS[reduction["method"]]
-        options = reduction.get("options", {})
+        step = reduction_steps.step_for(reduction["method"], reduction.get("options", {}))
+        options = {**reduction.get("options", {}), "image_index": image_index}
     residual = None
     for i in range(depth):
         residual = hidden if residual is None else residual + hidden
@@ -155,5 +156,5 @@ def forward(sd, images, eps=1e-5, reduction=None):
     """Logits (batch, classes) for images (batch, C, H, W): the float64 oracle of ``VisionMamba.forward``
     (with ``reduction``, of the model after ``stm_fast.reduce``: pass its ``model.reduction.to_dict()``)."""
     sd = {k: np.asarray(v, dtype=np.float64) for k, v in sd.items()}
-    feats = np.stack([forward_features(sd, im, eps, reduction) for im in np.asarray(images, dtype=np.float64)])
+    feats = np.stack([forward_features(sd, im, eps, reduction, b) for b, im in enumerate(np.asarray(images, dtype=np.float64))])
     return feats @ sd["head.weight"].T + sd["head.bias"]

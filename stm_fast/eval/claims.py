@@ -6,7 +6,9 @@ paired with themselves, then put together):
 1. ``HSP vs plain average``: STM with its weights against the same STM with ``weights="avg"``;
 2. ``HSP vs drop``: against ``weights="drop"`` (the same positions, nothing merged);
 3. ``both sides vs one side``: STM on both sides against STM on one side;
-4. ``STM vs <peer>``: against every peer method evaluated at the same rate.
+4. ``STM vs <peer>``: against every peer configuration evaluated at the same rate (the peers' released
+   flavours included);
+5. ``<peer> <flavour> flavour vs paper``: a peer's released flavour against our paper-described version.
 
 Each record: claim, model, rate, a, b (the two configurations), diff (accuracy of a minus b, points),
 ci_low, ci_high (paired bootstrap 95%), p_value (exact McNemar), verdict, n_images. A claim whose two
@@ -70,8 +72,10 @@ def _pairs(points, stm_options, peers, achieved, exps):
         side = "right" if stm_options.get("sides", "both") == "right" else "left"
         if stm_options.get("sides", "both") == "both":
             out.append(("both sides vs one side", a, ("stm", rate, sched, {**stm_options, "sides": side})))
-        out += [(f"STM vs {p}", _stm_at((rate, sched), stm_options, achieved, exps), (p, rate, sched, {}))
-                for p in peers if (p, rate, sched, {}) in exps]
+        at_point = [e for e in exps if e[0] in peers and e[1] == rate and e[2] == sched]
+        out += [(f"STM vs {describe(e[0], e[3])}", _stm_at((rate, sched), stm_options, achieved, exps), e) for e in at_point]
+        out += [(f"{e[0]} {e[3]['flavour']} flavour vs paper", e, (e[0], rate, sched, {})) for e in at_point
+                if e[3].get("flavour") and (e[0], rate, sched, {}) in exps]
     return out
 
 

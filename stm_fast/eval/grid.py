@@ -6,17 +6,22 @@ import json
 
 from ..reduction import STM_DEFAULTS
 
-__all__ = ["DEFAULT_RATES", "METHOD_GROUPS", "STM_WEIGHT_VARIANTS", "experiments", "exp_key", "unique"]
+__all__ = ["DEFAULT_RATES", "METHOD_GROUPS", "FLAVOUR_GROUPS", "STM_WEIGHT_VARIANTS", "experiments", "exp_key", "unique"]
 
 DEFAULT_RATES = (0.15, 0.2, 0.3, 0.4)
 STM_WEIGHT_VARIANTS = ("avg", "drop", "mean", "decay", "lsq_norm")  # the HSP ablations beside the default lsq
-METHOD_GROUPS = ("none", "stm", "stm-oneside", "stm-weights", "tome", "top", "evit", "mtr")  # none: the baseline alone
+METHOD_GROUPS = ("none", "stm", "stm-oneside", "stm-weights", "tome", "top", "evit", "mtr", "tome-rmeeto",
+                 "top-released")  # none: the baseline alone; *-rmeeto / *-released: the peers' released code
+FLAVOUR_GROUPS = {"tome-rmeeto": ("tome", "rmeeto"), "top-released": ("top", "released")}
 
 
 def _group(group, rate, schedule, stm_options):
     """The experiments of one method group at one rate (or schedule)."""
     if group == "none":
         return []  # the baseline is always the first experiment
+    if group in FLAVOUR_GROUPS:
+        method, flavour = FLAVOUR_GROUPS[group]
+        return [(method, rate, schedule, {"flavour": flavour})]
     if group == "stm":
         return [("stm", rate, schedule, dict(stm_options))]
     if group == "stm-oneside":

@@ -12,7 +12,9 @@ by a schedule as uniform as possible over the layers the method reduces at; the 
 reported in the ``Reduction``.
 
 Methods (one module each, registered with ``@register_method``): ``stm`` (``stm.py``), ``tome``,
-``top``, ``evit``, ``mtr``; and ``none``. A new method is one new module plus its import below.
+``top``, ``evit``, ``mtr``; and ``none``. A new method is one new module plus its import below. The peers'
+released code is reproduced by flavours (``register_flavour``): ``tome`` with ``flavour="rmeeto"``
+(``rmeeto.py``) and ``top`` with ``flavour="released"`` (``top_released.py``); docs/peers.md compares them.
 """
 
 from __future__ import annotations
@@ -21,18 +23,31 @@ from contextlib import contextmanager
 from types import MappingProxyType
 from typing import Any, Iterator
 
-from . import stm, tome, top, evit, mtr  # noqa: F401, I001  (each registers its method, in this order)
-from .base import METHODS, Method, Reduction, ReductionPass, register_method
+from . import stm, tome, top, evit, mtr, rmeeto, top_released  # noqa: F401, I001  (each registers itself, in this order)
+from .base import METHODS, Method, Reduction, ReductionPass, register_flavour, register_method
 from .schedule import check_rate, check_schedule, check_step_limits, rate_of, solve_schedule, tokens_per_layer
 from .stm import STM_DEFAULTS
 
-__all__ = ["make_reduction", "reduce", "reduced", "install", "list_methods", "Reduction", "ReductionPass", "Method",
-           "METHODS", "register_method", "STM_DEFAULTS", "check_rate", "rate_of", "solve_schedule", "tokens_per_layer"]
+__all__ = ["make_reduction", "reduce", "reduced", "install", "list_methods", "method_class", "Reduction",
+           "ReductionPass", "Method", "METHODS", "register_method", "register_flavour", "STM_DEFAULTS", "check_rate", "rate_of", "solve_schedule", "tokens_per_layer"]
 
 
 def list_methods() -> list[str]:
     """Every method name ``reduce`` accepts, ``none`` first."""
     return ["none", *METHODS]
+
+
+def method_class(method: str, flavour: str | None = None) -> type[Method]:
+    """The class of ``method``, or of its named ``flavour`` (e.g. ``tome`` with ``flavour="rmeeto"``)."""
+    if not isinstance(method, str) or method not in METHODS:
+        raise ValueError(f"unknown reduction method {method!r}; choose one of {', '.join(list_methods())}")
+    cls = METHODS[method]
+    if flavour is None:
+        return cls
+    if flavour not in cls.flavours:
+        choices = ", ".join(sorted(cls.flavours)) or "none"
+        raise ValueError(f"{method}: unknown flavour {flavour!r}; its flavours: {choices} (or no flavour: the paper's)")
+    return cls.flavours[flavour]
 
 
 def _none(cfg, rate, schedule) -> Reduction:
@@ -56,18 +71,19 @@ def make_reduction(model_or_cfg, method: str, rate: float | None = None, schedul
     cfg = getattr(model_or_cfg, "cfg", model_or_cfg)
     if method == "none":
         return _none(cfg, rate, schedule)
-    if not isinstance(method, str) or method not in METHODS:
-        raise ValueError(f"unknown reduction method {method!r}; choose one of {', '.join(list_methods())}")
-    if (rate is None) == (schedule is None):
+    if rate is not None and schedule is not None:
         raise ValueError(f"reduce(..., '{method}'): give exactly one of rate= or schedule=")
-    impl = METHODS[method](cfg, **options)
+    impl = method_class(method, options.get("flavour"))(cfg, **options)
     depth, L = cfg.depth, cfg.num_tokens
-    points, budget = impl.reduction_points(), impl.token_budget()
-    if schedule is None:
+    if schedule is None and rate is None:
+        schedule = impl.default_schedule()
+        if schedule is None:
+            raise ValueError(f"reduce(..., '{method}'): give exactly one of rate= or schedule=")
+    elif schedule is None:
         rate = check_rate(rate)
-        schedule = solve_schedule(depth, L, rate, points, impl.step_unit, budget, impl.max_per_step)
+        schedule = impl.solve(rate)
     else:
-        schedule = check_schedule(schedule, depth, points, impl.step_unit, budget, method)
+        schedule = check_schedule(schedule, depth, impl.reduction_points(), impl.step_unit, impl.token_budget(), method)
     tokens = tokens_per_layer(L, schedule, depth)
     check_step_limits(method, schedule, tokens, impl.max_per_step)
     overhead = tuple(impl.overhead_flops(tokens[i], k) if k else 0 for i, k in enumerate(schedule))

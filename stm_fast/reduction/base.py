@@ -18,9 +18,10 @@ import torch
 
 from ..runtime import compute_dtype
 from ..stats import LayerStats, StatsRequest
+from .schedule import solve_schedule
 from .tokens import TokenState
 
-__all__ = ["Method", "PruningMethod", "METHODS", "register_method", "Reduction", "ReductionPass", "StepHook", "check_layers",
+__all__ = ["Method", "PruningMethod", "METHODS", "register_method", "register_flavour", "Reduction", "ReductionPass", "StepHook", "check_layers",
            "default_prune_layers"]
 
 # hook(step, args) -> step(*args): wraps every reduction step, args = (i, k, x, tokens, stats); e.g. a timer
@@ -34,6 +35,7 @@ class Method:
 
     name: ClassVar[str] = "?"
     defaults: ClassVar[Mapping[str, Any]] = MappingProxyType({})
+    flavours: ClassVar[dict[str, type]] = {}  # named variants of the method (``register_flavour``)
     step_unit = 1  # tokens per unit of a step (2 when a step removes the same number on two sides)
 
     def __init__(self, cfg, **options: Any):
@@ -49,6 +51,15 @@ class Method:
     def reduction_points(self) -> list[int]:
         """The layers after which this method may reduce (0-based, ascending)."""
         return list(range(self.cfg.depth - 1))
+
+    def solve(self, rate: float) -> list[int]:
+        """The schedule meeting ``rate`` within ±1 point (docs/conventions.md §6); ValueError if none can."""
+        return solve_schedule(self.cfg.depth, self.cfg.num_tokens, rate, self.reduction_points(), self.step_unit,
+                              self.token_budget(), self.max_per_step)
+
+    def default_schedule(self) -> list[int] | None:
+        """The schedule the options alone fix (a flavour's released rule), or None: a rate or schedule is needed."""
+        return None
 
     def token_budget(self) -> int | None:
         """The most tokens this method can remove in total (None: no limit beyond the per-step one)."""
@@ -76,6 +87,14 @@ class Method:
 
 
 METHODS: dict[str, type[Method]] = {}
+
+
+def register_flavour(cls: type[Method]) -> type[Method]:
+    """Class decorator: ``cls`` (with ``name`` = its method and ``flavour`` = its name) becomes
+    ``reduce(..., name, flavour=flavour)``; the method itself stays the paper's version."""
+    base = METHODS[cls.name]
+    base.flavours = {**base.flavours, cls.flavour: cls}
+    return cls
 
 
 def register_method(cls: type[Method]) -> type[Method]:
