@@ -30,6 +30,8 @@ from .flops import flops
 from .models import OVERRIDES, create_model, list_models, parse_overrides
 from .reduction import check_rate, list_methods, make_reduction, reduced
 from .registry import MODEL_CONFIGS
+from .selfcheck import SelfCheckFailed, describe_check, self_check
+from .ssm import resolve_backend
 from .runtime import (AMP_DTYPES, HelpFormatter, atomic_write_json, autocast, check_device, flush_denormals,
                       non_negative_int, pick_device, positive_int, synchronize)
 
@@ -77,8 +79,10 @@ def _interleaved_times(model, x, configs, device, dtype, rounds, warmup, progres
 
 
 def run_bench(model_names=("vim_tiny",), methods=("stm", "tome", "top", "evit"), rates=(0.15, 0.2, 0.3, 0.4),
-              device=None, batch_size=None, dtype="fp32", rounds=7, warmup=2, progress=True, overrides=None):
-    """Rows of the benchmark table (see the module docstring); ``overrides`` go to ``create_model``."""
+              device=None, batch_size=None, dtype="fp32", rounds=7, warmup=2, progress=True, overrides=None,
+              check=True):
+    """Rows of the benchmark table (see the module docstring); ``overrides`` go to ``create_model``; ``check``:
+    run ``stm_fast.selfcheck.self_check`` on each model first (SelfCheckFailed stops the bench)."""
     device = pick_device(device)
     batch_size = batch_size or (256 if device.type == "cuda" else 8)
     rows = []
@@ -86,6 +90,9 @@ def run_bench(model_names=("vim_tiny",), methods=("stm", "tome", "top", "evit"),
         torch.manual_seed(0)
         model = create_model(name, device=device, **(overrides or {}))
         x = torch.randn(batch_size, model.cfg.channels, model.cfg.img_size, model.cfg.img_size, device=device)
+        checked = self_check(model, x[:4], device, random_weights=True) if check else None
+        if checked and progress:
+            print(describe_check(checked), file=sys.stderr)
         configs = _configurations(model, methods, rates, name)
         times = _interleaved_times(model, x, configs, device, dtype, rounds, warmup, progress, name)
         base_flops = flops(model.cfg, convention="full", reduction=None)["total"]
@@ -101,7 +108,8 @@ def run_bench(model_names=("vim_tiny",), methods=("stm", "tome", "top", "evit"),
                          "images_per_s": batch_size / med, "speedup": base / med, "ideal_speedup": ideal,
                          "realized_over_ideal": (base / med) / ideal, "median_s": med,
                          "speedup_per_round": [b / t for b, t in zip(times[0], times[i])],  # the run's own noise
-                         "step_ms": step_ms, "step_share": step_share,
+                         "step_ms": step_ms, "step_share": step_share, "self_check": checked,
+                         "backend": resolve_backend(None, device),
                          "tf32": bool(torch.backends.cuda.matmul.allow_tf32) if device.type == "cuda" else None})
     return rows
 
@@ -147,7 +155,9 @@ def table(rows):
                    f"{r['speedup']:.2f} | {min(rounds):.2f}-{max(rounds):.2f} | {r['ideal_speedup']:.2f} | "
                    f"{r['realized_over_ideal']:.2f} " + step)
     dev = rows[0]["device"] if rows else "?"
-    return "\n".join(out) + f"\n\nbatch {rows[0]['batch_size'] if rows else '?'}, {rows[0]['dtype'] if rows else ''}, {dev}"
+    backend = rows[0].get("backend", "?") if rows else "?"
+    return ("\n".join(out) + f"\n\nbatch {rows[0]['batch_size'] if rows else '?'}, {rows[0]['dtype'] if rows else ''}, {dev}, "
+            f"scan backend {backend}")
 
 
 def _check_json_path(path):
@@ -180,6 +190,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
                     help="architecture override (" + ", ".join(OVERRIDES) + "); repeatable")
     ap.add_argument("--list", action="store_true", help="list the models and methods, then exit")
+    ap.add_argument("--no-self-check", action="store_true",
+                    help="skip the check that the scan backend agrees with the torch backend (stm_fast/selfcheck.py)")
     return ap
 
 
@@ -197,9 +209,13 @@ def main(argv=None):
         _check_json_path(args.json)
     except ValueError as e:
         ap.error(str(e))
-    with flush_denormals():  # as stm_fast.eval: subnormal decays would time the FPU, not the method
-        rows = run_bench(args.model, args.methods, args.rates, args.device, args.batch_size, args.dtype, args.rounds,
-                         args.warmup, overrides=overrides)
+    try:
+        with flush_denormals():  # as stm_fast.eval: subnormal decays would time the FPU, not the method
+            rows = run_bench(args.model, args.methods, args.rates, args.device, args.batch_size, args.dtype, args.rounds,
+                             args.warmup, overrides=overrides, check=not args.no_self_check)
+    except SelfCheckFailed as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     print(table(rows))
     if args.json:
         atomic_write_json(args.json, rows, indent=1)

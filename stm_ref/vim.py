@@ -15,7 +15,7 @@ import numpy as np
 from . import reduction as reduction_steps
 from .ssm import selective_scan, silu, softplus
 
-__all__ = ["config_from_state_dict", "patch_stride", "forward", "forward_features", "embed", "mixer", "rms_norm", "causal_conv1d"]
+__all__ = ["config_from_state_dict", "patch_stride", "forward", "forward_features", "final_tokens", "embed", "mixer", "rms_norm", "causal_conv1d"]
 
 
 def config_from_state_dict(sd):
@@ -121,7 +121,15 @@ def mixer(sd, i, hidden, decay_scale=None, return_stats=False):
 
 
 def forward_features(sd, image, eps=1e-5, reduction=None, image_index=0):
-    """Class-token features of one image (C, H, W) after the final Add -> RMSNorm: (d,).
+    """Class-token features of one image (C, H, W) after the final Add -> RMSNorm: (d,). The arguments are
+    those of ``final_tokens``."""
+    out, cls = final_tokens(sd, image, eps, reduction, image_index)
+    return out[cls]
+
+
+def final_tokens(sd, image, eps=1e-5, reduction=None, image_index=0):
+    """Every token of one image (C, H, W) after the final Add -> RMSNorm, (L_final, d), and the class token's
+    index among them.
 
     ``reduction``: {"method", "schedule" (tokens removed after each layer), "options"}, e.g. the
     ``to_dict()`` of the ``Reduction`` that ``stm_fast.reduce`` installs; the same reduction in float64.
@@ -148,8 +156,7 @@ def forward_features(sd, image, eps=1e-5, reduction=None, image_index=0):
             hidden, residual, state = step(k, hidden, residual, state, stats, options)
         else:
             hidden = mixer(sd, i, normed, scale)
-    out = rms_norm(residual + hidden, sd["norm_f.weight"], eps)
-    return out[state["cls"]]
+    return rms_norm(residual + hidden, sd["norm_f.weight"], eps), state["cls"]
 
 
 def forward(sd, images, eps=1e-5, reduction=None):

@@ -86,6 +86,9 @@ def _run_options(ap):
                    help="also write the paper's Figure 1 (hidden-state and class-token attention maps per layer) for two "
                         "images and Figure 3 (class-token deviation per layer) of the first model")
     g.add_argument("--list", action="store_true", help="list the models, method groups and methods, then exit")
+    g.add_argument("--no-self-check", action="store_true",
+                   help="skip the check, before any work, that the scan backend and device agree with the torch backend "
+                        "on a few images (stm_fast/selfcheck.py)")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -20,6 +20,7 @@ import torch
 
 from ..analysis import hidden_state_maps, layer_losses, plot_hidden_state_maps, plot_layer_losses
 from .grid import exp_key
+from .inputs import first_images
 from .report import flops_unit, label, point_of
 
 __all__ = ["plot_accuracy_vs_flops", "write_paper_figures"]
@@ -95,22 +96,10 @@ def plot_accuracy_vs_flops(path, records, stm_label, ablations, title):
     plt.close(fig)
 
 
-def _first_images(dataset, n):
-    """Up to n readable images of the dataset, stacked."""
-    images = []
-    for i in range(len(dataset)):
-        x = dataset[i][0]
-        if x is not None:
-            images.append(x)
-        if len(images) == n:
-            break
-    return torch.stack(images) if images else None
-
-
 def write_paper_figures(run, dataset):
     """Figures 1 and 3 of the paper for the run's first model (see the module docstring); returns the paths."""
     name, model = run.models[0]
-    images = _first_images(dataset, 64)
+    images = first_images(dataset, 64)
     if images is None:
         return []
     images = images.to(run.device)

@@ -10,7 +10,7 @@ from ..models import create_model
 from .errors import RunError
 from .imagenet import DataError, ImageNetVal, eval_transform
 
-__all__ = ["load_models", "load_dataset"]
+__all__ = ["load_models", "load_dataset", "first_images"]
 
 
 def load_models(args, device):
@@ -57,3 +57,15 @@ def load_dataset(args, cfg):
         raise DataError(f"{len(outside)} image(s) have a label outside the model's {cfg.num_classes} classes (e.g. "
                         f"{outside[0][0]}: class {outside[0][1]}); is --override num_classes right?")
     return data
+
+
+def first_images(dataset, n):
+    """Up to n readable images of the dataset, stacked (None if none can be read)."""
+    images = []
+    for i in range(len(dataset)):
+        x = dataset[i][0]
+        if x is not None:
+            images.append(x)
+        if len(images) == n:
+            break
+    return torch.stack(images) if images else None

@@ -109,9 +109,9 @@ class RunFolder:
                 os.remove(os.path.join(self.out, name))
         shutil.rmtree(os.path.join(self.out, "predictions"), ignore_errors=True)
 
-    def open(self, fingerprint, world, experiments):
+    def open(self, fingerprint, world, experiments, self_check=None):
         """The experiments of the run: those already recorded here (same fingerprint required) followed by the
-        new ones; ``run.json`` is (re)written with the union."""
+        new ones; ``run.json`` is (re)written with the union and this run's ``self_check``."""
         path = os.path.join(self.out, "run.json")
         known = []
         if os.path.exists(path):
@@ -124,7 +124,8 @@ class RunFolder:
                                f"mixed with these; {_FIX}")
             known = [tuple(e) for e in old["experiments"]]
         merged = known + [e for e in (tuple(_jsonable(e)) for e in experiments) if e not in known]
-        atomic_write_json(path, {"fingerprint": fingerprint, "world": world, "experiments": merged}, indent=1)
+        atomic_write_json(path, {"fingerprint": fingerprint, "world": world, "experiments": merged,
+                                 "self_check": self_check}, indent=1)
         return [tuple(e) for e in merged]
 
 

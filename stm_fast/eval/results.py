@@ -92,8 +92,9 @@ def finish(run, skipped):
     if run.rank != 0:
         return None
     base = ("none", 0.0, None, {})
-    records = [_record(name, model, e, run.plans[exp_key(name, e)], counts[exp_key(name, e)], bad, skipped,
-                       _paired(preds[exp_key(name, e)], preds[exp_key(name, base)], labels))
+    records = [{**_record(name, model, e, run.plans[exp_key(name, e)], counts[exp_key(name, e)], bad, skipped,
+                          _paired(preds[exp_key(name, e)], preds[exp_key(name, base)], labels)),
+                "self_check": getattr(run.args, "self_check_record", None)}
                for name, model in run.models for e in run.exps]
     names = [name for name, _ in run.models]
     achieved = {experiment_key(e): run.plans[exp_key(names[0], e)].rate for e in run.exps}

@@ -17,7 +17,8 @@ from .grid import exp_key, experiments
 from .paper import paper_experiments, table2_schedule
 from .imagenet import DataError, collate_skip_bad
 from .fingerprint import run_fingerprint
-from .inputs import load_dataset, load_models
+from ..selfcheck import SelfCheckFailed, describe_check, self_check
+from .inputs import first_images, load_dataset, load_models
 from .predictions import PredictionStore
 from .progress import Progress, RunFolder, check_out_path
 from .figures import write_paper_figures
@@ -119,18 +120,36 @@ def _prepare(args, rank, world, device):
     exps = _experiments(args, models)
     _plans(models, exps)  # every requested configuration can run
     fingerprint = run_fingerprint(args, dataset, device)
+    check = _self_check(args, models, dataset, device, rank)
     folder = RunFolder(args.out)
     if rank == 0:
         folder.lock()
         if args.restart:
             folder.restart()
-        exps = folder.open(fingerprint, world, exps)
+        exps = folder.open(fingerprint, world, exps, check)
     if world > 1:
         shared = [exps]
         torch.distributed.broadcast_object_list(shared, src=0)
         exps = [tuple(e) for e in shared[0]]
         os.makedirs(args.out, exist_ok=True)
+    args.self_check_record = check
     return models, dataset, _plans(models, exps), folder, exps
+
+
+def _self_check(args, models, dataset, device, rank):
+    """The run's self-check (stm_fast.selfcheck) on up to 4 images of the first model, before any work."""
+    if args.no_self_check:
+        return None
+    x = first_images(dataset, 4)
+    if x is None:
+        return None
+    try:
+        record = self_check(models[0][1], x, device)
+    except SelfCheckFailed as e:
+        raise RunError(str(e)) from None
+    if rank == 0 and not args.quiet:
+        print(describe_check(record))
+    return record
 
 
 @dataclass

@@ -16,7 +16,7 @@ from ..ops.common import LOG2E
 from .base import PruningMethod, register_method
 from .tokens import gather_tokens, kept_from_mask
 
-__all__ = ["EViT", "class_attention"]
+__all__ = ["EViT", "class_attention", "fuse_tokens"]
 
 
 def _class_row(delta, B, C_cls, A, S):
@@ -73,6 +73,14 @@ def class_attention(stats, cls):
     return out
 
 
+def fuse_tokens(x, pruned, importance):
+    """The importance-weighted average (uniform if the importances are all 0) of the tokens ``pruned``
+    (batch, k+1): the one token they become, (batch, d)."""
+    w = torch.where(importance.sum(1, keepdim=True) > 0, importance, torch.ones_like(importance))
+    w = w / w.sum(dim=1, keepdim=True)
+    return (gather_tokens(x, pruned) * w[..., None].to(x.dtype)).sum(dim=1)
+
+
 @register_method
 class EViT(PruningMethod):
     name = "evit"
@@ -90,10 +98,7 @@ class EViT(PruningMethod):
         imp[rows, tokens.cls] = float("inf")
         pruned = imp.argsort(dim=1)[:, : k + 1]  # (batch, k+1), least important first
         host = pruned[:, -1]  # the most important of them hosts the fused token
-        w = torch.gather(imp, 1, pruned)
-        w = torch.where(w.sum(1, keepdim=True) > 0, w, torch.ones_like(w))
-        w = w / w.sum(dim=1, keepdim=True)
-        fused = (gather_tokens(x, pruned) * w[..., None].to(x.dtype)).sum(dim=1)
+        fused = fuse_tokens(x, pruned, torch.gather(imp, 1, pruned))
         x = x.clone() if torch.is_grad_enabled() else x  # the stream belongs to this forward
         x[rows, host] = fused
         keep = torch.ones(batch, L, dtype=torch.bool, device=x.device)
