@@ -113,7 +113,7 @@ def test_bad_image_can_fail_the_run(tmp_path, checkpoint, folders, capsys):
 def test_interrupted_run_resumes_without_recomputing(tmp_path, checkpoint, folders, monkeypatch):
     tree = folders[0]
     full = str(tmp_path / "full")
-    _, expected = run(["--checkpoint", checkpoint, "--data", tree, "--out", full, *OVERRIDES, *FAST])
+    _, expected = run(["--checkpoint", checkpoint, "--data", tree, "--out", full, *OVERRIDES, *FAST, "--no-self-check"])
     calls = {"n": 0}
     real = stm_fast.vim.VisionMamba.forward
 
@@ -125,10 +125,12 @@ def test_interrupted_run_resumes_without_recomputing(tmp_path, checkpoint, folde
 
     monkeypatch.setattr(stm_fast.vim.VisionMamba, "forward", flaky)
     out = str(tmp_path / "resumed")
-    code, _ = run(["--checkpoint", checkpoint, "--data", tree, "--out", out, *OVERRIDES, *FAST])
+    # the self-check's own forwards would be counted too; it has its own tests (tests/test_selfcheck.py)
+    args = ["--checkpoint", checkpoint, "--data", tree, "--out", out, *OVERRIDES, *FAST, "--no-self-check"]
+    code, _ = run(args)
     assert code == 130 and not os.path.exists(os.path.join(out, "results.json"))
     before = calls["n"]
-    code, resumed = run(["--checkpoint", checkpoint, "--data", tree, "--out", out, *OVERRIDES, *FAST])
+    code, resumed = run(args)
     assert code == 0
     n_cfg = len(expected)  # the baseline and 4 reduced configurations
     n_batches = 4  # 13 files, batch 4
