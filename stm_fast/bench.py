@@ -13,6 +13,11 @@ After the throughput rounds, each reduced configuration runs ``rounds`` more for
 step timed inside the forward (CUDA synchronised around it; these forwards are not used for throughput):
 step_ms is the median time per forward spent in reduction steps (selection + merge/prune), step_share
 that time over the same forward's time.
+Scan backends (``--backend fused torch``): every configuration of every backend is timed in the same
+rounds; speedups are against the same backend's baseline, and ``speedup_over_backend`` is the other
+backend's time over this one's for the same configuration (median of the rounds' ratios).
+On CPU in fp32 each baseline row also carries the floor (``stm_fast.floor``: the forward's matrix products
+alone + its scan exponentials at this machine's exp2 rate) and ``over_floor``, forward time / floor.
 """
 
 from __future__ import annotations
@@ -31,23 +36,25 @@ from .models import OVERRIDES, create_model, list_models, parse_overrides
 from .reduction import check_rate, list_methods, make_reduction, reduced
 from .registry import MODEL_CONFIGS
 from .selfcheck import SelfCheckFailed, describe_check, self_check
-from .ssm import resolve_backend
+from .floor import forward_floor
+from .ssm import BACKENDS, BackendUnavailable, resolve_backend
 from .runtime import (AMP_DTYPES, HelpFormatter, atomic_write_json, autocast, check_device, flush_denormals,
                       non_negative_int, pick_device, positive_int, synchronize)
 
 __all__ = ["run_bench", "main", "build_parser", "table"]
 
 
-def _configurations(model, methods, rates, name):
-    """[(method, rate, Reduction)] to time, the baseline first; infeasible ones are skipped with a line."""
-    configs = [("none", 0.0, make_reduction(model, "none"))]
+def _configurations(model, methods, rates, name, backends):
+    """[(backend, method, rate, Reduction)] to time, each backend's baseline first; infeasible ones are
+    skipped with a line."""
+    reductions = [("none", 0.0, make_reduction(model, "none"))]
     for m in methods:
         for r in rates:
             try:
-                configs.append((m, r, make_reduction(model, m, rate=r)))
+                reductions.append((m, r, make_reduction(model, m, rate=r)))
             except ValueError as e:
                 print(f"skip {name} {m} {r}: {e}", file=sys.stderr)
-    return configs
+    return [(b, *c) for b in backends for c in reductions]
 
 
 def _timed_forward(model, x, device, dtype):
@@ -62,55 +69,88 @@ def _timed_forward(model, x, device, dtype):
 
 def _interleaved_times(model, x, configs, device, dtype, rounds, warmup, progress, name):
     """{config index: [seconds per round]}: every configuration warmed up, then timed once per round."""
-    def forward(reduction):
+    def forward(backend, reduction):
+        model.set_scan_backend(backend)
         with reduced(model, reduction):
             return _timed_forward(model, x, device, dtype)
 
-    for _, _, reduction in configs:
+    for backend, _, _, reduction in configs:
         for _ in range(warmup):
-            forward(reduction)
+            forward(backend, reduction)
     times = {i: [] for i in range(len(configs))}
     for r in range(rounds):
-        for i, (_, _, reduction) in enumerate(configs):
-            times[i].append(forward(reduction))
+        for i, (backend, _, _, reduction) in enumerate(configs):
+            times[i].append(forward(backend, reduction))
         if progress:
             print(f"{name}: round {r + 1}/{rounds}", file=sys.stderr)
     return times
 
 
+def _backends(backends, device):
+    """The backends to time, resolved (None: the automatic choice); BackendUnavailable names one that cannot run."""
+    names = [resolve_backend(b, device, torch.float32) for b in (backends or [None])]
+    return list(dict.fromkeys(names))
+
+
+def _self_checks(model, x, device, backends, progress):
+    """{backend: self-check record} for each backend timed (SelfCheckFailed stops the bench)."""
+    checks = {}
+    for b in backends:
+        checks[b] = self_check(model.set_scan_backend(b), x[:2], device, random_weights=True)
+        if progress:
+            print(describe_check(checks[b]), file=sys.stderr)
+    return checks
+
+
 def run_bench(model_names=("vim_tiny",), methods=("stm", "tome", "top", "evit"), rates=(0.15, 0.2, 0.3, 0.4),
               device=None, batch_size=None, dtype="fp32", rounds=7, warmup=2, progress=True, overrides=None,
-              check=True):
+              check=True, backends=None):
     """Rows of the benchmark table (see the module docstring); ``overrides`` go to ``create_model``; ``check``:
-    run ``stm_fast.selfcheck.self_check`` on each model first (SelfCheckFailed stops the bench)."""
+    run ``stm_fast.selfcheck.self_check`` on each model and backend first (SelfCheckFailed stops the bench);
+    ``backends``: scan backends to time in the same interleaved rounds (None: the automatic choice)."""
     device = pick_device(device)
     batch_size = batch_size or (256 if device.type == "cuda" else 8)
+    backends = _backends(backends, device)
     rows = []
     for name in model_names:
         torch.manual_seed(0)
         model = create_model(name, device=device, **(overrides or {}))
         x = torch.randn(batch_size, model.cfg.channels, model.cfg.img_size, model.cfg.img_size, device=device)
-        checked = self_check(model, x[:4], device, random_weights=True) if check else None
-        if checked and progress:
-            print(describe_check(checked), file=sys.stderr)
-        configs = _configurations(model, methods, rates, name)
+        checks = _self_checks(model, x, device, backends, progress) if check else {}
+        configs = _configurations(model, methods, rates, name, backends)
         times = _interleaved_times(model, x, configs, device, dtype, rounds, warmup, progress, name)
-        base_flops = flops(model.cfg, convention="full", reduction=None)["total"]
-        base = statistics.median(times[0])
-        for i, (method, rate, reduction) in enumerate(configs):
-            med = statistics.median(times[i])
-            step_ms = step_share = None
-            if reduction.active:
-                step_ms, step_share = _step_cost(model, x, reduction, device, dtype, rounds)
-            ideal = base_flops / flops(model.cfg, convention="full", reduction=reduction)["total"]
-            rows.append({"model": name, "method": method, "rate": rate, "achieved_rate": reduction.rate,
-                         "batch_size": batch_size, "dtype": dtype, "device": _device_name(device),
-                         "images_per_s": batch_size / med, "speedup": base / med, "ideal_speedup": ideal,
-                         "realized_over_ideal": (base / med) / ideal, "median_s": med,
-                         "speedup_per_round": [b / t for b, t in zip(times[0], times[i])],  # the run's own noise
-                         "step_ms": step_ms, "step_share": step_share, "self_check": checked,
-                         "backend": resolve_backend(None, device),
-                         "tf32": bool(torch.backends.cuda.matmul.allow_tf32) if device.type == "cuda" else None})
+        floor = forward_floor(model, batch_size) if device.type == "cpu" and dtype == "fp32" else None
+        rows += _rows(model, x, name, configs, times, checks, floor, dtype, device, rounds)
+    return rows
+
+
+def _rows(model, x, name, configs, times, checks, floor, dtype, device, rounds):
+    """One row per configuration: speedups against the same backend's baseline, ratios to the other backends'
+    same configuration, and for baselines the ratio to the floor."""
+    base_flops = flops(model.cfg, convention="full", reduction=None)["total"]
+    batch_size = x.shape[0]
+    base = {b: i for i, (b, m, _, _) in enumerate(configs) if m == "none"}
+    same = {(b, m, r): i for i, (b, m, r, _) in enumerate(configs)}
+    rows = []
+    for i, (backend, method, rate, reduction) in enumerate(configs):
+        med, b_times = statistics.median(times[i]), times[base[backend]]
+        step_ms = step_share = None
+        if reduction.active:
+            model.set_scan_backend(backend)
+            step_ms, step_share = _step_cost(model, x, reduction, device, dtype, rounds)
+        ideal = base_flops / flops(model.cfg, convention="full", reduction=reduction)["total"]
+        others = {o: [t / s for t, s in zip(times[same[(o, method, rate)]], times[i])] for o in base if o != backend}
+        rows.append({"model": name, "backend": backend, "method": method, "rate": rate,
+                     "achieved_rate": reduction.rate, "batch_size": batch_size, "dtype": dtype,
+                     "device": _device_name(device), "images_per_s": batch_size / med,
+                     "speedup": statistics.median(b_times) / med, "ideal_speedup": ideal,
+                     "realized_over_ideal": statistics.median(b_times) / med / ideal, "median_s": med,
+                     "speedup_per_round": [b / t for b, t in zip(b_times, times[i])],  # the run's own noise
+                     "speedup_over_backend": {o: statistics.median(v) for o, v in others.items()},
+                     "speedup_over_backend_per_round": others, "step_ms": step_ms, "step_share": step_share,
+                     "self_check": checks.get(backend), "floor": floor if method == "none" else None,
+                     "over_floor": med / floor["floor_s"] if floor and method == "none" else None,
+                     "tf32": bool(torch.backends.cuda.matmul.allow_tf32) if device.type == "cuda" else None})
     return rows
 
 
@@ -144,20 +184,36 @@ def _device_name(device):
 
 
 def table(rows):
-    out = ["| model | method | rate | images/s | speedup | rounds' speedups | ideal | realized/ideal | step ms/forward "
-           "| step share |",
-           "|---|---|---|---|---|---|---|---|---|---|"]
+    out = ["| model | backend | method | rate | images/s | speedup | rounds' speedups | ideal | realized/ideal "
+           "| step ms/forward | step share |",
+           "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         step = ("| - | - |" if r.get("step_ms") is None
                 else f"| {r['step_ms']:.1f} | {100 * r['step_share']:.2f}% |")
         rounds = r.get("speedup_per_round") or [r["speedup"]]
-        out.append(f"| {r['model']} | {r['method']} | {100 * r['rate']:.0f}% | {r['images_per_s']:.1f} | "
-                   f"{r['speedup']:.2f} | {min(rounds):.2f}-{max(rounds):.2f} | {r['ideal_speedup']:.2f} | "
-                   f"{r['realized_over_ideal']:.2f} " + step)
-    dev = rows[0]["device"] if rows else "?"
-    backend = rows[0].get("backend", "?") if rows else "?"
-    return ("\n".join(out) + f"\n\nbatch {rows[0]['batch_size'] if rows else '?'}, {rows[0]['dtype'] if rows else ''}, {dev}, "
-            f"scan backend {backend}")
+        out.append(f"| {r['model']} | {r.get('backend', '?')} | {r['method']} | {100 * r['rate']:.0f}% | "
+                   f"{r['images_per_s']:.1f} | {r['speedup']:.2f} | {min(rounds):.2f}-{max(rounds):.2f} | "
+                   f"{r['ideal_speedup']:.2f} | {r['realized_over_ideal']:.2f} " + step)
+    if not rows:
+        return "\n".join(out)
+    first = rows[0]
+    notes = [f"batch {first['batch_size']}, {first['dtype']}, {first['device']}"]
+    notes += [line for r in rows if r["method"] == "none" for line in _baseline_notes(r)]
+    return "\n".join(out) + "\n\n" + "\n".join(notes)
+
+
+def _baseline_notes(r):
+    """The lines under the table for one baseline row: its ratio to the floor, and to the other backends."""
+    lines = []
+    f = r.get("floor")
+    if f:
+        lines.append(f"{r['model']} {r['backend']}: forward {r['median_s']:.3f} s = {r['over_floor']:.2f} x the floor "
+                     f"{f['floor_s']:.3f} s (matrix products {f['matmul_s']:.3f} s + {f['exps'] / 1e6:.0f} M exps at "
+                     f"{f['exp2_per_s'] / 1e9:.2f} G/s by {f['exp2_by']}: {f['exp_s']:.3f} s)")
+    for other, per_round in (r.get("speedup_over_backend_per_round") or {}).items():
+        lines.append(f"{r['model']} {r['backend']}: baseline forward {statistics.median(per_round):.2f} x as fast as "
+                     f"{other} in the same rounds ({min(per_round):.2f}-{max(per_round):.2f})")
+    return lines
 
 
 def _check_json_path(path):
@@ -186,6 +242,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--rounds", type=positive_int, default=7,
                     help="interleaved timed rounds (medians); 5 proved too few on a noisy 2-core machine")
     ap.add_argument("--warmup", type=non_negative_int, default=2, help="untimed forwards per configuration before the rounds")
+    ap.add_argument("--backend", nargs="+", choices=[b for b in BACKENDS if b != "loop"], metavar="NAME",
+                    help="scan backends to time in the same interleaved rounds, any of: " +
+                         ", ".join(b for b in BACKENDS if b != "loop") + " (default: the automatic choice)")
     ap.add_argument("--json", help="also write the rows to this JSON file")
     ap.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
                     help="architecture override (" + ", ".join(OVERRIDES) + "); repeatable")
@@ -207,12 +266,13 @@ def main(argv=None):
             check_rate(r, "--rates")
         check_device(args.device)
         _check_json_path(args.json)
-    except ValueError as e:
+        _backends(args.backend, pick_device(args.device))
+    except (ValueError, BackendUnavailable) as e:
         ap.error(str(e))
     try:
         with flush_denormals():  # as stm_fast.eval: subnormal decays would time the FPU, not the method
             rows = run_bench(args.model, args.methods, args.rates, args.device, args.batch_size, args.dtype, args.rounds,
-                             args.warmup, overrides=overrides, check=not args.no_self_check)
+                             args.warmup, overrides=overrides, check=not args.no_self_check, backends=args.backend)
     except SelfCheckFailed as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -1,11 +1,13 @@
-"""Every run checks itself first: the scan backend and device a run will use, against the torch backend on
-the CPU in float32, on a small batch, for the unreduced model and one STM reduction: the logits and every
-layer's mixer output, each relative to its own scale.
+"""Every run checks itself first: the scan backend and device a run will use, in float32, against a float64
+copy through the torch backend on the CPU, on a small batch, for the unreduced model and one STM reduction:
+the logits and every layer's mixer output, each relative to its own scale. The allowance of each output is
+``TOLERANCE`` plus ``SLACK`` times the float32 torch backend's own error on that output (a same-precision
+reference's error: float32 round-off grows through the layers of a deep model).
 
-``python -m stm_fast.eval`` and ``python -m stm_fast.bench`` call ``self_check`` before any work; beyond
-``TOLERANCE`` (relative to the logit scale) they stop with one line naming the backend, the device, the
-error and how to choose another backend; within it the result is recorded (``self_check`` in ``run.json``,
-in every results record and in the bench's rows) and printed in one line. ``--no-self-check`` skips it.
+``python -m stm_fast.eval`` and ``python -m stm_fast.bench`` call ``self_check`` before any work; beyond the
+allowance they stop with one line naming the backend, the device, the error and how to choose another
+backend; within it the result is recorded (``self_check`` in ``run.json``, in every results record and in
+the bench's rows) and printed in one line. ``--no-self-check`` skips it.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from .ssm import resolve_backend
 __all__ = ["self_check", "SelfCheckFailed", "TOLERANCE", "describe_check"]
 
 TOLERANCE = 1e-4  # float32 kernels that agree differ by ~1e-6 of the logit scale; a broken one by far more
+SLACK = 4.0  # a correct float32 kernel's error is about the torch backend's (0.9x-1.1x on Vim-Ti)
 
 
 class SelfCheckFailed(RuntimeError):
@@ -64,25 +67,45 @@ def _away_from_init(model, seed=0):
     return model
 
 
+def _reference(model, x, reductions):
+    """The float64 outputs (CPU, torch backend) for each reduction, concatenated."""
+    ref = copy.deepcopy(model).double().cpu().set_scan_backend("torch")
+    return [out for reduction in reductions for out in _outputs(ref, x.double().cpu(), reduction)]
+
+
+def _errors(model, x, device, reductions, want, backend=None):
+    """Relative errors, output by output, of a float32 copy of ``model`` on ``device`` (``backend``, or its own
+    choice) against the float64 outputs ``want``."""
+    checked = copy.deepcopy(model).to(dtype=torch.float32, device=device)
+    if backend:
+        checked.set_scan_backend(backend)
+    got = [out for reduction in reductions for out in _outputs(checked, x.float().to(device), reduction)]
+    return [_relative(g, w) for g, w in zip(got, want)]
+
+
 def self_check(model, x, device, random_weights=False) -> dict:
-    """Compare ``model`` on ``device`` (its own scan backend choice) with a float32 copy on the CPU through the
-    torch backend, on the images ``x``. ``random_weights``: the model is freshly initialised (the bench), so
-    the check runs on a copy moved away from its initialisation. Returns the record; raises SelfCheckFailed
-    beyond TOLERANCE."""
+    """Compare ``model`` on ``device`` (its own scan backend choice, float32) with a float64 copy on the CPU
+    through the torch backend, on the images ``x``, output by output; the allowance of each output is
+    TOLERANCE plus SLACK times the float32 torch backend's own error there (float32 round-off grows through
+    24 layers). ``random_weights``: the model is freshly initialised (the bench), so the check runs on a copy
+    moved away from its initialisation. Returns the record; raises SelfCheckFailed beyond the allowance."""
     backend = resolve_backend(model.layers[0].mixer.scan_backend, device, torch.float32)
     model = _away_from_init(model) if random_weights else model
-    ref = copy.deepcopy(model).float().cpu().set_scan_backend("torch")
-    checked = copy.deepcopy(model).float().to(device)
-    err = 0.0
-    for reduction in _reductions(model):
-        want = _outputs(ref, x.float().cpu(), reduction)
-        got = _outputs(checked, x.float().to(device), reduction)
-        err = max([err] + [_relative(g, w) for g, w in zip(got, want)])
-    record = {"backend": backend, "device": str(device), "dtype": "float32", "max_rel_error": err,
-              "tolerance": TOLERANCE, "images": int(x.shape[0])}
-    if not err <= TOLERANCE:
-        raise SelfCheckFailed(f"self-check failed: scan backend {backend!r} on {device} gives outputs {err:.1e} (relative) "
-                              f"off the torch backend's on the CPU (tolerance {TOLERANCE:g}), so this run's numbers would be "
+    reductions = _reductions(model)
+    want = _reference(model, x, reductions)
+    base = _errors(model, x, torch.device("cpu"), reductions, want, "torch")
+    same = backend == "torch" and torch.device(device).type == "cpu"
+    errs = base if same else _errors(model, x, device, reductions, want)
+    allowed = [TOLERANCE + SLACK * b for b in base]
+    worst = max(range(len(errs)), key=lambda i: errs[i] / allowed[i])
+    record = {"backend": backend, "device": str(device), "dtype": "float32", "max_rel_error": max(errs),
+              "torch_float32_error": max(base), "worst_output": worst, "worst_error": errs[worst],
+              "worst_allowed": allowed[worst], "tolerance": f"{TOLERANCE:g} + {SLACK:g} x the torch backend's float32 error",
+              "images": int(x.shape[0])}
+    if not errs[worst] <= allowed[worst]:
+        raise SelfCheckFailed(f"self-check failed: scan backend {backend!r} on {device} gives outputs {errs[worst]:.1e} "
+                              f"(relative) off the float64 reference where the torch backend in float32 is "
+                              f"{base[worst]:.1e} off (allowed {allowed[worst]:.1e}), so this run's numbers would be "
                               f"wrong; choose another backend (e.g. STM_SCAN_BACKEND=torch) or check the installation "
                               f"(--no-self-check skips this check)")
     return record
@@ -90,5 +113,6 @@ def self_check(model, x, device, random_weights=False) -> dict:
 
 def describe_check(record) -> str:
     """The one line a run prints about its self-check."""
-    return (f"self-check: scan backend {record['backend']} on {record['device']} agrees with the torch backend on the "
-            f"CPU to {record['max_rel_error']:.1e} relative (tolerance {record['tolerance']:g}, {record['images']} images)")
+    return (f"self-check: scan backend {record['backend']} on {record['device']} (float32) is within "
+            f"{record['max_rel_error']:.1e} of the float64 reference (the torch backend in float32: "
+            f"{record['torch_float32_error']:.1e}; allowed per output: {record['tolerance']}; {record['images']} images)")

@@ -4,6 +4,8 @@ This module only chooses and calls a backend; the kernels live in ``stm_fast.ops
 
 * ``torch`` (``ops.scan_torch``, any device): chunked, states-first inference scan with reused buffers;
   inputs that need gradients go through its differentiable twin ``ops.scan_autograd``.
+* ``fused`` (``ops.scan_fused``, CPU, inference): a C++ kernel compiled on first use through torch's
+  extension tooling, one pass over time with the state in registers/L1 (float32 and float64).
 * ``triton`` (``ops.scan_triton``): a Triton kernel (CUDA, inference); runs on CPU tensors under
   ``TRITON_INTERPRET=1``.
 * ``mamba_ssm`` (``ops.scan_mamba``): mamba-ssm's compiled CUDA forward (float32/16/bf16, inference).
@@ -12,8 +14,9 @@ This module only chooses and calls a backend; the kernels live in ``stm_fast.ops
 
 Automatic choice (``backend=None``): on CUDA ``mamba_ssm`` when its kernel really works there (probed
 once, ``ops.probe``) and the call suits it (no float64, no ``decay_scale``, no gradients), else
-``triton`` when it works and no gradient is needed, else ``torch``; on other devices ``torch``. A kernel
-that is installed but does not work is passed over with one line on stderr saying why. The environment
+``triton`` when it works and no gradient is needed, else ``torch``; on the CPU ``fused`` when it builds
+and no gradient is needed, else ``torch``; on other devices ``torch``. A kernel that is installed (for
+``fused``: expected to build) but does not work is passed over with one line on stderr saying why. The environment
 variable ``STM_SCAN_BACKEND`` (or ``backend=``) forces a backend; one that cannot run the call is a
 ``BackendUnavailable`` error naming the reason.
 """
@@ -36,7 +39,7 @@ from .runtime import compute_dtype
 __all__ = ["selective_scan", "available_backends", "resolve_backend", "BACKENDS", "BackendUnavailable",
            "exports_first_steps"]
 
-BACKENDS = ("torch", "triton", "mamba_ssm", "loop")
+BACKENDS = ("torch", "fused", "triton", "mamba_ssm", "loop")
 
 
 class BackendUnavailable(RuntimeError):
@@ -62,21 +65,33 @@ def _check_mamba(device):
     check_mamba(device)
 
 
+def _check_fused(device):
+    from .ops.scan_fused import available
+
+    ok, reason = available()
+    if not ok:
+        raise RuntimeError(reason)
+
+
 def _works(name, device):
     """(works, reason) of a backend on ``device``, probed once."""
     if name in ("torch", "loop"):
         return True, ""
+    if name == "fused" and device.type != "cpu":
+        return False, f"it is a CPU kernel, not for {device}"
     if name == "triton" and device.type == "cpu":  # the interpreter: decided by the environment, not cached
         try:
             _check_triton(device)
             return True, ""
         except (ImportError, RuntimeError) as e:
             return False, str(e)
-    check = {"triton": _check_triton, "mamba_ssm": _check_mamba}[name]
+    check = {"triton": _check_triton, "mamba_ssm": _check_mamba, "fused": _check_fused}[name]
     return probe(name, device, check)
 
 
 def _installed(name):
+    if name == "fused":  # built here from source shipped with the package: always expected to work
+        return True
     module = {"triton": "triton", "mamba_ssm": "selective_scan_cuda"}.get(name)
     return module is not None and (importlib.util.find_spec(module) is not None
                                    or (name == "mamba_ssm" and importlib.util.find_spec("mamba_ssm") is not None))
@@ -85,12 +100,12 @@ def _installed(name):
 def available_backends(device="cpu") -> list[str]:
     """Backends that can run on ``device`` in this environment (the optional kernels probed)."""
     device = torch.device(device)
-    return [b for b in ("mamba_ssm", "triton", "torch", "loop") if _works(b, device)[0]]
+    return [b for b in ("mamba_ssm", "triton", "fused", "torch", "loop") if _works(b, device)[0]]
 
 
 def _unsuited(name, dtype, needs_grad, decay_scale):
     """Why backend ``name`` cannot take this call (None if it can)."""
-    if needs_grad and name in ("triton", "mamba_ssm"):
+    if needs_grad and name in ("triton", "mamba_ssm", "fused"):
         return "it is forward-only and the inputs need gradients (the torch backend is differentiable)"
     if name == "mamba_ssm" and dtype == torch.float64:
         return "mamba-ssm's kernel computes in float32/float16/bfloat16 only"
@@ -101,7 +116,7 @@ def _unsuited(name, dtype, needs_grad, decay_scale):
 
 def _candidates(device):
     """The optional kernels the automatic choice tries on ``device``, best first."""
-    return ("mamba_ssm", "triton") if device.type == "cuda" else ()
+    return {"cuda": ("mamba_ssm", "triton"), "cpu": ("fused",)}.get(device.type, ())
 
 
 def _automatic(device, dtype, needs_grad, decay_scale):
@@ -135,9 +150,9 @@ def resolve_backend(backend, device, dtype=None, needs_grad=False, decay_scale=F
 
 
 def exports_first_steps(backend, device, needs_grad=False) -> bool:
-    """Whether a call would fill a ``FirstSteps`` request (only the torch inference path does): callers
+    """Whether a call would fill a ``FirstSteps`` request (the torch and fused inference paths do): callers
     skip allocating the export buffers otherwise."""
-    return not needs_grad and resolve_backend(backend, device, needs_grad=needs_grad) == "torch"
+    return not needs_grad and resolve_backend(backend, device, needs_grad=needs_grad) in ("torch", "fused")
 
 
 def _unfused(name, u, delta, A, B, C, D, z, delta_bias, delta_softplus, decay_scale):
@@ -155,6 +170,29 @@ def _unfused(name, u, delta, A, B, C, D, z, delta_bias, delta_softplus, decay_sc
     return y, last
 
 
+def _fused(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state, decay_scale, first, ct):
+    """The fused CPU kernel, with a ``FirstSteps`` request turned into its (delta, Abar, B) buffers."""
+    from .ops.scan_fused import selective_scan_fused
+
+    outs = None
+    if first is not None and first.n and decay_scale is None:
+        batch, Dm, L = u.shape
+        N, n = A.shape[1], min(first.n, L)
+        new = lambda shape: u.new_empty(shape, dtype=ct)  # noqa: E731
+        first.delta = new((n, batch, Dm)) if first.delta is None else first.delta
+        first.Abar = new((n, batch, N, Dm)) if first.Abar is None else first.Abar
+        if B.dim() != 3:  # B is exported only for the (batch, N, L) layout, as on the torch path
+            first.B = None
+        elif first.B is None:
+            first.B = new((n, batch, N))
+        outs = (first.delta, first.Abar, first.B)
+    result = selective_scan_fused(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state,
+                                  decay_scale=decay_scale, first_steps=outs)
+    if outs is not None:
+        first.filled = True
+    return result
+
+
 def _needs_grad(*tensors):
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
@@ -170,8 +208,8 @@ def selective_scan(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: tor
     Bbar = delta*B (Euler, as Mamba's kernels; eq. 2-3); y = (C·h + D*u) * silu(z). Computes in float32
     (float64 if any input is float64) and returns y in u's dtype, plus the last state if asked.
     ``decay_scale`` (batch, L): Abar = exp(scale * delta * A), Bbar unchanged (pruned-sequence alignment,
-    docs/conventions.md §1). ``first_steps``: a ``FirstSteps`` request the ``torch`` inference path fills
-    (when its n fits one chunk and there is no decay_scale); other backends leave it untouched.
+    docs/conventions.md §1). ``first_steps``: a ``FirstSteps`` request the ``fused`` and ``torch`` inference
+    paths fill when there is no decay_scale (torch: when its n fits one chunk); others leave it untouched.
     """
     check_scan_args(u, delta, A)
     ct = compute_dtype(u, delta, A, B, C)
@@ -181,6 +219,9 @@ def selective_scan(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: tor
         from .ops.scan_mamba import selective_scan_mamba
 
         return selective_scan_mamba(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
+    if name == "fused":
+        return _fused(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state, decay_scale,
+                      first_steps, ct)
     if name == "triton":
         from .ops.scan_triton import selective_scan_triton
 

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from .ops.common import FirstSteps
 from .ops.conv import causal_conv1d
 from .runtime import compute_dtype
-from .ssm import exports_first_steps, selective_scan
+from .ssm import exports_first_steps, resolve_backend, selective_scan
 from .stats import DirectionStats, LayerStats, StatsRequest
 
 __all__ = ["VimConfig", "VisionMamba", "MambaMixer", "Block", "RMSNorm", "PatchEmbed", "TokenReduction",
@@ -183,7 +183,9 @@ class MambaMixer(nn.Module):
         ``decay_scale`` (batch, L): multiplies delta in Abar only (hidden-state alignment of pruned
         sequences, ToP-ViM); None for the plain model. ``first``: a ``FirstSteps`` request for the scan.
         """
-        x = causal_conv1d(x, conv.weight, conv.bias)
+        fused = self.scan_backend != "torch" and resolve_backend(self.scan_backend, x.device, compute_dtype(A_log),
+                                                                  torch.is_grad_enabled() and A_log.requires_grad) == "fused"
+        x = causal_conv1d(x, conv.weight, conv.bias, fused=fused)  # the fused kernel's own conv goes with its scan
         x_dbl = x_proj(x.transpose(1, 2))  # (batch, L, R + 2N)
         dt, B, C = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=-1)
         delta = F.linear(dt, dt_proj.weight).transpose(1, 2)  # bias goes in as delta_bias, as upstream

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from stm_fast import bench
+from stm_fast import bench, ssm
 
 SMALL = dict(img_size=32, patch_size=4, embed_dim=16, depth=6, d_state=4, num_classes=5)
 
@@ -35,7 +35,8 @@ def test_rows_have_throughput_speedup_and_step_cost(rows):
 
 def test_table_and_json_output(rows, tmp_path, capsys):
     text = bench.table(rows)
-    assert text.splitlines()[0].startswith("| model | method | rate | images/s | speedup | rounds' speedups | ideal | realized/ideal")
+    assert text.splitlines()[0].startswith("| model | backend | method | rate | images/s | speedup | rounds' speedups | "
+                                           "ideal | realized/ideal")
     assert len([line for line in text.splitlines() if line.startswith("| vim_tiny")]) == len(rows)
     out = tmp_path / "b.json"
     assert bench.main(["--model", "vim_tiny", "--methods", "stm", "--rates", "0.2", "--rounds", "1", "--warmup", "0",
@@ -47,7 +48,7 @@ def test_table_and_json_output(rows, tmp_path, capsys):
     for key in ("model", "method", "rate", "batch_size", "dtype", "device", "images_per_s", "speedup",
                 "ideal_speedup", "realized_over_ideal", "step_ms", "step_share"):
         assert key in data[0]
-    assert "| vim_tiny | stm | 20% |" in capsys.readouterr().out
+    assert f"| vim_tiny | {ssm.resolve_backend(None, 'cpu')} | stm | 20% |" in capsys.readouterr().out
 
 
 def test_bad_override_is_a_clear_error(capsys):
@@ -61,3 +62,35 @@ def test_rates_given_as_percentages_are_a_clear_error(capsys):
     with pytest.raises(SystemExit):
         bench.main(["--rates", "20", "0.4"])
     assert "--rates must be in [0, 1) (a fraction: 0.2 means 20%), got 20.0" in capsys.readouterr().err
+
+
+def test_two_backends_are_timed_in_the_same_rounds_and_compared():
+    """--backend fused torch: each backend's rows against its own baseline, each configuration's time ratio to
+    the other backend's (per round and median), and the floor beside each CPU fp32 baseline."""
+    backends = [b for b in ("fused", "torch") if b in ssm.available_backends("cpu")]
+    if len(backends) < 2:
+        pytest.skip("the fused CPU kernel does not build here")
+    rows = bench.run_bench(["vim_tiny"], methods=["stm"], rates=[0.2], batch_size=2, rounds=3, warmup=0,
+                           progress=False, overrides=SMALL, device="cpu", backends=backends, check=False)
+    assert [(r["backend"], r["method"]) for r in rows] == [("fused", "none"), ("fused", "stm"), ("torch", "none"),
+                                                           ("torch", "stm")]
+    by = {(r["backend"], r["method"]): r for r in rows}
+    for method in ("none", "stm"):
+        f, t = by[("fused", method)], by[("torch", method)]
+        ratios = f["speedup_over_backend_per_round"]["torch"]
+        assert len(ratios) == 3 and min(ratios) <= f["speedup_over_backend"]["torch"] <= max(ratios)
+        # the same rounds seen from the other side: each round's ratio inverted
+        assert t["speedup_over_backend_per_round"]["fused"] == pytest.approx([1 / r for r in ratios])
+    floor = by[("fused", "none")]["floor"]
+    assert floor["floor_s"] == pytest.approx(floor["matmul_s"] + floor["exp_s"]) and floor["exps"] > 0
+    assert by[("fused", "none")]["over_floor"] == pytest.approx(by[("fused", "none")]["median_s"] / floor["floor_s"])
+    assert by[("fused", "stm")]["floor"] is None
+    notes = bench.table(rows).splitlines()
+    assert any(line.startswith("vim_tiny fused: forward ") and "x the floor" in line for line in notes)
+    assert any(line.startswith("vim_tiny fused: baseline forward ") and "as fast as torch" in line for line in notes)
+
+
+def test_a_backend_that_cannot_run_is_refused_before_any_work(capsys):
+    with pytest.raises(SystemExit) as e:
+        bench.main(["--backend", "mamba_ssm", "--device", "cpu"])
+    assert e.value.code == 2 and "scan backend 'mamba_ssm' cannot run on cpu" in capsys.readouterr().err

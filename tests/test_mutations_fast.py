@@ -4,7 +4,7 @@ reported rate against the tokens each layer receives).
 
 Each mutant wraps one function where the fast path calls it: a scan backend's output, STM's weights and its
 merge, ToMe's merge, ToP's alignment scale, EViT's importances and its fused token, the schedule solver's
-achieved rate. The properties run on ``coverage_cases()`` (every method and option, fixed) and then on a
+achieved rate, and the fused CPU kernel's output. The properties run on ``coverage_cases()`` (every method and option, fixed) and then on a
 short Hypothesis search. ``test_unmutated_properties_pass`` is the control. The mutants caught are listed by
 ``pytest tests/test_mutations_fast.py -v`` (one test id each).
 """
@@ -55,11 +55,15 @@ def _rate(fn):
     return lambda tokens: fn(tokens) * (1 + EPS)
 
 
-def F64():
+def F64(backend="torch"):
     """The float64 property on every coverage case (the Hypothesis search as well: both must pass unmutated)."""
     for case in fast_props.coverage_cases():
-        fast_props.check_float64(case, "cpu", "torch")
-    fast_props.test_fast_path_equals_the_reference_in_float64(device="cpu", backend="torch", f64=True)
+        fast_props.check_float64(case, "cpu", backend)
+    fast_props.test_fast_path_equals_the_reference_in_float64(device="cpu", backend=backend, f64=True)
+
+
+def F64_FUSED():
+    F64("fused")
 
 
 def RATE():
@@ -69,6 +73,7 @@ def RATE():
 
 CASES = {  # name: (module, attribute, mutation, property)
     "torch scan output": (ssm, "scan_inference", _first_output, F64),
+    "fused scan output": (ssm, "_fused", _first_output, F64_FUSED),
     "STM weights (ends plan)": (stm, "ends_weights", _first_output, F64),
     "STM weights (other plans)": (stm, "token_weights", _first_output, F64),
     "STM merge (ends plan)": (stm, "merge_ends", _first_output, F64),
@@ -100,6 +105,8 @@ def _original(module, attr):
 @pytest.mark.parametrize("name", list(CASES))
 def test_fast_path_property_catches_a_1e6_relative_error(name, monkeypatch, long_search):
     module, attr, mutate, prop = CASES[name]
+    if prop is F64_FUSED and "fused" not in ssm.available_backends("cpu"):
+        pytest.skip("the fused CPU kernel does not build here")
     monkeypatch.setattr(module, attr, mutate(_original(module, attr)))
     with pytest.raises((AssertionError, ExceptionGroup)):  # Hypothesis may report several failures at once
         prop()
@@ -108,4 +115,6 @@ def test_fast_path_property_catches_a_1e6_relative_error(name, monkeypatch, long
 def test_unmutated_properties_pass(long_search):
     """The control: the same properties pass on the real fast path under the same search."""
     F64()
+    if "fused" in ssm.available_backends("cpu"):
+        F64("fused")
     RATE()

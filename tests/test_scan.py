@@ -1,11 +1,16 @@
 """stm_fast.ssm backends (kernels in stm_fast.ops) against the float64 reference ``stm_ref.ssm.selective_scan`` (mamba-ssm semantics)."""
 
+import os
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
 from stm_fast import ssm as fast
+from stm_fast.ops import scan_fused as fused_kernel
 from stm_fast.ops import scan_torch
 from stm_fast.ops.common import FirstSteps
 from stm_fast.ops.conv import causal_conv1d
@@ -142,7 +147,13 @@ def test_bfloat16_inputs_compute_in_float32_and_return_bfloat16():
 
 
 def test_backend_choice_and_errors(monkeypatch):
-    assert fast.resolve_backend(None, "cpu") == "torch"
+    fused = fused_kernel.available()[0]
+    assert fast.resolve_backend(None, "cpu") == ("fused" if fused else "torch"), "the fused kernel when it builds"
+    assert fast.resolve_backend(None, "cpu", needs_grad=True) == "torch", "gradients go through the torch backend"
+    with pytest.raises(fast.BackendUnavailable, match="'fused' cannot run on meta: it is a CPU kernel"):
+        fast.resolve_backend("fused", "meta")
+    monkeypatch.setenv("STM_SCAN_BACKEND", "torch")
+    assert fast.resolve_backend(None, "cpu") == "torch", "STM_SCAN_BACKEND=torch turns the fused kernel off"
     monkeypatch.setenv("STM_SCAN_BACKEND", "loop")
     assert fast.resolve_backend(None, "cpu") == "loop"
     assert fast.resolve_backend("torch", "cpu") == "torch", "an explicit argument beats the environment"
@@ -328,3 +339,19 @@ def test_scratch_buffers_survive_switching_between_inference_mode_and_no_grad():
     with torch.inference_mode():
         again = fast.selective_scan(*args, A, B, C, delta_softplus=True, backend="torch")
     torch.testing.assert_close(again, outs[0], rtol=0, atol=0)
+
+
+def test_without_a_compiler_the_cpu_path_says_one_line_and_runs_on_torch(tmp_path):
+    """A host with no C++ compiler: one line on stderr names why the fused kernel is not used, then the model
+    runs on the torch backend and gives the torch backend's logits."""
+    code = ("import torch, stm_fast; from stm_fast import ssm; torch.manual_seed(0); "
+            "m = stm_fast.create_model('vim_tiny', img_size=8, patch_size=4, embed_dim=8, depth=2, num_classes=3); "
+            "x = torch.randn(2, 3, 8, 8); y = m(x); ref = m.set_scan_backend('torch')(x); "
+            "print(ssm.resolve_backend(None, 'cpu'), float((y - ref).abs().max()))")
+    env = dict(os.environ, CXX="/nonexistent/g++", STM_FUSED_BUILD_DIR=str(tmp_path))
+    env.pop("STM_SCAN_BACKEND", None)
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["torch", "0.0"]
+    said = [line for line in out.stderr.splitlines() if line.startswith("stm_fast:")]
+    assert len(said) == 1 and "fused" in said[0] and "/nonexistent/g++" in said[0] and "not found" in said[0], out.stderr

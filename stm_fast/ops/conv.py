@@ -40,13 +40,14 @@ def kernel_suits(x, K) -> bool:
     return ok
 
 
-def causal_conv1d(x, weight, bias=None, activation=True):
+def causal_conv1d(x, weight, bias=None, activation=True, fused=False):
     """y_t = silu(sum_k weight[:, k] x_{t-K+1+k} + bias) over (batch, channels, L), zero history before t=0.
 
     ``weight``: (channels, 1, K) as nn.Conv1d stores it (or (channels, K)). Uses causal-conv1d's CUDA
     kernel when it works here and suits the call (``kernel_suits``; the weight keeps its dtype, as Mamba
-    passes it), else torch's conv1d with left padding, or K shifted multiply-adds when x is channel-last in
-    memory (``x.stride(1) == 1``, Vim's mixer).
+    passes it); with ``fused`` (the mixer's scan runs on the fused CPU kernel) the same extension's
+    one-pass conv for float32/float64 channel-last input without gradients; else torch's conv1d with left
+    padding, or K shifted multiply-adds when x is channel-last in memory (``x.stride(1) == 1``, Vim's mixer).
     """
     w = weight if weight.dim() == 2 else weight[:, 0, :]
     K = w.shape[-1]
@@ -54,11 +55,22 @@ def causal_conv1d(x, weight, bias=None, activation=True):
         from causal_conv1d.causal_conv1d_interface import causal_conv1d_fn
 
         return causal_conv1d_fn(x, w, None if bias is None else bias.to(w.dtype), activation="silu" if activation else None)
+    if fused and _fused_suits(x, weight, bias):
+        from .scan_fused import causal_conv_silu
+
+        return causal_conv_silu(x, w, bias, activation)
     w = w.to(x.dtype)
     if x.shape[1] > 1 and channel_last(x):
         return _taps_channel_last(x, w, bias, activation)
     y = F.conv1d(F.pad(x, (K - 1, 0)), w[:, None, :], None if bias is None else bias.to(x.dtype), groups=x.shape[1])
     return F.silu(y) if activation else y
+
+
+def _fused_suits(x, weight, bias) -> bool:
+    """Whether the fused CPU conv takes this call: CPU, float32/64, channel-last, no gradient needed."""
+    if x.device.type != "cpu" or x.dtype not in (torch.float32, torch.float64) or x.dim() != 3 or x.stride(1) != 1:
+        return False
+    return not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias)))
 
 
 def _taps_channel_last(x, w, bias, activation):

@@ -1,0 +1,279 @@
+"""Fused CPU selective scan (inference): a compiled kernel built on first use; float64 twin ``stm_ref.ssm.selective_scan``.
+
+The kernel runs the discretised recurrence of the paper's eq. 2-3 (Euler step, as Mamba's kernels),
+Abar_t = exp(Delta_t A), h_t = Abar_t h_{t-1} + Delta_t B_t u_t, y_t = C_t h_t (+ D u_t), gated by silu(z_t),
+in one pass over time per (batch item, block of channels): the state stays in L1, nothing of size
+L x D x N is materialised (unlike the unrolled sums of eq. 4). Channel-last inputs (Vim's mixer) are
+the fast case; any strides are accepted.
+
+The extension is compiled with ``torch.utils.cpp_extension.load`` for this host's ATen CPU capability
+(``torch.backends.cpu.get_cpu_capability()``: AVX512, AVX2, else generic code) and cached under
+``$STM_FUSED_BUILD_DIR`` or ``$XDG_CACHE_HOME/stm_fast`` (default ``~/.cache/stm_fast``), in a directory
+keyed by torch version, capability and a hash of the source and flags. ``available()`` never raises.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import shlex
+import shutil
+import sys
+import threading
+from pathlib import Path
+from typing import Optional, Tuple, Union
+
+import torch
+
+from ..runtime import compute_dtype
+from .common import bc_layout, check_scan_args
+
+__all__ = ["available", "selective_scan_fused", "build_info", "build_dir", "exp2_decays_into",
+           "causal_conv_silu"]
+
+_SOURCE = Path(__file__).with_name("csrc") / "selective_scan_cpu.cpp"
+_lock = threading.Lock()
+_state: dict = {}  # "module", "reason": set once by available()
+
+# ATen's Vectorized<T> is only SIMD code when the capability macros are defined; without them it is the
+# generic fallback (several times slower). Flags per the capability; no -march=native,
+# so a cache shared by hosts with one capability (a network home directory) stays valid for all of them.
+_CAPABILITY_FLAGS = {
+    "AVX512": ["-DCPU_CAPABILITY=AVX512", "-DCPU_CAPABILITY_AVX512", "-mavx512f", "-mavx512bw", "-mavx512vl",
+               "-mavx512dq", "-mavx2", "-mfma", "-mf16c"],
+    "AVX2": ["-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2", "-mavx2", "-mfma", "-mf16c"],
+}
+_GENERIC_FLAGS = ["-DCPU_CAPABILITY=DEFAULT"]
+
+
+def _capability() -> str:
+    """The ATen CPU capability to compile for: ``$STM_FUSED_CAPABILITY`` if set (e.g. DEFAULT, to build the
+    generic code), else the one torch dispatches to on this host."""
+    forced = os.environ.get("STM_FUSED_CAPABILITY")
+    if forced:
+        return forced.upper()
+    try:
+        return str(torch.backends.cpu.get_cpu_capability())
+    except Exception:  # very old torch: no capability query, build generic code
+        return "DEFAULT"
+
+
+def _flags(capability: str) -> list:
+    cap_flags = _CAPABILITY_FLAGS.get(capability, _GENERIC_FLAGS)
+    return ["-O3", "-fopenmp", "-ffp-contract=fast", "-fno-math-errno"] + cap_flags
+
+
+def build_dir(capability: Optional[str] = None) -> Path:
+    """The cache directory of this torch version, CPU capability, source and flags."""
+    cap = capability or _capability()
+    digest = hashlib.sha256(_SOURCE.read_bytes() + " ".join(_flags(cap)).encode()).hexdigest()[:12]
+    root = os.environ.get("STM_FUSED_BUILD_DIR")
+    if not root:
+        cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+        root = os.path.join(cache, "stm_fast")
+    python = f"py{sys.version_info[0]}{sys.version_info[1]}"  # the module is built against this CPython's ABI
+    return Path(root) / f"scan_fused-torch{torch.__version__}-{python}-{cap}-{digest}".replace("+", "_")
+
+
+def _cpp_extension():
+    """torch.utils.cpp_extension, imported without its warning that a CPU-only host has no CUDA runtime."""
+    log = logging.getLogger("torch.utils.cpp_extension")
+    level = log.level
+    log.setLevel(logging.ERROR)
+    try:
+        import torch.utils.cpp_extension as cpp_extension
+    finally:
+        log.setLevel(level)
+    return cpp_extension
+
+
+def _missing_tool() -> Optional[str]:
+    cxx = os.environ.get("CXX", "c++")
+    if not shlex.split(cxx) or shutil.which(shlex.split(cxx)[0]) is None:  # CXX may be "ccache g++"
+        return f"C++ compiler {cxx!r} not found (set CXX to a working g++/clang++)"
+    if not _cpp_extension().is_ninja_available():
+        return "ninja not found (torch.utils.cpp_extension needs it to build the fused scan; pip install ninja)"
+    return None
+
+
+def _build():
+    """Compile (or load from the cache) the extension; raises on any failure."""
+    cap = _capability()
+    path = build_dir(cap)
+    path.mkdir(parents=True, exist_ok=True)
+    name = "stm_scan_fused_" + path.name.rsplit("-", 1)[-1]
+    if not (path / f"{name}.so").exists():  # the first use pays a compile; say so rather than seem to hang
+        print(f"stm_fast: building the fused CPU scan kernel for {cap} in {path} (once; about half a minute)",
+              file=sys.stderr)
+    _cpp_extension().load(name=name, sources=[str(_SOURCE)], extra_cflags=_flags(cap), extra_ldflags=["-fopenmp"],
+                          build_directory=str(path), verbose=False, is_python_module=False)
+    return getattr(torch.ops, name)  # the library registers its operators in a namespace of this name
+
+
+def _one_line(exc: BaseException) -> str:
+    """The first compiler error (or the exception's first line), for a one-line reason."""
+    lines = [s.strip() for s in str(exc).splitlines() if s.strip()]
+    for line in lines:
+        if "error:" in line:
+            return f"fused scan build failed: {line[line.index('error:'):][:300]}"
+    return f"fused scan build failed: {(lines[0] if lines else type(exc).__name__)[:300]}"
+
+
+def available() -> Tuple[bool, str]:
+    """(True, build description) once the kernel is built or loaded; (False, one line why) otherwise.
+
+    Builds on the first call (a minute or so with a cold cache), then caches the answer; never raises."""
+    with _lock:
+        if "reason" not in _state:
+            module, reason = None, _missing_tool()
+            if reason is None:
+                try:
+                    module = _build()
+                    reason = f"built for {module.build_info()}"
+                except Exception as exc:  # compiler errors, missing headers, unwritable cache...
+                    reason = _one_line(exc)
+            _state.update(module=module, reason=reason)
+        return _state["module"] is not None, _state["reason"]
+
+
+def build_info() -> str:
+    """The capability and SIMD widths the loaded kernel was compiled for (or why there is none)."""
+    return available()[1]
+
+
+def _check_shapes(u, delta, A, B, C, D, z, delta_bias, decay_scale) -> None:
+    check_scan_args(u, delta, A)
+    batch, Dm, L = u.shape
+    N = A.shape[1]
+    bc_layout(B, batch, Dm, N, L, "B")
+    bc_layout(C, batch, Dm, N, L, "C")
+    for name, v in (("D", D), ("delta_bias", delta_bias)):
+        if v is not None and tuple(v.shape) != (Dm,):
+            raise ValueError(f"selective_scan_fused: {name} of shape {tuple(v.shape)}, expected (D,)={(Dm,)}")
+    if z is not None and z.shape != u.shape:
+        raise ValueError(f"selective_scan_fused: z of shape {tuple(z.shape)}, expected u's {tuple(u.shape)}")
+    if decay_scale is not None and tuple(decay_scale.shape) != (batch, L):
+        raise ValueError(f"selective_scan_fused: decay_scale of shape {tuple(decay_scale.shape)}, expected "
+                         f"(batch, L)={(batch, L)}")
+
+
+def _check_first_steps(first_steps, B, batch, Dm, N, L, dtype, decay_scale) -> int:
+    """The number n of exported steps; validates the (delta, Abar, B) buffers."""
+    if first_steps is None:
+        return 0
+    if decay_scale is not None:
+        raise ValueError("selective_scan_fused: first_steps cannot be exported with decay_scale "
+                         "(Abar is then exp(scale*delta*A), not the exp(delta*A) the buffers hold)")
+    if len(first_steps) != 3:
+        raise ValueError("selective_scan_fused: first_steps must be a tuple (delta_out, Abar_out, B_out or None)")
+    d_out, a_out, b_out = first_steps
+    n = d_out.shape[0] if d_out.dim() == 3 else -1
+    want = {"delta_out": (d_out, (n, batch, Dm)), "Abar_out": (a_out, (n, batch, N, Dm))}
+    if b_out is not None:
+        if B.dim() != 3:
+            raise ValueError("selective_scan_fused: first_steps' B_out needs B of layout (batch, N, L); pass None")
+        want["B_out"] = (b_out, (n, batch, N))
+    for name, (t, shape) in want.items():
+        if tuple(t.shape) != shape or t.dtype != dtype or t.device.type != "cpu":
+            raise ValueError(f"selective_scan_fused: first_steps {name} must be a CPU {dtype} tensor of shape "
+                             f"{shape}, got {t.dtype} {tuple(t.shape)} on {t.device}")
+    if not 0 <= n <= L:
+        raise ValueError(f"selective_scan_fused: first_steps of {n} steps, but L={L}")
+    return n
+
+
+def _check_no_grad(tensors) -> None:
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
+        raise ValueError("selective_scan_fused: inputs require grad, but the fused CPU kernel is inference only; "
+                         "use the torch backend for training")
+
+
+def _check_devices(tensors) -> None:
+    for t in tensors:
+        if t is not None and not (t.is_cpu and not t.is_complex()):
+            raise ValueError(f"selective_scan_fused: CPU real tensors only, got {t.dtype} on {t.device}")
+
+
+def _cast(t: Optional[torch.Tensor], dtype: torch.dtype) -> Optional[torch.Tensor]:
+    """t in the compute dtype; the common case (already there) without the cost of a Tensor.to call."""
+    return t if t is None or t.dtype == dtype else t.to(dtype)
+
+
+def _new_output(u: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """y in u's layout: channel-last memory (batch, L, D) viewed as (batch, D, L) if u is, else contiguous."""
+    batch, Dm, L = u.shape
+    if u.stride(1) == 1 and Dm > 1:
+        return torch.empty(batch, L, Dm, dtype=dtype).transpose(1, 2)
+    return torch.empty(batch, Dm, L, dtype=dtype)
+
+
+def selective_scan_fused(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
+                         D: Optional[torch.Tensor] = None, z: Optional[torch.Tensor] = None,
+                         delta_bias: Optional[torch.Tensor] = None, delta_softplus: bool = False,
+                         return_last_state: bool = False, decay_scale: Optional[torch.Tensor] = None,
+                         first_steps: Optional[tuple] = None,
+                         reverse: bool = False) -> Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]:
+    """Selective scan with mamba-ssm's layout (twin of ``stm_ref.ssm.selective_scan``), on CPU, inference only.
+
+    ``u, delta, z``: (batch, D, L), any strides (channel-last memory, ``stride(1) == 1``, is the fast case);
+    ``A``: (D, N); ``B, C``: (batch, N, L), (D, N) or (batch, G, N, L); ``D, delta_bias``: (D,);
+    ``decay_scale``: (batch, L), multiplies Delta in Abar only. Delta <- softplus(delta + delta_bias) if asked;
+    eq. 2 with Euler's Bbar: Abar = exp(Delta A), Bbar = Delta B; eq. 3: h_t = Abar_t h_{t-1} + Bbar_t u_t,
+    y_t = C_t h_t + D u_t, then y *= silu(z). ``reverse``: scan t = L-1 .. 0 (y still indexed by t).
+    ``first_steps``: (delta_out (n, batch, D), Abar_out (n, batch, N, D), B_out (n, batch, N) or None),
+    filled in place with the first n scan steps' Delta, exp(Delta A) and B (scan order); not with decay_scale.
+    Computes in float64 if any of u, delta, A, B, C is float64, else float32; returns y in u's dtype and
+    layout, and with ``return_last_state`` the final state (batch, D, N) in the compute dtype.
+    """
+    tensors = (u, delta, A, B, C, D, z, delta_bias, decay_scale)
+    _check_no_grad(tensors)
+    _check_devices(tensors)
+    _check_shapes(u, delta, A, B, C, D, z, delta_bias, decay_scale)
+    ok, reason = available()
+    if not ok:
+        raise RuntimeError(f"selective_scan_fused is unavailable: {reason}")
+    ct = compute_dtype(u, delta, A, B, C)
+    batch, Dm, L = u.shape
+    N = A.shape[1]
+    n_first = _check_first_steps(first_steps, B, batch, Dm, N, L, ct, decay_scale)
+    y = _new_output(u, ct)
+    last = torch.empty(batch, Dm, N, dtype=ct) if return_last_state else None
+    outs = tuple(first_steps) if n_first else (None, None, None)
+    inputs = [_cast(t, ct) for t in (u, delta, A, B, C, D, z, delta_bias)]
+    _state["module"].selective_scan_fwd(*inputs, bool(delta_softplus), _cast(decay_scale, ct), bool(reverse),
+                                        y, last, *outs, n_first)
+    y = _cast(y, u.dtype)
+    return (y, last) if return_last_state else y
+
+
+def exp2_decays_into(x: torch.Tensor, out: torch.Tensor, repeats: int = 1) -> None:
+    """out = 2**x by the kernel's own float decay code, ``repeats`` times (the bench's exp2 rate, stm_fast.floor);
+    x, out contiguous float32 of one size, their values in the decays' range [-125, 125]."""
+    ok, reason = available()
+    if not ok:
+        raise RuntimeError(f"selective_scan_fused is unavailable: {reason}")
+    _state["module"].exp2_decays_into(x, out, int(repeats))
+
+
+def causal_conv_silu(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
+                     activation: bool = True) -> torch.Tensor:
+    """Mamba's causal depthwise conv (+ SiLU) in one pass, on CPU, inference only (twin of
+    ``stm_ref.vim.causal_conv1d``): x (batch, E, L) held channel-last (``x.stride(1) == 1``), weight (E, K)
+    or (E, 1, K), bias (E,); y_t = silu(bias + sum_k weight[:, k] x_{t-K+1+k}), returned (batch, E, L) in
+    x's dtype (float32/float64) and channel-last layout."""
+    ok, reason = available()
+    if not ok:
+        raise RuntimeError(f"selective_scan_fused is unavailable: {reason}")
+    _check_no_grad((x, weight, bias))
+    _check_devices((x, weight, bias))
+    if x.dim() != 3 or x.stride(1) != 1 or x.dtype not in (torch.float32, torch.float64):
+        raise ValueError("causal_conv_silu: x must be a float32/float64 (batch, E, L) view of channel-last rows")
+    w = weight.reshape(weight.shape[0], -1)
+    if w.shape[0] != x.shape[1]:
+        raise ValueError(f"causal_conv_silu: weight of shape {tuple(weight.shape)} does not match E={x.shape[1]}")
+    rows = x.transpose(1, 2)
+    y = torch.empty(rows.shape, dtype=x.dtype)
+    _state["module"].causal_conv_silu(rows, w.t().to(x.dtype).contiguous(),
+                                      None if bias is None else bias.to(x.dtype).contiguous(), bool(activation), y)
+    return y.transpose(1, 2)
