@@ -42,8 +42,9 @@ class _Observer:
 def _state_norms(st):
     """||h_t|| over (channels, states) at every token position of one direction: (batch, L), float64.
     The recurrence h_t = exp(delta_t A) h_{t-1} + delta_t B_t u_t (eq. 3) in the direction's scan order."""
-    delta = st._step(st.delta_raw.transpose(1, 2)).double()  # (batch, L, E), scan order
-    u, B, A = st._u.transpose(1, 2).double(), st._B.transpose(1, 2).double(), st.A.double()
+    in_scan_order = (lambda t: t.flip(-1)) if st.reverse else (lambda t: t)  # noqa: E731
+    delta, u, B = (in_scan_order(t).transpose(1, 2).double() for t in (st.delta, st.u, st.B))  # (batch, L, .)
+    A = st.A.double()
     h = torch.zeros(delta.shape[0], A.shape[0], A.shape[1], dtype=torch.float64, device=delta.device)
     norms = []
     for t in range(delta.shape[1]):

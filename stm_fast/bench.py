@@ -17,7 +17,8 @@ Scan backends (``--backend fused torch``): every configuration of every backend 
 rounds; speedups are against the same backend's baseline, and ``speedup_over_backend`` is the other
 backend's time over this one's for the same configuration (median of the rounds' ratios).
 On CPU in fp32 each baseline row also carries the floor (``stm_fast.floor``: the forward's matrix products
-alone + its scan exponentials at this machine's exp2 rate) and ``over_floor``, forward time / floor.
+alone, timed in every round beside the forwards, + its scan exponentials at this machine's exp2 rate) and
+``over_floor``, the median over rounds of forward time / that round's floor.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ from .models import OVERRIDES, create_model, list_models, parse_overrides
 from .reduction import check_rate, list_methods, make_reduction, reduced
 from .registry import MODEL_CONFIGS
 from .selfcheck import SelfCheckFailed, describe_check, self_check
-from .floor import forward_floor
+from .floor import forward_floor, linear_pass_seconds
 from .ssm import BACKENDS, BackendUnavailable, resolve_backend
 from .runtime import (AMP_DTYPES, HelpFormatter, atomic_write_json, autocast, check_device, flush_denormals,
                       non_negative_int, pick_device, positive_int, synchronize)
@@ -67,8 +68,9 @@ def _timed_forward(model, x, device, dtype):
         return time.perf_counter() - t0
 
 
-def _interleaved_times(model, x, configs, device, dtype, rounds, warmup, progress, name):
-    """{config index: [seconds per round]}: every configuration warmed up, then timed once per round."""
+def _interleaved_times(model, x, configs, device, dtype, rounds, warmup, progress, name, floor_pass=None):
+    """{config index: [seconds per round]}: every configuration warmed up, then timed once per round; with
+    ``floor_pass`` (a function returning seconds) also its time in every round, under the key "floor"."""
     def forward(backend, reduction):
         model.set_scan_backend(backend)
         with reduced(model, reduction):
@@ -78,9 +80,14 @@ def _interleaved_times(model, x, configs, device, dtype, rounds, warmup, progres
         for _ in range(warmup):
             forward(backend, reduction)
     times = {i: [] for i in range(len(configs))}
+    if floor_pass:
+        floor_pass()
+        times["floor"] = []
     for r in range(rounds):
         for i, (backend, _, _, reduction) in enumerate(configs):
             times[i].append(forward(backend, reduction))
+        if floor_pass:
+            times["floor"].append(floor_pass())
         if progress:
             print(f"{name}: round {r + 1}/{rounds}", file=sys.stderr)
     return times
@@ -118,8 +125,9 @@ def run_bench(model_names=("vim_tiny",), methods=("stm", "tome", "top", "evit"),
         x = torch.randn(batch_size, model.cfg.channels, model.cfg.img_size, model.cfg.img_size, device=device)
         checks = _self_checks(model, x, device, backends, progress) if check else {}
         configs = _configurations(model, methods, rates, name, backends)
-        times = _interleaved_times(model, x, configs, device, dtype, rounds, warmup, progress, name)
-        floor = forward_floor(model, batch_size) if device.type == "cpu" and dtype == "fp32" else None
+        floor_pass = (lambda: linear_pass_seconds(model, batch_size)) if device.type == "cpu" and dtype == "fp32" else None
+        times = _interleaved_times(model, x, configs, device, dtype, rounds, warmup, progress, name, floor_pass)
+        floor = forward_floor(model, batch_size, times.pop("floor")) if floor_pass else None
         rows += _rows(model, x, name, configs, times, checks, floor, dtype, device, rounds)
     return rows
 
@@ -145,11 +153,13 @@ def _rows(model, x, name, configs, times, checks, floor, dtype, device, rounds):
                      "device": _device_name(device), "images_per_s": batch_size / med,
                      "speedup": statistics.median(b_times) / med, "ideal_speedup": ideal,
                      "realized_over_ideal": statistics.median(b_times) / med / ideal, "median_s": med,
+                     "seconds_per_round": times[i],
                      "speedup_per_round": [b / t for b, t in zip(b_times, times[i])],  # the run's own noise
                      "speedup_over_backend": {o: statistics.median(v) for o, v in others.items()},
                      "speedup_over_backend_per_round": others, "step_ms": step_ms, "step_share": step_share,
                      "self_check": checks.get(backend), "floor": floor if method == "none" else None,
-                     "over_floor": med / floor["floor_s"] if floor and method == "none" else None,
+                     "over_floor": (statistics.median(t / f for t, f in zip(times[i], floor["floor_per_round"]))
+                                    if floor and method == "none" else None),
                      "tf32": bool(torch.backends.cuda.matmul.allow_tf32) if device.type == "cuda" else None})
     return rows
 

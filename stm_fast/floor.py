@@ -18,7 +18,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-__all__ = ["exp_count", "exp2_rate", "matmul_seconds", "forward_floor"]
+__all__ = ["exp_count", "exp2_rate", "linear_pass_seconds", "forward_floor"]
 
 EXP_BUFFER = 1 << 16  # float32 values: 256 KiB in all, each thread's share fits its core's L2
 
@@ -52,7 +52,7 @@ def exp2_rate(repeats: int = 15, calls: int = 40) -> tuple[float, str]:
     return statistics.median(rates), what
 
 
-def _linear_pass(model, batch: int) -> float:
+def linear_pass_seconds(model, batch: int) -> float:
     """Seconds for one pass of every matrix product of the unreduced forward, on fresh random inputs."""
     cfg = model.cfg
     L, d, E = cfg.num_tokens, cfg.embed_dim, cfg.d_inner
@@ -61,29 +61,28 @@ def _linear_pass(model, batch: int) -> float:
     hidden = torch.randn(batch, L, d, dtype=dtype)
     inner = torch.randn(batch, L, E, dtype=dtype)
     R = model.layers[0].mixer.dt_rank
-    t0 = time.perf_counter()
-    model.patch_embed(images)
-    for layer in model.layers:
-        mix = layer.mixer
-        mix.in_proj(hidden)
-        for x_proj, dt_proj in ((mix.x_proj, mix.dt_proj), (mix.x_proj_b, mix.dt_proj_b)):
-            F.linear(x_proj(inner)[..., :R], dt_proj.weight)
-        mix.out_proj(inner)
-    model.head(hidden[:, 0])
-    return time.perf_counter() - t0
-
-
-def matmul_seconds(model, batch: int, rounds: int = 7) -> float:
-    """Median over ``rounds`` of the forward's matrix products alone (after one untimed pass)."""
     with torch.inference_mode():
-        _linear_pass(model, batch)
-        return statistics.median(_linear_pass(model, batch) for _ in range(rounds))
+        t0 = time.perf_counter()
+        model.patch_embed(images)
+        for layer in model.layers:
+            mix = layer.mixer
+            mix.in_proj(hidden)
+            for x_proj, dt_proj in ((mix.x_proj, mix.dt_proj), (mix.x_proj_b, mix.dt_proj_b)):
+                F.linear(x_proj(inner)[..., :R], dt_proj.weight)
+            mix.out_proj(inner)
+        model.head(hidden[:, 0])
+        return time.perf_counter() - t0
 
 
-def forward_floor(model, batch: int, rounds: int = 7) -> dict:
-    """The floor of an unreduced CPU forward of ``model`` at ``batch`` images, and its parts (seconds)."""
+def forward_floor(model, batch: int, matmul_per_round: list[float] | None = None, rounds: int = 7) -> dict:
+    """The floor of an unreduced CPU forward of ``model`` at ``batch`` images, and its parts (seconds):
+    ``matmul_per_round`` are timings of ``linear_pass_seconds`` taken beside the forwards (a benchmark's
+    rounds), else ``rounds`` passes are timed here. ``floor_per_round``: each round's floor."""
+    if matmul_per_round is None:
+        linear_pass_seconds(model, batch)
+        matmul_per_round = [linear_pass_seconds(model, batch) for _ in range(rounds)]
     rate, what = exp2_rate()
     exps = exp_count(model.cfg, batch)
-    mm = matmul_seconds(model, batch, rounds)
+    mm = statistics.median(matmul_per_round)
     return {"matmul_s": mm, "exps": exps, "exp2_per_s": rate, "exp2_by": what, "exp_s": exps / rate,
-            "floor_s": mm + exps / rate}
+            "floor_s": mm + exps / rate, "floor_per_round": [m + exps / rate for m in matmul_per_round]}

@@ -179,7 +179,7 @@ def _lsq_from_first_steps(P, d, Bh, r, variant):
     return w.clamp_(0.0, 1.0) if variant == "lsq_norm" else w
 
 
-def _stacked_ends_weights(sts, r, variant, clamp, first=None):
+def _stacked_ends_weights(sts, r, variant, clamp, first=None, kernel=False):
     """Weights (len(sts), batch, r) of the ``ends`` plan, in each direction's scan order.
 
     There a side's reduced tokens are its direction's first r scan steps and their common target is
@@ -188,8 +188,14 @@ def _stacked_ends_weights(sts, r, variant, clamp, first=None):
     P_j = Abar_{j+1} ... Abar_r. ``first``: the scan's own delta (n, sides, batch, E), Abar
     (n, sides, batch, N, E) and B (n, sides, batch, N) or None, of the first n > r steps
     (``LayerStats.first_steps``), reused (no exp; the Abar buffer is overwritten with P); without
-    them, delta and P are recomputed from the statistics.
+    them, delta and P are recomputed from the statistics. ``kernel``: the first steps come from the fused
+    CPU kernel, whose extension also forms the lsq weights from them in one call (same arithmetic).
     """
+    if first is not None and kernel and variant in ("lsq", "lsq_norm") and _kernel_takes(first):
+        from .ops.scan_fused import ends_lsq_weights
+
+        d, a, Bh = first
+        return ends_lsq_weights(d, a, Bh.to(d.dtype), r, variant == "lsq_norm")
     if first is not None:  # step-major: (step, sides, batch, ...), so the slices below are contiguous
         d, a, Bh = first
         rows = a.unbind(0)
@@ -215,6 +221,11 @@ def _stacked_ends_weights(sts, r, variant, clamp, first=None):
     return _weights_from(variant, _decay_products(A2, S), d[:, :, :r], d[:, :, r:], B[:, :, :r], B[:, :, r:], clamp)
 
 
+def _kernel_takes(first):
+    """Whether the fused extension's weights take these first steps (all of d, Abar, B, contiguous, on CPU)."""
+    return all(t is not None and t.is_contiguous() and t.device.type == "cpu" for t in first)
+
+
 def _one_side(stats, i, r, variant, clamp, first):
     """Weights (batch, r) of one side's direction (i = 0: forward, 1: backward), in its scan order."""
     direction = stats.forward if i == 0 else stats.backward
@@ -232,7 +243,8 @@ def ends_weights(stats, r_left, r_right, variant="lsq", clamp=1e-6):
     if first is not None and first[0].shape[0] <= max(r_left, r_right):
         first = None
     if r_left == r_right and r_left > 0:
-        w = _stacked_ends_weights([stats.forward, stats.backward], r_left, variant, clamp, first)
+        w = _stacked_ends_weights([stats.forward, stats.backward], r_left, variant, clamp, first,
+                                  kernel=stats.scan_backend == "fused")
         left, right = w[0], w[1]
     else:
         left = _one_side(stats, 0, r_left, variant, clamp, first) if r_left else _filled(stats, 0, 0.0)

@@ -170,7 +170,16 @@ def _unfused(name, u, delta, A, B, C, D, z, delta_bias, delta_softplus, decay_sc
     return y, last
 
 
-def _fused(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state, decay_scale, first, ct):
+def _flipped(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state, backend, decay_scale, first):
+    """A reverse scan as the forward scan of the time-flipped inputs, its output flipped back."""
+    flip = lambda t: None if t is None or (t.dim() == 2 and t is not decay_scale) else t.flip(-1)  # noqa: E731
+    out = selective_scan(flip(u), flip(delta), A, flip(B), flip(C), D, flip(z), delta_bias, delta_softplus,
+                         return_last_state, backend, flip(decay_scale), first)
+    return (out[0].flip(-1), out[1]) if return_last_state else out.flip(-1)
+
+
+def _fused(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state, decay_scale, first, ct,
+           reverse=False):
     """The fused CPU kernel, with a ``FirstSteps`` request turned into its (delta, Abar, B) buffers."""
     from .ops.scan_fused import selective_scan_fused
 
@@ -187,7 +196,7 @@ def _fused(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_stat
             first.B = new((n, batch, N))
         outs = (first.delta, first.Abar, first.B)
     result = selective_scan_fused(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state,
-                                  decay_scale=decay_scale, first_steps=outs)
+                                  decay_scale=decay_scale, first_steps=outs, reverse=reverse)
     if outs is not None:
         first.filled = True
     return result
@@ -200,7 +209,8 @@ def _needs_grad(*tensors):
 def selective_scan(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
                    D: torch.Tensor | None = None, z: torch.Tensor | None = None, delta_bias: torch.Tensor | None = None,
                    delta_softplus: bool = False, return_last_state: bool = False, backend: str | None = None,
-                   decay_scale: torch.Tensor | None = None, first_steps: FirstSteps | None = None):
+                   decay_scale: torch.Tensor | None = None, first_steps: FirstSteps | None = None,
+                   reverse: bool = False):
     """Selective scan with mamba-ssm's layout and semantics (twin of ``stm_ref.ssm.selective_scan``).
 
     ``u, delta, z``: (batch, D, L); ``A``: (D, N); ``B, C``: (batch, N, L), (batch, G, N, L) or (D, N);
@@ -210,8 +220,15 @@ def selective_scan(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: tor
     ``decay_scale`` (batch, L): Abar = exp(scale * delta * A), Bbar unchanged (pruned-sequence alignment,
     docs/conventions.md §1). ``first_steps``: a ``FirstSteps`` request the ``fused`` and ``torch`` inference
     paths fill when there is no decay_scale (torch: when its n fits one chunk); others leave it untouched.
+    ``reverse``: scan t = L-1 .. 0 (first steps in that order; y still indexed by t): the fused kernel by
+    index arithmetic, the other backends on time-flipped copies.
     """
     check_scan_args(u, delta, A)
+    if reverse and resolve_backend(backend, u.device, compute_dtype(u, delta, A, B, C),
+                                   _needs_grad(u, delta, A, B, C, D, z, delta_bias, decay_scale),
+                                   decay_scale is not None) != "fused":
+        return _flipped(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state, backend,
+                        decay_scale, first_steps)
     ct = compute_dtype(u, delta, A, B, C)
     grad = _needs_grad(u, delta, A, B, C, D, z, delta_bias, decay_scale)
     name = resolve_backend(backend, u.device, ct, grad, decay_scale is not None)
@@ -221,7 +238,7 @@ def selective_scan(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: tor
         return selective_scan_mamba(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
     if name == "fused":
         return _fused(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state, decay_scale,
-                      first_steps, ct)
+                      first_steps, ct, reverse)
     if name == "triton":
         from .ops.scan_triton import selective_scan_triton
 

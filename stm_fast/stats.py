@@ -28,23 +28,29 @@ class StatsRequest:
 class DirectionStats:
     """One direction's per-token statistics of a layer, read lazily at token positions.
 
-    Holds what the branch computed anyway, in scan order (the backward branch's run over the flipped
-    sequence): the pre-bias step ``delta_raw`` (batch, E, L), ``bias`` (E,), ``B``, ``C`` (batch, N, L),
+    Holds what the branch computed anyway: in scan order (``flipped``, the default for a backward direction:
+    the branch ran over the flipped sequence) or in position order (a backward scan by index arithmetic,
+    the fused kernel's way): the pre-bias step ``delta_raw`` (batch, E, L), ``bias`` (E,), ``B``, ``C`` (batch, N, L),
     ``A`` (E, N), the SSM output ``y`` (batch, E, L) and its input ``u`` (batch, E, L). Accessors return token-position order; ``*_at``
     read only the requested positions, so a merge step touches a handful of tokens, not the sequence.
     """
 
-    def __init__(self, delta_raw, bias, B, C, A, y, reverse=False, u=None):
+    def __init__(self, delta_raw, bias, B, C, A, y, reverse=False, u=None, flipped=None):
         self.delta_raw, self.bias, self._B, self._C, self.A, self._y = delta_raw, bias, B, C, A, y
         self.reverse, self._u = reverse, u
+        self.flipped = reverse if flipped is None else flipped  # stored in the scan order of a backward run
         self.L = delta_raw.shape[-1]
 
     def _idx(self, pos):
         pos = torch.as_tensor(pos, device=self.delta_raw.device)
-        return self.L - 1 - pos if self.reverse else pos
+        return self.L - 1 - pos if self.flipped else pos
 
     def _full(self, t):
-        return t.flip(-1) if self.reverse else t
+        return t.flip(-1) if self.flipped else t
+
+    def _first(self, t, n):
+        """The first n scan steps of a held (..., L) array, in scan order."""
+        return t[..., self.L - n:].flip(-1) if self.reverse and not self.flipped else t[..., :n]
 
     def _step(self, d_raw):
         """The scan's step softplus(delta + bias) from pre-bias rows (batch, len, E)."""
@@ -68,11 +74,13 @@ class DirectionStats:
     def scan_rows(self, n):
         """softplus(delta + bias) and B of this direction's first n scan steps: (batch, n, E), (batch, n, N).
         The mixer's projections are (batch, L, channels) in memory, so these are slices, not gathers."""
+        if self.reverse and not self.flipped:
+            return self._step(self._first(self.delta_raw, n).transpose(1, 2)), self._first(self._B, n).transpose(1, 2)
         return self._step(self.delta_raw.transpose(1, 2)[:, :n]), self._B.transpose(1, 2)[:, :n]
 
     def first_B(self, n):
         """B of the first n scan steps, step-major: (n, batch, N)."""
-        return self._B[..., :n].permute(2, 0, 1)
+        return self._first(self._B, n).permute(2, 0, 1)
 
     def C_at(self, pos):
         return self._C.index_select(-1, self._idx(pos))
@@ -94,6 +102,11 @@ class DirectionStats:
         return self._full(self._y)
 
     @property
+    def y_in_scan_order(self):
+        """The SSM output in this direction's scan order (backward: position L-1 first)."""
+        return self._y.flip(-1) if self.reverse and not self.flipped else self._y
+
+    @property
     def u(self):
         """The scan's input (SiLU of the causal conv), (batch, E, L) in position order, when the layer kept it."""
         return None if self._u is None else self._full(self._u)
@@ -110,6 +123,7 @@ class LayerStats:
     backward: DirectionStats
     first_steps: tuple | None = None
     output: torch.Tensor | None = None  # the mixer output (batch, L, d), when requested
+    scan_backend: str | None = None  # "fused" when the fused CPU kernel ran (and exported first_steps)
 
     def direction(self, forward: bool) -> DirectionStats:
         return self.forward if forward else self.backward

@@ -171,8 +171,11 @@ class MambaMixer(nn.Module):
                 dt_proj.bias.copy_(dt + torch.log(-torch.expm1(-dt)))
 
     def branch(self, x, z, conv, x_proj, dt_proj, A_log, Dp, decay_scale=None, first=None, keep=False,
-               reverse=False):
+               reverse=False, fused=False):
         """One direction on (batch, E, L) inputs in scan order: conv + SiLU, projections, selective scan.
+        With ``fused`` (the scan runs on the fused CPU kernel) the kernel's own conv is used and a backward
+        direction (``reverse``) takes its inputs in position order: conv and scan run backward by index
+        arithmetic, so no flipped copy is made, and y and the statistics stay in position order.
 
         x and z are (batch, E, L) views of channel-last (batch, L, E) memory, as the input projection makes
         them; every step keeps that layout (the conv as shifted multiply-adds, the projections on contiguous
@@ -183,9 +186,8 @@ class MambaMixer(nn.Module):
         ``decay_scale`` (batch, L): multiplies delta in Abar only (hidden-state alignment of pruned
         sequences, ToP-ViM); None for the plain model. ``first``: a ``FirstSteps`` request for the scan.
         """
-        fused = self.scan_backend != "torch" and resolve_backend(self.scan_backend, x.device, compute_dtype(A_log),
-                                                                  torch.is_grad_enabled() and A_log.requires_grad) == "fused"
-        x = causal_conv1d(x, conv.weight, conv.bias, fused=fused)  # the fused kernel's own conv goes with its scan
+        natural = reverse and fused
+        x = causal_conv1d(x, conv.weight, conv.bias, fused=fused, reverse=natural)
         x_dbl = x_proj(x.transpose(1, 2))  # (batch, L, R + 2N)
         dt, B, C = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=-1)
         delta = F.linear(dt, dt_proj.weight).transpose(1, 2)  # bias goes in as delta_bias, as upstream
@@ -196,11 +198,19 @@ class MambaMixer(nn.Module):
         bias = dt_proj.bias.to(ct)
         if decay_scale is None:
             y = selective_scan(x, delta, A, B, C, Dp.to(ct), z=z, delta_bias=bias, delta_softplus=True,
-                               backend=self.scan_backend, first_steps=first)
+                               backend=self.scan_backend, first_steps=first, reverse=natural)
         else:
             d = F.softplus(delta.transpose(1, 2).to(ct) + bias).transpose(1, 2)
-            y = selective_scan(x, d, A, B, C, Dp.to(ct), z=z, decay_scale=decay_scale, backend=self.scan_backend)
-        return y, (DirectionStats(delta, bias, B, C, A, y, reverse=reverse, u=x) if keep else None)
+            y = selective_scan(x, d, A, B, C, Dp.to(ct), z=z, decay_scale=decay_scale, backend=self.scan_backend,
+                               reverse=natural)
+        stats = DirectionStats(delta, bias, B, C, A, y, reverse=reverse, u=x, flipped=reverse and not natural)
+        return y, (stats if keep else None)
+
+    def _uses_fused(self, x, needs_grad):
+        """Whether this call's scans run on the fused CPU kernel (which then also does the conv)."""
+        if self.scan_backend == "torch" or x.device.type != "cpu":
+            return False
+        return resolve_backend(self.scan_backend, x.device, compute_dtype(self.A_log), needs_grad) == "fused"
 
     def _first_steps_buffers(self, x, n):
         """One buffer per quantity for both directions' first n steps (delta, Abar, B; step-major, forward
@@ -221,16 +231,25 @@ class MambaMixer(nn.Module):
         needs_grad = torch.is_grad_enabled() and self.A_log.requires_grad
         export = keep and request.first_steps and exports_first_steps(self.scan_backend, x.device, needs_grad)
         bufs, first = self._first_steps_buffers(x, request.first_steps) if export else (None, (None, None))
-        y_f, st_f = self.branch(x, z, self.conv1d, self.x_proj, self.dt_proj, self.A_log, self.D, sf, first[0], keep)
-        xb, zb = (t.transpose(1, 2) for t in xz.flip(1).chunk(2, dim=-1))  # one flipped copy, still channel-last
+        fused = self._uses_fused(x, needs_grad)
+        y_f, st_f = self.branch(x, z, self.conv1d, self.x_proj, self.dt_proj, self.A_log, self.D, sf, first[0], keep,
+                                fused=fused)
+        if fused:  # the backward direction by index arithmetic, in position order
+            xb, zb = x, z
+        else:  # one flipped copy, still channel-last; the backward branch runs in scan order
+            xb, zb = (t.transpose(1, 2) for t in xz.flip(1).chunk(2, dim=-1))
+            sb = None if sb is None else sb.flip(-1)
         y_b, st_b = self.branch(xb, zb, self.conv1d_b, self.x_proj_b, self.dt_proj_b, self.A_b_log, self.D_b,
-                                None if sb is None else sb.flip(-1), first[1], keep, reverse=True)
+                                sb, first[1], keep, reverse=True, fused=fused)
         stats = None
         if keep:
             exported = bufs is not None and first[0].filled and first[1].filled
             with_B = exported and first[0].B is not None and first[1].B is not None
-            stats = LayerStats(st_f, st_b, (bufs if with_B else bufs[:2] + (None,)) if exported else None)
-        y = y_b.transpose(1, 2).flip(1).add_(y_f.transpose(1, 2)).mul_(0.5)  # (y_f + flip(y_b)) / 2, (batch, L, E) rows
+            stats = LayerStats(st_f, st_b, (bufs if with_B else bufs[:2] + (None,)) if exported else None,
+                               scan_backend="fused" if fused else None)
+        y_b = y_b.transpose(1, 2) if fused else y_b.transpose(1, 2).flip(1)  # (batch, L, E) rows, position order
+        # in place only into a buffer nobody else holds: kept statistics refer to the fused path's y_b
+        y = (y_b + y_f.transpose(1, 2) if fused and keep else y_b.add_(y_f.transpose(1, 2))).mul_(0.5)
         out = self.out_proj(y)
         if keep and request.output:
             stats.output = out

@@ -56,9 +56,10 @@ def test_default_run_reports_mean_and_range_over_three_models(tmp_path):
     base = {r["model"]: r["top1"] for r in records if r["method"] == "none"}
     assert all(v >= 95 for v in base.values())
     table = open(os.path.join(out, "table.md")).read()
-    assert "mean [min-max] over 3 models" in table and "stm (sides=left)" in table
+    assert "mean [min, max] over models (digits-seed0, digits-seed1, digits-seed2)" in table
+    assert "stm (one side (left), lsq weights)" in table
     # one meaning of a schedule everywhere: tokens removed after each layer in total (1 per side here)
     assert ev.main(["--out", str(tmp_path / "s"), "--methods", "stm", "--schedule", "2", "--quiet"]) == 0
     sched = [r for r in json.load(open(os.path.join(tmp_path / "s", "results.json"))) if r["method"] == "stm"]
     assert sched and all(r["schedule"] == 2 and r["tokens_per_layer"][1] == 63 for r in sched)
-    assert "| stm | schedule 2 |" in open(os.path.join(tmp_path / "s", "table.md")).read()
+    assert "| **stm (both sides, lsq weights)** | schedule 2 |" in open(os.path.join(tmp_path / "s", "table.md")).read()

@@ -4,7 +4,7 @@ reported rate against the tokens each layer receives).
 
 Each mutant wraps one function where the fast path calls it: a scan backend's output, STM's weights and its
 merge, ToMe's merge, ToP's alignment scale, EViT's importances and its fused token, the schedule solver's
-achieved rate, and the fused CPU kernel's output. The properties run on ``coverage_cases()`` (every method and option, fixed) and then on a
+achieved rate, and the fused CPU kernel's output and its STM weights. The properties run on ``coverage_cases()`` (every method and option, fixed) and then on a
 short Hypothesis search. ``test_unmutated_properties_pass`` is the control. The mutants caught are listed by
 ``pytest tests/test_mutations_fast.py -v`` (one test id each).
 """
@@ -15,6 +15,7 @@ from hypothesis import Phase, settings
 
 import stm_fast.reduction as reduction_pkg
 from stm_fast import ssm
+from stm_fast.ops import scan_fused
 from stm_fast.reduction import evit, stm, tome, top
 from verify import test_fast_path as fast_props
 
@@ -74,6 +75,7 @@ def RATE():
 CASES = {  # name: (module, attribute, mutation, property)
     "torch scan output": (ssm, "scan_inference", _first_output, F64),
     "fused scan output": (ssm, "_fused", _first_output, F64_FUSED),
+    "fused STM weights": (scan_fused, "ends_lsq_weights", _first_output, F64_FUSED),
     "STM weights (ends plan)": (stm, "ends_weights", _first_output, F64),
     "STM weights (other plans)": (stm, "token_weights", _first_output, F64),
     "STM merge (ends plan)": (stm, "merge_ends", _first_output, F64),

@@ -355,3 +355,32 @@ def test_without_a_compiler_the_cpu_path_says_one_line_and_runs_on_torch(tmp_pat
     assert out.stdout.split() == ["torch", "0.0"]
     said = [line for line in out.stderr.splitlines() if line.startswith("stm_fast:")]
     assert len(said) == 1 and "fused" in said[0] and "/nonexistent/g++" in said[0] and "not found" in said[0], out.stderr
+
+
+@pytest.mark.parametrize("backend", [b for b in CPU_BACKENDS if b != "triton"])
+def test_reverse_scan_is_the_scan_of_the_flipped_sequence(backend):
+    """``reverse=True`` scans t = L-1 .. 0: y equals the float64 reference on time-flipped inputs, flipped
+    back, with a decay_scale too; its first steps are those of the flipped scan (the backward direction's)."""
+    rng = np.random.default_rng(3)
+    kw = dict(u=rng.standard_normal((2, 6, 13)), delta=rng.uniform(-2, 1, (2, 6, 13)), A=-rng.uniform(0.5, 4, (6, 4)),
+              B=rng.standard_normal((2, 4, 13)), C=rng.standard_normal((2, 4, 13)), D=rng.standard_normal(6),
+              z=rng.standard_normal((2, 6, 13)), delta_bias=rng.standard_normal(6), delta_softplus=True)
+    flipped = {k: (v[..., ::-1].copy() if k in ("u", "delta", "B", "C", "z") else v) for k, v in kw.items()}
+    want = ssm.selective_scan(**flipped)[..., ::-1]
+    t = {k: torch.as_tensor(v) if isinstance(v, np.ndarray) else v for k, v in kw.items()}
+    first = FirstSteps(3)
+    with torch.inference_mode():
+        y = fast.selective_scan(**t, backend=backend, reverse=True, first_steps=first)
+    np.testing.assert_allclose(y.numpy(), want, rtol=1e-12, atol=1e-12)
+    if first.filled:
+        dt = ssm.softplus(flipped["delta"] + kw["delta_bias"][None, :, None])[:, :, :3].transpose(2, 0, 1)
+        np.testing.assert_allclose(first.delta.numpy(), dt, rtol=1e-12)
+    scale = rng.uniform(0.5, 2, (2, 13))
+    d = ssm.softplus(kw["delta"] + kw["delta_bias"][None, :, None])
+    plain = {k: v for k, v in kw.items() if k not in ("delta", "delta_bias", "delta_softplus")}
+    want = ssm.selective_scan(**{k: (v[..., ::-1].copy() if k in ("u", "B", "C", "z") else v) for k, v in plain.items()},
+                              delta=d[..., ::-1].copy(), decay_scale=scale[:, ::-1].copy())[..., ::-1]
+    with torch.inference_mode():
+        y = fast.selective_scan(**{k: torch.as_tensor(v) for k, v in plain.items()}, delta=torch.as_tensor(d),
+                                decay_scale=torch.as_tensor(scale), backend=backend, reverse=True)
+    np.testing.assert_allclose(y.numpy(), want, rtol=1e-12, atol=1e-12)

@@ -351,23 +351,51 @@ print(errs[0], errs[1])
 def conv_cases(draw):
     E = draw(st.one_of(st.integers(1, 40), st.sampled_from([15, 16, 17, 31, 32, 33])))
     L, K = draw(st.integers(1, 60)), draw(st.integers(1, 5))
-    return E, L, K, draw(st.booleans()), draw(st.booleans()), draw(st.integers(0, 2**32 - 1))
+    return E, L, K, draw(st.booleans()), draw(st.booleans()), draw(st.booleans()), draw(st.integers(0, 2**32 - 1))
 
 
 @settings(max_examples=40)
 @given(conv_cases())
 def test_fused_conv_matches_reference(case):
     """The one-pass causal conv (+ SiLU) equals stm_ref.vim.causal_conv1d in float64 (1e-12) and float32
-    (2e-6 of the scale), on x held as half of wider rows (the mixer's view of in_proj's output)."""
-    E, L, K, with_bias, act, seed = case
+    (2e-6 of the scale), on x held as half of wider rows (the mixer's view of in_proj's output); reversed,
+    it equals the reference's conv of the time-flipped sequence, flipped back."""
+    E, L, K, with_bias, act, reverse, seed = case
     rng = np.random.default_rng(seed)
     rows = rng.standard_normal((2, L, 2 * E))
     w, b = rng.standard_normal((E, 1, K)), rng.standard_normal(E) if with_bias else None
-    want = np.stack([ref.silu(v) if act else v for v in
-                     (ref_vim.causal_conv1d(rows[i, :, :E].T, w, b if with_bias else np.zeros(E)) for i in range(2))])
+    seq = (lambda a: a[:, ::-1]) if reverse else (lambda a: a)  # noqa: E731
+    want = np.stack([seq(ref.silu(v) if act else v) for v in
+                     (ref_vim.causal_conv1d(seq(rows[i, :, :E].T), w, b if with_bias else np.zeros(E)) for i in range(2))])
     for dtype, tol in ((torch.float64, 1e-12), (torch.float32, 2e-6)):
         x = torch.tensor(rows, dtype=dtype)[:, :, :E].transpose(1, 2)  # (2, E, L), channel stride 1
         y = scan_fused.causal_conv_silu(x, torch.tensor(w, dtype=dtype),
-                                        None if b is None else torch.tensor(b, dtype=dtype), act)
+                                        None if b is None else torch.tensor(b, dtype=dtype), act, reverse)
         assert y.shape == (2, E, L) and y.dtype == dtype and (y.stride(1) == 1 or E == 1)
         assert rel_err(y, want) <= tol
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("norm", [False, True])
+def test_ends_weights_equal_their_torch_twin(dtype, norm):
+    """STM's lsq weights from exported first steps (eq. 11): the extension's one call equals
+    stm_fast.merge._lsq_from_first_steps (float64 1e-12; float32 within a few ulps of the weights' scale),
+    and leaves the Abar buffer as it found it."""
+    from stm_fast.merge import _lsq_from_first_steps
+
+    rng = np.random.default_rng(15)
+    n, S, batch, N, E, r = 5, 2, 3, 16, 37, 4
+    d = torch.tensor(rng.uniform(0.01, 1, (n, S, batch, E)), dtype=dtype)
+    abar = torch.tensor(rng.uniform(0.3, 1, (n, S, batch, N, E)), dtype=dtype)
+    B = torch.tensor(rng.standard_normal((n, S, batch, N)), dtype=dtype)
+    kept = abar.clone()
+    got = scan_fused.ends_lsq_weights(d, abar, B, r, norm)
+    assert torch.equal(abar, kept)
+    a = abar.clone()
+    rows = a.unbind(0)
+    for j in range(r - 1, 0, -1):
+        torch.mul(rows[j], rows[j + 1], out=rows[j])
+    want = _lsq_from_first_steps(a[1:r + 1], d, B, r, "lsq_norm" if norm else "lsq").permute(1, 2, 0)
+    assert got.shape == (S, batch, r)
+    tol = 1e-12 if dtype == torch.float64 else 1e-5
+    assert float((got - want).abs().max() / want.abs().max()) <= tol

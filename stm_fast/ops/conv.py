@@ -40,7 +40,7 @@ def kernel_suits(x, K) -> bool:
     return ok
 
 
-def causal_conv1d(x, weight, bias=None, activation=True, fused=False):
+def causal_conv1d(x, weight, bias=None, activation=True, fused=False, reverse=False):
     """y_t = silu(sum_k weight[:, k] x_{t-K+1+k} + bias) over (batch, channels, L), zero history before t=0.
 
     ``weight``: (channels, 1, K) as nn.Conv1d stores it (or (channels, K)). Uses causal-conv1d's CUDA
@@ -48,7 +48,11 @@ def causal_conv1d(x, weight, bias=None, activation=True, fused=False):
     passes it); with ``fused`` (the mixer's scan runs on the fused CPU kernel) the same extension's
     one-pass conv for float32/float64 channel-last input without gradients; else torch's conv1d with left
     padding, or K shifted multiply-adds when x is channel-last in memory (``x.stride(1) == 1``, Vim's mixer).
+    ``reverse``: the conv of the time-reversed sequence, indexed by t (y_t reads x_t .. x_{t+K-1}), what a
+    backward scan over the unflipped sequence needs.
     """
+    if reverse and not (fused and _fused_suits(x, weight, bias)):
+        return causal_conv1d(x.flip(-1), weight, bias, activation).flip(-1)
     w = weight if weight.dim() == 2 else weight[:, 0, :]
     K = w.shape[-1]
     if kernel_suits(x, K):
@@ -58,7 +62,7 @@ def causal_conv1d(x, weight, bias=None, activation=True, fused=False):
     if fused and _fused_suits(x, weight, bias):
         from .scan_fused import causal_conv_silu
 
-        return causal_conv_silu(x, w, bias, activation)
+        return causal_conv_silu(x, w, bias, activation, reverse)
     w = w.to(x.dtype)
     if x.shape[1] > 1 and channel_last(x):
         return _taps_channel_last(x, w, bias, activation)
@@ -67,8 +71,10 @@ def causal_conv1d(x, weight, bias=None, activation=True, fused=False):
 
 
 def _fused_suits(x, weight, bias) -> bool:
-    """Whether the fused CPU conv takes this call: CPU, float32/64, channel-last, no gradient needed."""
+    """Whether the fused CPU conv takes this call: CPU, float32/64, channel-last, at most 8 taps, no gradient."""
     if x.device.type != "cpu" or x.dtype not in (torch.float32, torch.float64) or x.dim() != 3 or x.stride(1) != 1:
+        return False
+    if weight.shape[-1] > 8:  # the kernel keeps at most 8 taps in registers
         return False
     return not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias)))
 

@@ -30,7 +30,7 @@ from ..runtime import compute_dtype
 from .common import bc_layout, check_scan_args
 
 __all__ = ["available", "selective_scan_fused", "build_info", "build_dir", "exp2_decays_into",
-           "causal_conv_silu"]
+           "causal_conv_silu", "ends_lsq_weights"]
 
 _SOURCE = Path(__file__).with_name("csrc") / "selective_scan_cpu.cpp"
 _lock = threading.Lock()
@@ -257,11 +257,12 @@ def exp2_decays_into(x: torch.Tensor, out: torch.Tensor, repeats: int = 1) -> No
 
 
 def causal_conv_silu(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
-                     activation: bool = True) -> torch.Tensor:
+                     activation: bool = True, reverse: bool = False) -> torch.Tensor:
     """Mamba's causal depthwise conv (+ SiLU) in one pass, on CPU, inference only (twin of
     ``stm_ref.vim.causal_conv1d``): x (batch, E, L) held channel-last (``x.stride(1) == 1``), weight (E, K)
     or (E, 1, K), bias (E,); y_t = silu(bias + sum_k weight[:, k] x_{t-K+1+k}), returned (batch, E, L) in
-    x's dtype (float32/float64) and channel-last layout."""
+    x's dtype (float32/float64) and channel-last layout. ``reverse``: the conv of the time-reversed sequence,
+    indexed by t (y_t = silu(bias + sum_k weight[:, k] x_{t+K-1-k})), as a backward scan reads it."""
     ok, reason = available()
     if not ok:
         raise RuntimeError(f"selective_scan_fused is unavailable: {reason}")
@@ -275,5 +276,19 @@ def causal_conv_silu(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch
     rows = x.transpose(1, 2)
     y = torch.empty(rows.shape, dtype=x.dtype)
     _state["module"].causal_conv_silu(rows, w.t().to(x.dtype).contiguous(),
-                                      None if bias is None else bias.to(x.dtype).contiguous(), bool(activation), y)
+                                      None if bias is None else bias.to(x.dtype).contiguous(), bool(activation),
+                                      bool(reverse), y)
     return y.transpose(1, 2)
+
+
+def ends_lsq_weights(d: torch.Tensor, abar: torch.Tensor, B: torch.Tensor, r: int, norm: bool = False) -> torch.Tensor:
+    """STM's ``lsq`` (``norm``: ``lsq_norm``) weights of the ``ends`` plan, (S, batch, r) in scan order, from the
+    first steps the kernel exported: d (n, S, batch, E), abar (n, S, batch, N, E), B (n, S, batch, N),
+    contiguous, n > r (eq. 11; twin of ``stm_fast.merge._lsq_from_first_steps``, which overwrites abar with
+    the suffix products; this leaves it untouched)."""
+    ok, reason = available()
+    if not ok:
+        raise RuntimeError(f"selective_scan_fused is unavailable: {reason}")
+    w = torch.empty(d.shape[1], d.shape[2], r, dtype=d.dtype)
+    _state["module"].ends_lsq_weights(d, abar, B, int(r), bool(norm), w)
+    return w

@@ -71,7 +71,8 @@ class ToPReleased(PruningMethod):
     def step(self, i, k, x, tokens, stats):
         N = x.shape[1]
         c, keep = N // 2, N - k  # the released code's class index and the tokens it keeps
-        score = stats.backward._y.sum(dim=1).to(torch.promote_types(x.dtype, torch.float32))  # scan order
+        score = stats.backward.y_in_scan_order.sum(dim=1)  # scan order, as released
+        score = score.to(torch.promote_types(x.dtype, torch.float32))
         score[0, c] = float("-inf")  # the first image only (the released indexing)
         chosen = score.topk(keep - 1, dim=1).indices.sort(dim=1).values  # scan indices used as positions
         middle = (keep - 1) // 2

@@ -569,36 +569,46 @@ void selective_scan_fwd(const at::Tensor& u, const at::Tensor& delta, const at::
 }
 
 // Mamba's short causal convolution, then SiLU, over channel-last rows (twin: stm_ref.vim.causal_conv1d):
-// y[b, t, :] = silu(bias + sum_k w[k, :] * x[b, t - K + 1 + k, :]), zero history before t = 0. One pass
-// over x (the torch path makes K + 1); x may be a strided view of rows (the mixer's half of in_proj's
-// output), y is contiguous (batch, L, E).
+// y[b, t, :] = silu(bias + sum_k w[k, :] * x[b, t - K + 1 + k, :]), zero history before t = 0; reverse:
+// the same over the time-reversed sequence, y[b, t] = silu(bias + sum_k w[k] x[b, t + K - 1 - k]), zero
+// after t = L - 1 (the backward direction without a flipped copy). One pass over x (the torch path makes
+// K + 1); x may be a strided view of rows (the mixer's half of in_proj's output), y is contiguous.
+constexpr int64_t kMaxTaps = 8;  // the window kept in registers; Mamba's convolutions have 4 taps
+
+// One task = (batch item, block of lanes<T>() channels), walking t in scan order with the last K inputs in a
+// register window: every input is loaded once and every output stored once.
 template <typename T>
 void conv_rows(const T* x, int64_t xsb, int64_t xst, const T* w, const T* bias, T* y, int64_t batch, int64_t L,
-               int64_t E, int64_t K, bool silu) {
-  const int64_t block = lanes<T>();
-  at::parallel_for(0, batch * L, 16, [&](int64_t begin, int64_t end) {
-    Vec<T> acc[kVecs], xv[kVecs], wv[kVecs], unused[kVecs];
-    for (int64_t row = begin; row < end; ++row) {
-      const int64_t b = row / L, t = row % L;
-      for (int64_t d0 = 0; d0 < E; d0 += block) {
-        const int64_t nd = std::min(block, E - d0);
-        if (bias) load_lanes(bias + d0, 1, nd, acc);
-        else
-          for (int k = 0; k < kVecs; ++k) acc[k] = Vec<T>(T(0));
-        for (int64_t j = std::max<int64_t>(0, K - 1 - t); j < K; ++j) {
-          load_lanes(x + b * xsb + (t - K + 1 + j) * xst + d0, 1, nd, xv);
-          load_lanes(w + j * E + d0, 1, nd, wv);
-          for (int k = 0; k < kVecs; ++k) acc[k] = at::vec::fmadd(wv[k], xv[k], acc[k]);
-        }
+               int64_t E, int64_t K, bool silu, bool reverse) {
+  const int64_t block = lanes<T>(), blocks = (E + block - 1) / block;
+  at::parallel_for(0, batch * blocks, 1, [&](int64_t begin, int64_t end) {
+    Vec<T> win[kMaxTaps][kVecs], wv[kMaxTaps][kVecs], b0[kVecs], acc[kVecs], unused[kVecs];
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t b = task / blocks, d0 = (task % blocks) * block, nd = std::min(block, E - d0);
+      for (int64_t j = 0; j < K; ++j) {
+        load_lanes(w + j * E + d0, 1, nd, wv[j]);
+        for (int k = 0; k < kVecs; ++k) win[j][k] = Vec<T>(T(0));  // zero history
+      }
+      if (bias) load_lanes(bias + d0, 1, nd, b0);
+      else
+        for (int k = 0; k < kVecs; ++k) b0[k] = Vec<T>(T(0));
+      for (int64_t s = 0; s < L; ++s) {
+        const int64_t t = reverse ? L - 1 - s : s;
+        for (int64_t j = 0; j + 1 < K; ++j)  // win[j] holds the input K - 1 - j steps back in scan order
+          for (int k = 0; k < kVecs; ++k) win[j][k] = win[j + 1][k];
+        load_lanes(x + b * xsb + t * xst + d0, 1, nd, win[K - 1]);
+        for (int k = 0; k < kVecs; ++k) acc[k] = b0[k];
+        for (int64_t j = 0; j < K; ++j)
+          for (int k = 0; k < kVecs; ++k) acc[k] = at::vec::fmadd(wv[j][k], win[j][k], acc[k]);
         if (silu) activations<T, false, true>(unused, acc);
-        store_lanes(y + row * E + d0, 1, nd, acc);
+        store_lanes(y + (b * L + t) * E + d0, 1, nd, acc);
       }
     }
   });
 }
 
 void causal_conv_silu(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& bias,
-                      bool silu, const at::Tensor& y) {
+                      bool silu, bool reverse, const at::Tensor& y) {
   TORCH_CHECK(x.dim() == 3 && x.stride(2) == 1 && w.dim() == 2 && w.is_contiguous() && w.size(1) == x.size(2) &&
                   y.is_contiguous() && y.sizes() == x.sizes(),
               "causal_conv_silu: x (batch, L, E) rows with contiguous channels, w (K, E), y like x");
@@ -606,8 +616,76 @@ void causal_conv_silu(const at::Tensor& x, const at::Tensor& w, const std::optio
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "causal_conv_silu", [&] {
     const scalar_t* b = bias ? bias->data_ptr<scalar_t>() : nullptr;
     TORCH_CHECK(!bias || (bias->is_contiguous() && bias->numel() == x.size(2)), "causal_conv_silu: bias (E,)");
+    TORCH_CHECK(w.size(0) <= kMaxTaps, "causal_conv_silu: at most ", kMaxTaps, " taps");
     conv_rows<scalar_t>(x.data_ptr<scalar_t>(), x.stride(0), x.stride(1), w.data_ptr<scalar_t>(), b,
-                        y.data_ptr<scalar_t>(), x.size(0), x.size(1), x.size(2), w.size(0), silu);
+                        y.data_ptr<scalar_t>(), x.size(0), x.size(1), x.size(2), w.size(0), silu, reverse);
+  });
+}
+
+// sum_e a[e] * b[e] * c[e] (c may be null: then sum_e a[e] * b[e]).
+template <typename T>
+T dot3(const T* a, const T* b, const T* c, int64_t n) {
+  constexpr int64_t W = Vec<T>::size();
+  Vec<T> acc(T(0));
+  int64_t e = 0;
+  for (; e + W <= n; e += W) {
+    const Vec<T> ab = Vec<T>::loadu(a + e) * Vec<T>::loadu(b + e);
+    acc = c ? at::vec::fmadd(ab, Vec<T>::loadu(c + e), acc) : acc + ab;
+  }
+  alignas(64) T lanes_out[W];
+  acc.store(lanes_out);
+  T sum = T(0);
+  for (int64_t k = 0; k < W; ++k) sum += lanes_out[k];
+  for (; e < n; ++e) sum += a[e] * b[e] * (c ? c[e] : T(1));
+  return sum;
+}
+
+// STM's lsq weights of the ends plan (eq. 11; docs/conventions.md §4) from the scan's exported first steps,
+// twin of stm_fast.merge._lsq_from_first_steps: d (n, S, batch, E), abar (n, S, batch, N, E), B (n, S, batch, N)
+// contiguous, n > r; w (S, batch, r): w_j = <P_j * Bbar_j, Bbar_r>_F / |Bbar_r|_F^2 with Bbar = d (x) B and
+// P_j = Abar_{j+1} ... Abar_r, formed from j = r - 1 down (one product per step, in a per-task buffer).
+template <typename T>
+void ends_lsq(const T* d, const T* abar, const T* B, T* w, int64_t S, int64_t batch, int64_t N, int64_t E,
+              int64_t r, bool norm) {
+  const int64_t lanes = S * batch;
+  at::parallel_for(0, lanes, 1, [&](int64_t begin, int64_t end) {
+    std::vector<T> P(N * E), de(E);
+    for (int64_t sb = begin; sb < end; ++sb) {
+      const T* dq = d + (r * lanes + sb) * E;
+      const T* Bq = B + (r * lanes + sb) * N;
+      T den = dot3<T>(dq, dq, nullptr, E) * dot3<T>(Bq, Bq, nullptr, N);
+      den = std::max(den, std::numeric_limits<T>::min());  // 0 only if Bbar_r = 0, and then every num is 0
+      std::copy(abar + (r * lanes + sb) * N * E, abar + (r * lanes + sb + 1) * N * E, P.begin());
+      for (int64_t j = r - 1; j >= 0; --j) {
+        const T* dj = d + (j * lanes + sb) * E;
+        const T* Bj = B + (j * lanes + sb) * N;
+        for (int64_t e = 0; e < E; ++e) de[e] = dj[e] * dq[e];
+        T num = T(0);
+        for (int64_t n = 0; n < N; ++n) num += Bj[n] * Bq[n] * dot3<T>(P.data() + n * E, de.data(), nullptr, E);
+        T wj = num / den;
+        w[sb * r + j] = norm ? std::min(std::max(wj, T(0)), T(1)) : wj;
+        if (j > 0) {
+          const T* aj = abar + (j * lanes + sb) * N * E;
+          for (int64_t i = 0; i < N * E; ++i) P[i] *= aj[i];
+        }
+      }
+    }
+  });
+}
+
+void ends_lsq_weights(const at::Tensor& d, const at::Tensor& abar, const at::Tensor& B, int64_t r, bool norm,
+                      const at::Tensor& w) {
+  TORCH_CHECK(d.dim() == 4 && abar.dim() == 5 && B.dim() == 4 && w.dim() == 3 && d.is_contiguous() &&
+                  abar.is_contiguous() && B.is_contiguous() && w.is_contiguous() && r >= 1 && d.size(0) > r &&
+                  abar.size(0) >= d.size(0) && B.size(0) >= d.size(0) && w.size(0) == d.size(1) &&
+                  w.size(1) == d.size(2) && w.size(2) == r,
+              "ends_lsq_weights: d (n, S, batch, E), abar (n, S, batch, N, E), B (n, S, batch, N) contiguous, n > r, "
+              "w (S, batch, r)");
+  for (const at::Tensor* t : {&d, &abar, &B, &w})
+    TORCH_CHECK(t->device().is_cpu() && t->scalar_type() == d.scalar_type(), "ends_lsq_weights: CPU tensors of one dtype");
+  AT_DISPATCH_FLOATING_TYPES(d.scalar_type(), "ends_lsq_weights", [&] {
+    ends_lsq<scalar_t>(d.data_ptr<scalar_t>(), abar.data_ptr<scalar_t>(), B.data_ptr<scalar_t>(),
+                       w.data_ptr<scalar_t>(), d.size(1), d.size(2), abar.size(3), d.size(3), r, norm);
   });
 }
 
@@ -657,6 +735,7 @@ TORCH_LIBRARY(TORCH_EXTENSION_NAME, m) {
         "Tensor(c!)? out_dt, Tensor(d!)? out_abar, Tensor(e!)? out_B, int n_first) -> ()",
         &selective_scan_fwd);
   m.def("build_info() -> str", &build_info);
-  m.def("causal_conv_silu(Tensor x, Tensor w, Tensor? bias, bool silu, Tensor(a!) y) -> ()", &causal_conv_silu);
+  m.def("ends_lsq_weights(Tensor d, Tensor abar, Tensor B, int r, bool norm, Tensor(a!) w) -> ()", &ends_lsq_weights);
+  m.def("causal_conv_silu(Tensor x, Tensor w, Tensor? bias, bool silu, bool reverse, Tensor(a!) y) -> ()", &causal_conv_silu);
   m.def("exp2_decays_into(Tensor x, Tensor(a!) out, int repeats) -> ()", &exp2_decays_into);
 }
