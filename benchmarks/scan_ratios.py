@@ -1,6 +1,6 @@
 """Interleaved timing of the scan backends at one model's shapes, with Vim's options and layout.
 
-    python benchmarks/scan_ratios.py [--model vim_tiny] [--batch 8] [--rounds 9] [--backends fused torch loop]
+    python -m benchmarks.scan_ratios [--model vim_tiny] [--batch 8] [--rounds 9] [--backends fused torch loop]
 
 Each round times every backend once, in a rotating order (inputs as Vim's mixer hands them over:
 channel-last rows; delta_bias, softplus, D, z), float32, under inference mode. Printed: each backend's

@@ -260,7 +260,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="architecture override (" + ", ".join(OVERRIDES) + "); repeatable")
     ap.add_argument("--list", action="store_true", help="list the models and methods, then exit")
     ap.add_argument("--no-self-check", action="store_true",
-                    help="skip the check that the scan backend agrees with the torch backend (stm_fast/selfcheck.py)")
+                    help="skip the check that each scan backend matches a float64 reference within the float32 torch "
+                         "backend's own error (stm_fast/selfcheck.py)")
     return ap
 
 

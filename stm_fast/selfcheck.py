@@ -26,7 +26,8 @@ SLACK = 4.0  # a correct float32 kernel's error is about the torch backend's (0.
 
 
 class SelfCheckFailed(RuntimeError):
-    """The backend a run would use disagrees with the torch backend: its numbers would be wrong."""
+    """The backend a run would use is further from the float64 reference than its allowance: its numbers
+    would be wrong."""
 
 
 def _outputs(model, x, reduction):

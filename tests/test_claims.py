@@ -36,6 +36,21 @@ def test_the_difference_and_its_interval_are_in_points_and_cover_the_difference(
     assert paired_difference(a, b) == s, "a fixed seed: reruns give identical numbers"
 
 
+def test_the_interval_is_scipys_paired_bootstrap_of_the_two_accuracies():
+    """Resampling the per-image differences is the paired bootstrap of mean(a) - mean(b): scipy's own
+    paired two-sample form gives the same interval up to resampling noise (a few tenths of a point here)."""
+    from scipy import stats
+    rng = np.random.default_rng(3)
+    a = (rng.random(360) < 0.85).astype(float)
+    b = np.where(rng.random(360) < 0.15, 1 - a, a)
+    s = paired_difference(a, b)
+    ref = stats.bootstrap((a, b), lambda x, y, axis=-1: 100 * (x.mean(axis) - y.mean(axis)), paired=True,
+                          vectorized=True, n_resamples=9999, method="percentile", random_state=np.random.default_rng(7))
+    assert s["ci_low"] == pytest.approx(ref.confidence_interval.low, abs=0.6)
+    assert s["ci_high"] == pytest.approx(ref.confidence_interval.high, abs=0.6)
+    assert s["ci_high"] - s["ci_low"] > 2.0, "not a degenerate interval"
+
+
 def test_mcnemar_counts_only_the_discordant_images():
     """30 images both right, 10 both wrong: they do not move the p-value; 6 vs 2 discordant pairs do."""
     a = np.array([1] * 30 + [0] * 10 + [1] * 6 + [0] * 2)

@@ -25,6 +25,10 @@ def _mean_difference(x, y, axis=-1):
     return 100.0 * (np.mean(x, axis=axis) - np.mean(y, axis=axis))
 
 
+def _mean_points(d, axis=-1):
+    return 100.0 * np.mean(d, axis=axis)
+
+
 def paired_difference(a, b, seed: int = SEED, n_resamples: int = RESAMPLES) -> dict:
     """{diff, ci_low, ci_high, p_value, n_images, discordant} of accuracy(a) - accuracy(b), in points."""
     a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
@@ -39,7 +43,9 @@ def paired_difference(a, b, seed: int = SEED, n_resamples: int = RESAMPLES) -> d
     else:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", category=stats.DegenerateDataWarning)
-            res = stats.bootstrap((a, b), _mean_difference, paired=True, vectorized=True, confidence_level=0.95,
+            # resampling images in pairs and taking mean(a) - mean(b) is resampling the per-image differences
+            # and taking their mean: the same bootstrap, with one gather instead of an index and two (5x faster)
+            res = stats.bootstrap((a - b,), _mean_points, vectorized=True, confidence_level=0.95,
                                   n_resamples=n_resamples, method="percentile", random_state=np.random.default_rng(seed))
         low, high = float(res.confidence_interval.low), float(res.confidence_interval.high)
         p = float(stats.binomtest(min(a_only, b_only), a_only + b_only, 0.5).pvalue)
