@@ -120,10 +120,13 @@ def _candidates(device):
 
 
 def _automatic(device, dtype, needs_grad, decay_scale):
-    for name in _candidates(device):
+    names = _candidates(device)
+    for i, name in enumerate(names):
         ok, reason = _works(name, device)
         if not ok and _installed(name):
-            say_once(f"the {name} scan kernel is installed but not used on {device}: {reason}")
+            what = "cannot be built here" if name == "fused" else "is installed but not used"
+            fallback = " or ".join(names[i + 1:] + ("torch",))
+            say_once(f"the {name} scan kernel {what} on {device} ({reason}); using {fallback}")
         if ok and _unsuited(name, dtype, needs_grad, decay_scale) is None:
             return name
     return "torch"

@@ -193,7 +193,9 @@ def test_bad_input_is_a_clear_error_before_any_work(tmp_path, checkpoint, folder
     assert not os.path.exists(tmp_path / "o"), "nothing is written before the inputs are known to be good"
 
 
-def test_non_synset_subfolders_are_rejected(tmp_path, checkpoint):
+def test_non_synset_subfolders_are_rejected(tmp_path, checkpoint, capsys):
     (tmp_path / "cats").mkdir()
     Image.new("RGB", (8, 8)).save(tmp_path / "cats" / "a.jpg")
     assert ev.main(["--checkpoint", checkpoint, "--data", str(tmp_path), "--out", str(tmp_path / "o"), "--quiet", *OVERRIDES]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "cats" in err[0] and "n01440764" in err[0], err

@@ -1,7 +1,8 @@
 """Hostile and broken inputs, one case each: every result is tied to what produced it, every bad input is a
 one-line error (a non-zero exit, nothing written), nothing hangs. The matrix, by group:
 
-results tied to inputs   changed checkpoint/images on resume, other --methods into a finished folder,
+results tied to inputs   changed checkpoint, added or removed images, other precision, batch size, scan
+                         backend or label file on resume, other --methods into a finished folder,
                          a cell without a readable image, non-finite weights and logits
 labels                   conflicting duplicates, labels outside the model's classes, names that differ only
                          by extension, BOM / Latin-1 CSVs, rows without a label, non-integer labels,
@@ -9,7 +10,8 @@ labels                   conflicting duplicates, labels outside the model's clas
 images                   16-bit and float greyscale, a FIFO in the folder
 options                  --limit/--batch-size/--workers/--schedule/--override/--device/WORLD_SIZE/RANK,
                          reduce() arguments of the wrong type, an empty batch
-output folder            a file, inside a file, corrupt run.json/progress files, two runs at once, --restart
+output folder            a file, inside a file, not writable, corrupt run.json/progress files, two runs at
+                         once, --restart; an infeasible rate or schedule on the command line
 messages                 code in a checkpoint, EMA-only checkpoints, --labels with an ImageFolder, bench and
                          train_tiny options
 """
@@ -78,6 +80,44 @@ def test_added_images_are_not_resumed_into_old_numbers(tmp_path, checkpoint, fol
     Image.fromarray(np.zeros((40, 40, 3), np.uint8)).save(tree / SYNS[1] / "new.JPEG")
     code, err, _ = run_cli(["--checkpoint", checkpoint, "--data", str(tree), "--out", out, *QUICK], capsys)
     assert code == 2 and "the image list (names, sizes or labels) changed" in err
+
+
+def test_removed_images_are_not_resumed_into_old_numbers(tmp_path, checkpoint, folders, capsys):
+    import shutil
+
+    tree = tmp_path / "val"
+    shutil.copytree(folders[0], tree)
+    out = str(tmp_path / "run")
+    assert cli.main(["--checkpoint", checkpoint, "--data", str(tree), "--out", out, *QUICK]) == 0
+    before = open(os.path.join(out, "results.json")).read()
+    os.remove(sorted((tree / SYNS[0]).iterdir())[0])
+    code, err, n = run_cli(["--checkpoint", checkpoint, "--data", str(tree), "--out", out, *QUICK], capsys)
+    assert code == 2 and n == 1 and "the image list (names, sizes or labels) changed" in err
+    assert open(os.path.join(out, "results.json")).read() == before, "the old results are kept as they were"
+
+
+@pytest.mark.parametrize("change, extra, env, named", [
+    ("precision", ["--dtype", "bf16"], {}, "dtype ('fp32' -> 'bf16')"),
+    ("batch size", ["--batch-size", "2"], {}, "batch_size (4 -> 2)"),
+    ("scan backend", [], {"STM_SCAN_BACKEND": "torch"}, "the scan backend"),
+    ("label file", None, {}, "the label file"),
+])
+def test_other_settings_are_not_resumed_into_old_numbers(tmp_path, checkpoint, capsys, monkeypatch, change, extra,
+                                                         env, named):
+    """A rerun into the same --out whose precision, batch size, scan backend or label file differs is refused,
+    naming what changed (the backend case needs a machine where the automatic choice is not torch)."""
+    if change == "scan backend" and stm_fast.ssm.resolve_backend(None, "cpu") == "torch":
+        pytest.skip("the automatic CPU backend is torch here: forcing torch changes nothing")
+    folder, labels = flat_folder(tmp_path, ["a.JPEG,0", "b.JPEG,1"])
+    base = ["--checkpoint", checkpoint, "--data", folder, "--labels", labels, "--out", str(tmp_path / "run"), *QUICK]
+    assert cli.main(base) == 0
+    if extra is None:  # the same labels with a trailing empty line: another file, the same meaning
+        (tmp_path / "labels.csv").write_text("filename,label\na.JPEG,0\nb.JPEG,1\n\n")
+        extra = []
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    code, err, n = run_cli(base + extra, capsys)
+    assert code == 2 and n == 1 and named in err and "--restart" in err, err
 
 
 def test_other_methods_into_a_finished_folder_are_merged_not_dropped(tmp_path, checkpoint, folders):
@@ -325,6 +365,31 @@ def test_out_that_is_a_file_or_inside_one_is_an_error(tmp_path, capsys):
         code, err, n = run_cli(["--quiet", "--out", str(out)], capsys)
         assert code == 2 and n == 1 and message in err
     assert f.read_text() == "x"
+
+
+def test_out_that_is_not_writable_is_an_error_before_any_work(tmp_path, capsys, monkeypatch):
+    """(os.access is patched: this suite may run as root, for whom permission bits do not refuse writes.)"""
+    from stm_fast.eval import progress
+
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    monkeypatch.setattr(progress.os, "access", lambda path, mode: os.path.abspath(path) != str(locked))
+    code, err, n = run_cli(["--out", str(locked / "run"), "--methods", "stm", "--rates", "0.2", "--quiet"], capsys)
+    assert code == 2 and n == 1 and "is not writable by this user" in err and "choose a folder" in err
+    assert not (locked / "run").exists()
+
+
+def test_an_infeasible_rate_or_schedule_on_the_command_line_is_one_full_line(tmp_path, capsys):
+    """The whole message (the feasible range and the options that fix it), before any work, nothing written."""
+    out = tmp_path / "run"
+    code, err, n = run_cli(["--out", str(out), "--methods", "stm", "tome", "--rates", "0.95", "--quiet",
+                            "--no-self-check"], capsys)
+    assert code == 2 and n == 1 and not out.exists()
+    assert "cannot reach a token reduction rate of 95.0%" in err and "feasible rates run from 0 to" in err
+    assert err.endswith("(--rates / --methods) or change the STM options")
+    code, err, n = run_cli(["--out", str(out), "--methods", "stm", "--schedule", "100", "--quiet", "--no-self-check"],
+                           capsys)
+    assert code == 2 and n == 1 and not out.exists() and "more than the 62 this model can lose" in err
 
 
 @pytest.mark.parametrize("name,content,message", [
