@@ -6,9 +6,9 @@ and asserts that the property fails. A tolerance loose enough to hide a 1e-9 err
 """
 
 import pytest
-from hypothesis import Phase, settings
 
 from stm_ref import merge, ssm
+from tests.search import search_profile
 from verify import (test_bidirectional, test_discretize, test_estimated_weights, test_exact_merge, test_fading,
                     test_scan, test_selective_scan, test_token_form)
 
@@ -57,13 +57,8 @@ CASES = {
 
 @pytest.fixture
 def quick_search():
-    current = settings.default
-    settings.register_profile("mutation", parent=current, max_examples=40, phases=[Phase.explicit, Phase.generate],
-                              report_multiple_bugs=False)
-    settings.load_profile("mutation")
-    yield
-    settings.register_profile("_restore", parent=current)
-    settings.load_profile("_restore")
+    with search_profile("mutation", max_examples=40):
+        yield
 
 
 @pytest.mark.parametrize("name", list(CASES))

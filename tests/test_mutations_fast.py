@@ -11,12 +11,12 @@ short Hypothesis search. ``test_unmutated_properties_pass`` is the control. The 
 
 import pytest
 import torch
-from hypothesis import Phase, settings
 
 import stm_fast.reduction as reduction_pkg
 from stm_fast import ssm
 from stm_fast.ops import scan_fused
 from stm_fast.reduction import evit, stm, tome, top
+from tests.search import search_profile
 from verify import test_fast_path as fast_props
 
 EPS = 1e-6
@@ -90,13 +90,8 @@ CASES = {  # name: (module, attribute, mutation, property)
 
 @pytest.fixture
 def long_search():
-    current = settings.default
-    settings.register_profile("fast-mutation", parent=current, max_examples=20, phases=[Phase.explicit, Phase.generate],
-                              report_multiple_bugs=False)
-    settings.load_profile("fast-mutation")
-    yield
-    settings.register_profile("_restore_fast", parent=current)
-    settings.load_profile("_restore_fast")
+    with search_profile("fast-mutation", max_examples=20):
+        yield
 
 
 def _original(module, attr):
