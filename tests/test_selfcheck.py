@@ -1,5 +1,5 @@
-"""Every run checks itself first: a backend that disagrees with the torch backend stops eval and bench before
-any work, with one line naming the backend, the device, the error and the way out."""
+"""Every run checks itself first: a backend further from the float64 reference than its allowance stops eval
+and bench before any work, with one line naming the backend, the device, the error and the way out."""
 
 import json
 import os
