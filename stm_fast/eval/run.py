@@ -31,7 +31,25 @@ def evaluate(args):
     """Evaluate every (model, experiment) on every image of the run described by ``args`` (``parse_args``);
     returns the result records on rank 0 (None on other ranks)."""
     with flush_denormals():  # see stm_fast.runtime.flush_denormals: several times faster on trained models
-        return _evaluate(args)
+        try:
+            records = _evaluate(args)
+        except BaseException:
+            _close_group(wait=False)  # the other ranks may be anywhere: waiting for them could hang
+            raise
+    _close_group(wait=True)
+    return records
+
+
+def _close_group(wait):
+    """Destroy the process group, on success after every rank has finished: a rank that exits with the
+    group's threads still running aborts ("terminate called without an active exception") and torchrun
+    then kills the others, rank 0 among them while it writes the results."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        try:
+            if wait:
+                torch.distributed.barrier()
+        finally:
+            torch.distributed.destroy_process_group()
 
 
 def _env_int(name, default):
