@@ -227,14 +227,12 @@ def selective_scan(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: tor
     index arithmetic, the other backends on time-flipped copies.
     """
     check_scan_args(u, delta, A)
-    if reverse and resolve_backend(backend, u.device, compute_dtype(u, delta, A, B, C),
-                                   _needs_grad(u, delta, A, B, C, D, z, delta_bias, decay_scale),
-                                   decay_scale is not None) != "fused":
-        return _flipped(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state, backend,
-                        decay_scale, first_steps)
     ct = compute_dtype(u, delta, A, B, C)
     grad = _needs_grad(u, delta, A, B, C, D, z, delta_bias, decay_scale)
     name = resolve_backend(backend, u.device, ct, grad, decay_scale is not None)
+    if reverse and name != "fused":
+        return _flipped(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state, backend,
+                        decay_scale, first_steps)
     if name == "mamba_ssm":
         from .ops.scan_mamba import selective_scan_mamba
 

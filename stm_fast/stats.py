@@ -48,9 +48,14 @@ class DirectionStats:
     def _full(self, t):
         return t.flip(-1) if self.flipped else t
 
+    @property
+    def _backward_in_position_order(self):
+        """A backward direction held in token-position order: its scan order is the reverse of the held one."""
+        return self.reverse and not self.flipped
+
     def _first(self, t, n):
         """The first n scan steps of a held (..., L) array, in scan order."""
-        return t[..., self.L - n:].flip(-1) if self.reverse and not self.flipped else t[..., :n]
+        return t[..., self.L - n:].flip(-1) if self._backward_in_position_order else t[..., :n]
 
     def _step(self, d_raw):
         """The scan's step softplus(delta + bias) from pre-bias rows (batch, len, E)."""
@@ -74,9 +79,7 @@ class DirectionStats:
     def scan_rows(self, n):
         """softplus(delta + bias) and B of this direction's first n scan steps: (batch, n, E), (batch, n, N).
         The mixer's projections are (batch, L, channels) in memory, so these are slices, not gathers."""
-        if self.reverse and not self.flipped:
-            return self._step(self._first(self.delta_raw, n).transpose(1, 2)), self._first(self._B, n).transpose(1, 2)
-        return self._step(self.delta_raw.transpose(1, 2)[:, :n]), self._B.transpose(1, 2)[:, :n]
+        return self._step(self._first(self.delta_raw, n).transpose(1, 2)), self._first(self._B, n).transpose(1, 2)
 
     def first_B(self, n):
         """B of the first n scan steps, step-major: (n, batch, N)."""
@@ -104,7 +107,7 @@ class DirectionStats:
     @property
     def y_in_scan_order(self):
         """The SSM output in this direction's scan order (backward: position L-1 first)."""
-        return self._y.flip(-1) if self.reverse and not self.flipped else self._y
+        return self._y.flip(-1) if self._backward_in_position_order else self._y
 
     @property
     def u(self):

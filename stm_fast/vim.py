@@ -203,8 +203,8 @@ class MambaMixer(nn.Module):
             d = F.softplus(delta.transpose(1, 2).to(ct) + bias).transpose(1, 2)
             y = selective_scan(x, d, A, B, C, Dp.to(ct), z=z, decay_scale=decay_scale, backend=self.scan_backend,
                                reverse=natural)
-        stats = DirectionStats(delta, bias, B, C, A, y, reverse=reverse, u=x, flipped=reverse and not natural)
-        return y, (stats if keep else None)
+        return y, (DirectionStats(delta, bias, B, C, A, y, reverse=reverse, u=x, flipped=reverse and not natural)
+                   if keep else None)
 
     def _uses_fused(self, x, needs_grad):
         """Whether this call's scans run on the fused CPU kernel (which then also does the conv)."""

@@ -137,6 +137,14 @@ def available() -> Tuple[bool, str]:
         return _state["module"] is not None, _state["reason"]
 
 
+def _module():
+    """The loaded extension's operators; RuntimeError naming why when it cannot be built here."""
+    ok, reason = available()
+    if not ok:
+        raise RuntimeError(f"selective_scan_fused is unavailable: {reason}")
+    return _state["module"]
+
+
 def build_info() -> str:
     """The capability and SIMD widths the loaded kernel was compiled for (or why there is none)."""
     return available()[1]
@@ -230,9 +238,6 @@ def selective_scan_fused(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, 
     _check_no_grad(tensors)
     _check_devices(tensors)
     _check_shapes(u, delta, A, B, C, D, z, delta_bias, decay_scale)
-    ok, reason = available()
-    if not ok:
-        raise RuntimeError(f"selective_scan_fused is unavailable: {reason}")
     ct = compute_dtype(u, delta, A, B, C)
     batch, Dm, L = u.shape
     N = A.shape[1]
@@ -241,7 +246,7 @@ def selective_scan_fused(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, 
     last = torch.empty(batch, Dm, N, dtype=ct) if return_last_state else None
     outs = tuple(first_steps) if n_first else (None, None, None)
     inputs = [_cast(t, ct) for t in (u, delta, A, B, C, D, z, delta_bias)]
-    _state["module"].selective_scan_fwd(*inputs, bool(delta_softplus), _cast(decay_scale, ct), bool(reverse),
+    _module().selective_scan_fwd(*inputs, bool(delta_softplus), _cast(decay_scale, ct), bool(reverse),
                                         y, last, *outs, n_first)
     y = _cast(y, u.dtype)
     return (y, last) if return_last_state else y
@@ -250,10 +255,7 @@ def selective_scan_fused(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, 
 def exp2_decays_into(x: torch.Tensor, out: torch.Tensor, repeats: int = 1) -> None:
     """out = 2**x by the kernel's own float decay code, ``repeats`` times (the bench's exp2 rate, stm_fast.floor);
     x, out contiguous float32 of one size, their values in the decays' range [-125, 125]."""
-    ok, reason = available()
-    if not ok:
-        raise RuntimeError(f"selective_scan_fused is unavailable: {reason}")
-    _state["module"].exp2_decays_into(x, out, int(repeats))
+    _module().exp2_decays_into(x, out, int(repeats))
 
 
 def causal_conv_silu(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
@@ -263,9 +265,6 @@ def causal_conv_silu(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch
     or (E, 1, K), bias (E,); y_t = silu(bias + sum_k weight[:, k] x_{t-K+1+k}), returned (batch, E, L) in
     x's dtype (float32/float64) and channel-last layout. ``reverse``: the conv of the time-reversed sequence,
     indexed by t (y_t = silu(bias + sum_k weight[:, k] x_{t+K-1-k})), as a backward scan reads it."""
-    ok, reason = available()
-    if not ok:
-        raise RuntimeError(f"selective_scan_fused is unavailable: {reason}")
     _check_no_grad((x, weight, bias))
     _check_devices((x, weight, bias))
     if x.dim() != 3 or x.stride(1) != 1 or x.dtype not in (torch.float32, torch.float64):
@@ -275,7 +274,7 @@ def causal_conv_silu(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch
         raise ValueError(f"causal_conv_silu: weight of shape {tuple(weight.shape)} does not match E={x.shape[1]}")
     rows = x.transpose(1, 2)
     y = torch.empty(rows.shape, dtype=x.dtype)
-    _state["module"].causal_conv_silu(rows, w.t().to(x.dtype).contiguous(),
+    _module().causal_conv_silu(rows, w.t().to(x.dtype).contiguous(),
                                       None if bias is None else bias.to(x.dtype).contiguous(), bool(activation),
                                       bool(reverse), y)
     return y.transpose(1, 2)
@@ -286,9 +285,6 @@ def ends_lsq_weights(d: torch.Tensor, abar: torch.Tensor, B: torch.Tensor, r: in
     first steps the kernel exported: d (n, S, batch, E), abar (n, S, batch, N, E), B (n, S, batch, N),
     contiguous, n > r (eq. 11; twin of ``stm_fast.merge._lsq_from_first_steps``, which overwrites abar with
     the suffix products; this leaves it untouched)."""
-    ok, reason = available()
-    if not ok:
-        raise RuntimeError(f"selective_scan_fused is unavailable: {reason}")
     w = torch.empty(d.shape[1], d.shape[2], r, dtype=d.dtype)
-    _state["module"].ends_lsq_weights(d, abar, B, int(r), bool(norm), w)
+    _module().ends_lsq_weights(d, abar, B, int(r), bool(norm), w)
     return w
