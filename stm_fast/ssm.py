@@ -105,8 +105,8 @@ def available_backends(device="cpu") -> list[str]:
 
 def _unsuited(name, dtype, needs_grad, decay_scale):
     """Why backend ``name`` cannot take this call (None if it can)."""
-    if needs_grad and name in ("triton", "mamba_ssm", "fused"):
-        return "it is forward-only and the inputs need gradients (the torch backend is differentiable)"
+    if needs_grad and name in ("triton", "mamba_ssm"):
+        return "it is forward-only and the inputs need gradients (the torch and fused backends are differentiable)"
     if name == "mamba_ssm" and dtype == torch.float64:
         return "mamba-ssm's kernel computes in float32/float16/bfloat16 only"
     if name == "mamba_ssm" and decay_scale:
@@ -158,14 +158,20 @@ def exports_first_steps(backend, device, needs_grad=False) -> bool:
     return not needs_grad and resolve_backend(backend, device, needs_grad=needs_grad) in ("torch", "fused")
 
 
-def _unfused(name, u, delta, A, B, C, D, z, delta_bias, delta_softplus, decay_scale):
-    """The differentiable and the loop paths: bias and softplus before, the D*u skip and the z gate after."""
+def _unfused(name, u, delta, A, B, C, D, z, delta_bias, delta_softplus, decay_scale, reverse=False):
+    """The differentiable and the loop paths: bias and softplus before, the D*u skip and the z gate after
+    (``reverse`` only for the fused training kernel, which scans backward by index arithmetic)."""
     if delta_bias is not None:
         delta = delta + delta_bias[None, :, None]
     if delta_softplus:
         delta = F.softplus(delta)
-    scan = scan_loop if name == "loop" else scan_differentiable
-    y, last = scan(u, delta, A, B, C, decay_scale=decay_scale)
+    if name == "fused":
+        from .ops.scan_fused import scan_differentiable_fused
+
+        y, last = scan_differentiable_fused(u, delta, A, B, C, decay_scale=decay_scale, reverse=reverse)
+    else:
+        scan = scan_loop if name == "loop" else scan_differentiable
+        y, last = scan(u, delta, A, B, C, decay_scale=decay_scale)
     if D is not None:
         y = y + D[None, :, None] * u
     if z is not None:
@@ -237,6 +243,10 @@ def selective_scan(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: tor
         from .ops.scan_mamba import selective_scan_mamba
 
         return selective_scan_mamba(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
+    if name == "fused" and grad and B.dim() == 3 and C.dim() == 3:
+        y, last = _unfused(name, u, delta, A, B, C, D, z, delta_bias, delta_softplus, decay_scale, reverse)
+        y = y.to(u.dtype)
+        return (y, last) if return_last_state else y
     if name == "fused":
         return _fused(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state, decay_scale,
                       first_steps, ct, reverse)

@@ -149,7 +149,8 @@ def test_bfloat16_inputs_compute_in_float32_and_return_bfloat16():
 def test_backend_choice_and_errors(monkeypatch):
     fused = fused_kernel.available()[0]
     assert fast.resolve_backend(None, "cpu") == ("fused" if fused else "torch"), "the fused kernel when it builds"
-    assert fast.resolve_backend(None, "cpu", needs_grad=True) == "torch", "gradients go through the torch backend"
+    assert fast.resolve_backend(None, "cpu", needs_grad=True) == ("fused" if fused else "torch"), \
+        "gradients go through the fused training kernel when it builds"
     with pytest.raises(fast.BackendUnavailable, match="'fused' cannot run on meta: it is a CPU kernel"):
         fast.resolve_backend("fused", "meta")
     monkeypatch.setenv("STM_SCAN_BACKEND", "torch")

@@ -30,9 +30,11 @@ from ..runtime import compute_dtype
 from .common import bc_layout, check_scan_args
 
 __all__ = ["available", "selective_scan_fused", "build_info", "build_dir", "exp2_decays_into",
-           "causal_conv_silu", "ends_lsq_weights"]
+           "causal_conv_silu", "ends_lsq_weights", "scan_differentiable_fused", "TrainScanFunction"]
 
-_SOURCE = Path(__file__).with_name("csrc") / "selective_scan_cpu.cpp"
+_CSRC = Path(__file__).with_name("csrc")
+_SOURCES = (_CSRC / "selective_scan_cpu.cpp", _CSRC / "selective_scan_cpu_grad.cpp")  # one extension, two files
+_HEADERS = (_CSRC / "vec_math.h",)
 _lock = threading.Lock()
 _state: dict = {}  # "module", "reason": set once by available()
 
@@ -67,7 +69,8 @@ def _flags(capability: str) -> list:
 def build_dir(capability: Optional[str] = None) -> Path:
     """The cache directory of this torch version, CPU capability, source and flags."""
     cap = capability or _capability()
-    digest = hashlib.sha256(_SOURCE.read_bytes() + " ".join(_flags(cap)).encode()).hexdigest()[:12]
+    text = b"".join(f.read_bytes() for f in _SOURCES + _HEADERS)
+    digest = hashlib.sha256(text + " ".join(_flags(cap)).encode()).hexdigest()[:12]
     root = os.environ.get("STM_FUSED_BUILD_DIR")
     if not root:
         cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
@@ -106,7 +109,7 @@ def _build():
     if not (path / f"{name}.so").exists():  # the first use pays a compile; say so rather than seem to hang
         print(f"stm_fast: building the fused CPU scan kernel for {cap} in {path} (once; about half a minute)",
               file=sys.stderr)
-    _cpp_extension().load(name=name, sources=[str(_SOURCE)], extra_cflags=_flags(cap), extra_ldflags=["-fopenmp"],
+    _cpp_extension().load(name=name, sources=[str(f) for f in _SOURCES], extra_cflags=_flags(cap), extra_ldflags=["-fopenmp"],
                           build_directory=str(path), verbose=False, is_python_module=False)
     return getattr(torch.ops, name)  # the library registers its operators in a namespace of this name
 
@@ -288,3 +291,49 @@ def ends_lsq_weights(d: torch.Tensor, abar: torch.Tensor, B: torch.Tensor, r: in
     w = torch.empty(d.shape[1], d.shape[2], r, dtype=d.dtype)
     _module().ends_lsq_weights(d, abar, B, int(r), bool(norm), w)
     return w
+
+
+class TrainScanFunction(torch.autograd.Function):
+    """y_t = C_t . h_t, h_t = exp(dta_t A) h_{t-1} + du_t B_t (eq. 3) by the compiled training kernel, with its
+    hand-written backward (``csrc/selective_scan_cpu_grad.cpp``). dta, du: (batch, L, D) contiguous; A: (D, N);
+    B, C: (batch, L, N) contiguous. Returns y (batch, L, D) and the last state (batch, D, N)."""
+
+    @staticmethod
+    def forward(ctx, dta, du, A, B, C, reverse=False, chunk=16):
+        batch, L, Dm = dta.shape
+        N = A.shape[1]
+        y = torch.empty_like(dta)
+        last = dta.new_empty(batch, N, Dm)
+        ck = dta.new_empty(batch, (L + chunk - 1) // chunk, N, Dm)
+        _module().scan_train_fwd(dta, du, A, B, C, bool(reverse), int(chunk), y, last, ck)
+        ctx.save_for_backward(dta, du, A, B, C, ck)
+        ctx.reverse, ctx.chunk = bool(reverse), int(chunk)
+        return y, last.transpose(1, 2)
+
+    @staticmethod
+    def backward(ctx, gy, glast):
+        dta, du, A, B, C, ck = ctx.saved_tensors
+        batch, L, Dm = dta.shape
+        N = A.shape[1]
+        g_dta, g_du = torch.empty_like(dta), torch.empty_like(du)
+        g_A = dta.new_empty(batch, N, Dm)
+        g_B, g_C = torch.zeros_like(B), torch.zeros_like(C)
+        gy = torch.zeros_like(dta) if gy is None else gy.contiguous()
+        glast = None if glast is None else glast.transpose(1, 2).contiguous()
+        _module().scan_train_bwd(dta, du, A, B, C, ck, gy, glast, ctx.reverse, ctx.chunk, g_dta, g_du, g_A, g_B, g_C)
+        return g_dta, g_du, g_A.sum(0).t(), g_B, g_C, None, None
+
+
+def scan_differentiable_fused(u, delta, A, B, C, decay_scale=None, reverse=False):
+    """Twin of ``ops.scan_autograd.scan_differentiable`` on the compiled training kernel: y_ssm (batch, D, L) =
+    C.h and the last state (batch, D, N), differentiable in every input (eq. 3). B, C: (batch, N, L); delta
+    already biased and softplused; D and z are applied by the caller. ``reverse``: scan t = L-1 .. 0."""
+    if B.dim() != 3 or C.dim() != 3:
+        raise ValueError("scan_differentiable_fused: B and C must be (batch, N, L)")
+    ct = compute_dtype(u, delta, A, B, C)
+    du = (delta * u).to(ct)
+    dta = (delta if decay_scale is None else delta * decay_scale[:, None, :]).to(ct)
+    rows = lambda t: t.transpose(1, 2).contiguous()  # noqa: E731  (channel-last inputs: no copy)
+    y, last = TrainScanFunction.apply(rows(dta), rows(du), A.to(ct).contiguous(), rows(B.to(ct)), rows(C.to(ct)),
+                                      reverse)
+    return y.transpose(1, 2), last
