@@ -15,12 +15,12 @@ from functools import lru_cache
 
 import torch
 
-from stm_ref.merge import TOKEN_WEIGHT_VARIANTS, merge_plan
+from stm_ref.merge import CONSTANT_VARIANTS, JOINT_RIDGE, NORMALISED_VARIANTS, TOKEN_WEIGHT_VARIANTS, merge_plan
 
 from .ops.common import LOG2E
 
-__all__ = ["PlanIndex", "plan_index", "token_weights", "ends_weights", "merge_tokens", "merge_ends",
-           "TOKEN_WEIGHT_VARIANTS"]
+__all__ = ["PlanIndex", "plan_index", "token_weights", "ends_weights", "merge_tokens", "merge_ends", "size_weights",
+           "merged_sizes", "TOKEN_WEIGHT_VARIANTS", "CONSTANT_VARIANTS", "NORMALISED_VARIANTS"]
 
 
 @dataclass(frozen=True)
@@ -191,6 +191,8 @@ def _stacked_ends_weights(sts, r, variant, clamp, first=None, kernel=False):
     them, delta and P are recomputed from the statistics. ``kernel``: the first steps come from the fused
     CPU kernel, whose extension also forms the lsq weights from them in one call (same arithmetic).
     """
+    if variant == "lsq_joint":
+        return _joint_ends_weights(sts, r)
     if first is not None and kernel and variant in ("lsq", "lsq_norm") and _kernel_takes(first):
         from .ops.scan_fused import ends_lsq_weights
 
@@ -211,14 +213,37 @@ def _stacked_ends_weights(sts, r, variant, clamp, first=None, kernel=False):
         else:
             w = _weights_from(variant, P, d[:r], d[r:r + 1], Bh[:r], Bh[r:r + 1], clamp)  # (r, sides, batch)
         return w.permute(1, 2, 0).contiguous()  # contiguous rows: bmm on strided operands loops per image
+    d, B, P = _ends_decays(sts, r)
+    return _weights_from(variant, P, d[:, :, :r], d[:, :, r:], B[:, :, :r], B[:, :, r:], clamp)
+
+
+def _ends_decays(sts, r):
+    """delta (sides, batch, r + 1, E), B (same, N) of the first r + 1 scan steps and P_j = Abar_{j+1} .. Abar_r
+    (sides, batch, r, N, E), recomputed from the statistics."""
     rows = [st.scan_rows(r + 1) for st in sts]
-    d = torch.stack([dr for dr, _ in rows])  # (sides, batch, r + 1, E)
-    B = torch.stack([Br for _, Br in rows]).to(d.dtype)  # (sides, batch, r + 1, N)
+    d = torch.stack([dr for dr, _ in rows])
+    B = torch.stack([Br for _, Br in rows]).to(d.dtype)
     dd = d[:, :, 1:]
     c = dd.cumsum(2)
     S = c[:, :, -1:] - c + dd  # S_j = delta summed over steps j+1 .. r
     A2 = torch.stack([st.A for st in sts]).transpose(1, 2)[:, None, None] * LOG2E  # (sides, 1, 1, N, E)
-    return _weights_from(variant, _decay_products(A2, S), d[:, :, :r], d[:, :, r:], B[:, :, :r], B[:, :, r:], clamp)
+    return d, B, _decay_products(A2, S)
+
+
+def _joint_ends_weights(sts, r):
+    """``lsq_joint`` weights (sides, batch, r) of the ``ends`` plan (twin of ``stm_ref.merge.joint_weights``):
+    the r weights of each side fitted together to the loss at the merge point, sum_j (w_j Bbar_q - P_j Bbar_j) u_j,
+    with Bbar = delta (x) B, by their r x r normal equations (the ridge as in the reference)."""
+    d, B, P = _ends_decays(sts, r)
+    u = torch.stack([st.scan_u_rows(r + 1) for st in sts]).to(d.dtype)  # (sides, batch, r + 1, E)
+    dq, Bq, dj, Bj, uj = d[:, :, r], B[:, :, r], d[:, :, :r], B[:, :, :r], u[:, :, :r]
+    # T = sum_k P_k Bbar_k u_k (N, E); b_j = <Bbar_q u_j, T>; G_jk = |B_q|^2 sum_e dq^2 u_j u_k
+    T = torch.einsum("sbkne,sbkn,sbke->sbne", P, Bj, dj * uj)
+    b = torch.einsum("sbne,sbn,sbje->sbj", T, Bq, dq[:, :, None] * uj)
+    G = torch.einsum("sbje,sbke->sbjk", uj * dq[:, :, None], uj * dq[:, :, None]) * (Bq * Bq).sum(-1)[..., None, None]
+    diag = torch.diagonal(G, dim1=-2, dim2=-1).mean(-1).clamp_min(torch.finfo(G.dtype).tiny)
+    eye = torch.eye(r, dtype=G.dtype, device=G.device)
+    return torch.linalg.solve(G + JOINT_RIDGE * diag[..., None, None] * eye, b[..., None])[..., 0]
 
 
 def _kernel_takes(first):
@@ -281,15 +306,15 @@ def merge_ends(x, r_left, r_right, w_left, w_right, variant="lsq", inplace=False
         if r:
             w = w.to(x.dtype)
             tgt.add_(torch.bmm(w[:, None, :], src))
-            if variant in ("lsq_norm", "avg"):
+            if variant in NORMALISED_VARIANTS:
                 tgt.div_((1 + w.sum(1))[:, None, None])
     return out
 
 
 def merge_tokens(x, plan, weights, variant="lsq", inplace=False):
     """Merge tokens x (batch, L, C) by the plan with weights (batch, R); returns (batch, K, C). Twin of
-    ``stm_ref.merge.merge_tokens``: x*_q = x_q + sum_j w_j x_j; normalised by 1 + sum_j w_j for ``lsq_norm``
-    and ``avg``; ``drop`` keeps x_q. One gather and one index_add (``merge_ends`` for the ends plan), no
+    ``stm_ref.merge.merge_tokens``: x*_q = x_q + sum_j w_j x_j; normalised by 1 + sum_j w_j for
+    ``NORMALISED_VARIANTS`` (lsq_norm, avg, size); ``drop`` keeps x_q. One gather and one index_add (``merge_ends`` for the ends plan), no
     loop over tokens or images. ``inplace``: when the kept tokens are contiguous (the ``ends`` plan) the
     result is a view of x, updated in place (x's kept rows change); the reducers use it on streams the
     forward owns."""
@@ -304,7 +329,25 @@ def merge_tokens(x, plan, weights, variant="lsq", inplace=False):
         return out
     w = weights.to(x.dtype)
     out.index_add_(1, plan.target_k, x.index_select(1, plan.reduced) * w[..., None])
-    if variant in ("lsq_norm", "avg"):
+    if variant in NORMALISED_VARIANTS:
         mass = torch.ones(x.shape[0], len(plan.kept), dtype=x.dtype, device=x.device).index_add_(1, plan.target_k, w)
         out = out / mass[..., None]
+    return out
+
+
+def size_weights(size, plan):
+    """``size`` weights size_j / size_q (ToMe's size-weighted average once normalised), (batch, R) in plan
+    order (left tokens first), from the tokens' sizes (batch, L) (twin: ``stm_ref.merge.token_weights``)."""
+    if plan.ends is not None:
+        rl, rr = plan.ends
+        L = size.shape[1]
+        return torch.cat([size[:, :rl] / size[:, rl:rl + 1], size[:, L - rr:] / size[:, L - rr - 1:L - rr]], dim=1)
+    return size.index_select(1, plan.reduced) / size.index_select(1, plan.target)
+
+
+def merged_sizes(size, plan, variant):
+    """The sizes (batch, K) after the plan: each kept token's plus those merged into it (kept as is for ``drop``)."""
+    out = plan.take(size).clone()
+    if variant != "drop" and len(plan.reduced):
+        out.index_add_(1, plan.target_k, size.index_select(1, plan.reduced))
     return out

@@ -81,6 +81,12 @@ class DirectionStats:
         The mixer's projections are (batch, L, channels) in memory, so these are slices, not gathers."""
         return self._step(self._first(self.delta_raw, n).transpose(1, 2)), self._first(self._B, n).transpose(1, 2)
 
+    def scan_u_rows(self, n):
+        """The scan's input u of this direction's first n scan steps: (batch, n, E)."""
+        if self._u is None:
+            raise ValueError("this layer's statistics hold no scan input u")
+        return self._first(self._u, n).transpose(1, 2)
+
     def first_B(self, n):
         """B of the first n scan steps, step-major: (n, batch, N)."""
         return self._first(self._B, n).permute(2, 0, 1)

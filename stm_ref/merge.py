@@ -30,10 +30,16 @@ __all__ = [
     "final_loss",
     "merging_loss",
     "TOKEN_WEIGHT_VARIANTS",
+    "NORMALISED_VARIANTS",
+    "CONSTANT_VARIANTS",
+    "joint_weights",
 ]
 
 DIRECTIONS = ("forward", "backward")
-TOKEN_WEIGHT_VARIANTS = ("lsq", "mean", "decay", "lsq_norm", "avg", "drop")
+TOKEN_WEIGHT_VARIANTS = ("lsq", "mean", "decay", "lsq_norm", "avg", "drop", "size", "lsq_joint")
+NORMALISED_VARIANTS = ("lsq_norm", "avg", "size")  # merged as a weighted average, not eq. 11's sum
+CONSTANT_VARIANTS = ("avg", "drop", "size")  # weights that read no layer statistics
+JOINT_RIDGE = 1e-9  # lsq_joint: ridge on its normal equations, relative to their mean diagonal
 
 
 @dataclass(frozen=True)
@@ -229,7 +235,7 @@ def exact_merge(Abar, Bbar, u, plan, direction="forward"):
     return _gap_products(Abar, plan, direction), Bbar[kept], np.stack([ustar[k] for k in kept])
 
 
-def token_weights(Abar, Bbar, plan, direction="forward", variant="lsq", Bbar_est=None, clamp=1e-6):
+def token_weights(Abar, Bbar, plan, direction="forward", variant="lsq", Bbar_est=None, clamp=1e-6, u=None, size=None):
     """One scalar weight per reduced token of this direction's side (docs/conventions.md §4; eq. 11 with estimates).
 
     P_{j->q} always comes from the true ``Abar``; Bbar_j and Bbar_q from ``Bbar_est`` when given
@@ -241,6 +247,10 @@ def token_weights(Abar, Bbar, plan, direction="forward", variant="lsq", Bbar_est
     * ``decay``: mean over (d, s) of P_{j->q}.
     * ``lsq_norm``: ``lsq`` clamped to [0, 1] (``merge_tokens`` then normalises).
     * ``avg``: 1 for every token (``merge_tokens`` then averages). ``drop``: 0 for every token.
+    * ``size``: size_j / size_q, ToMe's size-weighted average (``merge_tokens`` normalises); ``size`` (L,)
+      holds how many original tokens each token stands for.
+    * ``lsq_joint``: the weights of one target's group fitted together to the hidden-state error at the
+      merge point, ``joint_weights``; needs the SSM input ``u`` (L, D) of this direction.
 
     Returns {j: float}.
     """
@@ -249,30 +259,55 @@ def token_weights(Abar, Bbar, plan, direction="forward", variant="lsq", Bbar_est
         raise ValueError(f"token_weights: variant must be one of {TOKEN_WEIGHT_VARIANTS}, got {variant!r}")
     Abar = np.asarray(Abar, dtype=np.float64)
     Bb = np.asarray(Bbar if Bbar_est is None else Bbar_est, dtype=np.float64)
+    if variant == "lsq_joint":
+        return joint_weights(Abar, Bb, u, plan, direction)
     out = {}
     for j, q in zip(*plan.reduced_on(_side(direction))):
         j, q = int(j), int(q)
-        P = fading_factor(Abar, j, q)
-        if variant == "lsq" or variant == "lsq_norm":
-            den = np.sum(Bb[q] * Bb[q])
-            w = float(np.sum(P * Bb[j] * Bb[q]) / den) if den > 0 else 0.0
-            if variant == "lsq_norm":
-                w = min(max(w, 0.0), 1.0)
-        elif variant == "mean":
-            floor = clamp * np.max(np.abs(Bb[q]))
-            if floor == 0:
-                w = 0.0
-            else:
-                sign = np.where(Bb[q] < 0, -1.0, 1.0)
-                den = sign * np.maximum(np.abs(Bb[q]), floor)
-                w = float(np.mean(P * Bb[j] / den))
-        elif variant == "decay":
-            w = float(np.mean(P))
-        elif variant == "avg":
-            w = 1.0
-        else:  # drop
-            w = 0.0
-        out[j] = w
+        out[j] = _scalar_weight(variant, fading_factor(Abar, j, q), Bb[j], Bb[q], clamp,
+                                None if size is None else (size[j], size[q]))
+    return out
+
+
+def _scalar_weight(variant, P, Bj, Bq, clamp, sizes):
+    """The weight of one reduced token j merging into q (see ``token_weights``)."""
+    if variant == "lsq" or variant == "lsq_norm":
+        den = np.sum(Bq * Bq)
+        w = float(np.sum(P * Bj * Bq) / den) if den > 0 else 0.0
+        return min(max(w, 0.0), 1.0) if variant == "lsq_norm" else w
+    if variant == "mean":
+        floor = clamp * np.max(np.abs(Bq))
+        if floor == 0:
+            return 0.0
+        sign = np.where(Bq < 0, -1.0, 1.0)
+        return float(np.mean(P * Bj / (sign * np.maximum(np.abs(Bq), floor))))
+    if variant == "decay":
+        return float(np.mean(P))
+    if variant == "size":
+        if sizes is None:
+            raise ValueError("token_weights: the size variant needs the tokens' sizes (size=...)")
+        return float(sizes[0]) / float(sizes[1])
+    return 1.0 if variant == "avg" else 0.0  # drop
+
+
+def joint_weights(Abar, Bbar, u, plan, direction="forward"):
+    """``lsq_joint``: per target q, the weights w of its reduced tokens J minimising, over (d, s),
+    |sum_{j in J} (w_j Bbar_q - P_{j->q} Bbar_j) u_j|^2, the loss at the merge point when the merged
+    token's input is u_q + sum_j w_j u_j (eq. 19 with one scalar per token; docs/conventions.md §4).
+    Normal equations G w = b with G_jk = <Bbar_q u_j, Bbar_q u_k>_F, b_j = <Bbar_q u_j, sum_k P_k Bbar_k u_k>_F,
+    solved with a ridge of ``JOINT_RIDGE`` times G's mean diagonal (G is singular when two u_j are parallel)."""
+    if u is None:
+        raise ValueError("token_weights: the lsq_joint variant needs the SSM input u (L, D) of the direction")
+    u = np.asarray(u, dtype=np.float64)
+    out = {}
+    for q, js in plan.groups(_side(direction)).items():
+        M = [Bbar[q] * u[j][:, None] for j in js]  # (D, N) each: w_j's column of the design
+        target = sum(fading_factor(Abar, j, q) * Bbar[j] * u[j][:, None] for j in js)
+        G = np.array([[np.sum(mj * mk) for mk in M] for mj in M])
+        b = np.array([np.sum(mj * target) for mj in M])
+        ridge = JOINT_RIDGE * max(float(np.trace(G)) / len(js), np.finfo(np.float64).tiny)
+        w = np.linalg.solve(G + ridge * np.eye(len(js)), b)
+        out.update({j: float(wj) for j, wj in zip(js, w)})
     return out
 
 
@@ -280,7 +315,7 @@ def merge_tokens(x, plan, weights, variant="lsq"):
     """Apply a plan to tokens x (L, C) with scalar weights {j: w}; returns the merged (K, C) sequence.
 
     ``lsq``, ``mean``, ``decay``: x*_q = x_q + sum_j w_j x_j (eq. 11's sum).
-    ``lsq_norm``, ``avg``: x*_q = (x_q + sum_j w_j x_j) / (1 + sum_j w_j).
+    ``lsq_norm``, ``avg``, ``size``: x*_q = (x_q + sum_j w_j x_j) / (1 + sum_j w_j).
     ``drop``: x*_q = x_q (reduced tokens vanish). Every reduced token needs a weight in ``weights``.
     """
     if variant not in TOKEN_WEIGHT_VARIANTS:
@@ -293,7 +328,7 @@ def merge_tokens(x, plan, weights, variant="lsq"):
             w = float(weights[int(j)])
             acc[int(q)] += w * x[int(j)]
             mass[int(q)] += w
-    normalise = variant in ("lsq_norm", "avg")
+    normalise = variant in NORMALISED_VARIANTS
     return np.stack([acc[int(k)] / mass[int(k)] if normalise else acc[int(k)] for k in plan.kept])
 
 

@@ -83,7 +83,7 @@ def embed(sd, image):
 
 def _branch(sd, pre, x, z, suffix, decay_scale=None):
     """One direction of the mixer on (E, L) inputs, in scan order; returns y (E, L) and the statistics
-    {delta (after softplus, (E, L)), B, C ((N, L)), A ((E, N)), y} in scan order."""
+    {delta (after softplus, (E, L)), B, C ((N, L)), A ((E, N)), y, u (the scan's input, (E, L))} in scan order."""
     E, L = x.shape
     R = sd[f"{pre}dt_proj{suffix}.weight"].shape[1]
     N = sd[f"{pre}A_log"].shape[1]
@@ -96,7 +96,7 @@ def _branch(sd, pre, x, z, suffix, decay_scale=None):
                        delta_bias=sd[f"{pre}dt_proj{suffix}.bias"], delta_softplus=True,
                        decay_scale=None if decay_scale is None else decay_scale[None])[0]
     d = softplus(delta + sd[f"{pre}dt_proj{suffix}.bias"][:, None])
-    return y, {"delta": d, "B": B, "C": C, "A": A, "y": y}
+    return y, {"delta": d, "B": B, "C": C, "A": A, "y": y, "u": xc}
 
 
 def mixer(sd, i, hidden, decay_scale=None, return_stats=False):

@@ -80,6 +80,10 @@ def test_every_method_matches_reference_with_overlapping_patches(method, schedul
     (17, [14, 0], {}),  # the most one step can take: 7 per side
     (10, [2, 1, 0], dict(sides="right", positions="uniform", weights="mean")),
     (10, [0, 2, 1], dict(sides="left", weights="decay", start_layer=1)),
+    (17, [4, 2, 2], dict(weights="size")),  # merged tokens merge again: sizes carried
+    (10, [2, 1, 1], dict(sides="right", positions="uniform", weights="size")),
+    (17, [6, 4, 0], dict(weights="lsq_joint")),  # 3 and 2 per side: the joint fit is a 3x3 / 2x2 solve
+    (17, [0, 3, 2], dict(sides="left", weights="lsq_joint")),
 ])
 def test_stm_matches_reference(tokens, schedule, options):
     err = _check("stm", tokens, schedule, **options)
@@ -90,6 +94,7 @@ def test_stm_matches_reference(tokens, schedule, options):
     (17, [4, 2, 0], {}),
     (17, [0, 4, 2], dict(sides="left", weights="lsq_norm")),
     (10, [2, 2, 0], dict(weights="mean")),
+    (17, [4, 4, 0], dict(weights="lsq_joint")),
 ])
 def test_stm_without_the_scans_exported_steps_matches_reference(tokens, schedule, options):
     """The loop backend exports no first-step delta/Abar (only the torch backend does, as on GPU the

@@ -10,7 +10,10 @@ from types import MappingProxyType
 
 import torch
 
-from ..merge import TOKEN_WEIGHT_VARIANTS, ends_weights, merge_ends, merge_tokens, plan_index, token_weights
+from dataclasses import replace
+
+from ..merge import (CONSTANT_VARIANTS, TOKEN_WEIGHT_VARIANTS, ends_weights, merge_ends, merge_tokens, merged_sizes,
+                     plan_index, size_weights, token_weights)
 from ..stats import StatsRequest
 from .base import Method, register_method
 from .schedule import is_integer
@@ -18,7 +21,6 @@ from .schedule import is_integer
 __all__ = ["STM", "STM_DEFAULTS"]
 
 STM_DEFAULTS = MappingProxyType(dict(sides="both", positions="ends", weights="lsq", start_layer=0))
-_CONSTANT_WEIGHTS = ("avg", "drop")  # variants that read no statistics
 
 
 @register_method
@@ -38,6 +40,8 @@ class STM(Method):
             raise ValueError(f"stm: positions must be 'ends' or 'uniform', got {o['positions']!r}")
         if o["weights"] not in TOKEN_WEIGHT_VARIANTS:
             raise ValueError(f"stm: weights must be one of {TOKEN_WEIGHT_VARIANTS}, got {o['weights']!r}")
+        if o["weights"] == "lsq_joint" and o["positions"] != "ends":
+            raise ValueError("stm: weights='lsq_joint' is implemented for positions='ends' only")
         start = o["start_layer"]
         if not is_integer(start) or not 0 <= start <= cfg.depth - 2:
             raise ValueError(f"stm: start_layer must be an integer in 0..{cfg.depth - 2} (merges happen between layers), "
@@ -62,14 +66,14 @@ class STM(Method):
 
     def stats_request(self, k):
         # the ends plan reads only each direction's first r + 1 scan steps: reuse the scan's delta and Abar there
-        if self.options["positions"] != "ends" or self.options["weights"] in _CONSTANT_WEIGHTS:
+        if self.options["positions"] != "ends" or self.options["weights"] in CONSTANT_VARIANTS + ("lsq_joint",):
             return StatsRequest()
         return StatsRequest(first_steps=max(self.side_split(k)) + 1)
 
     def overhead_flops(self, L, k):
         # weights: per reduced token, P = exp(A * S) and the lsq products over (E, N) (~4 E N), plus the
         # merge itself: a multiply-add of d channels on the stream
-        weights = 0 if self.options["weights"] in _CONSTANT_WEIGHTS else 4 * k * self.cfg.d_inner * self.cfg.d_state
+        weights = 0 if self.options["weights"] in CONSTANT_VARIANTS else 4 * k * self.cfg.d_inner * self.cfg.d_state
         return weights + k * self.cfg.embed_dim
 
     def step(self, i, k, x, tokens, stats):
@@ -77,10 +81,13 @@ class STM(Method):
         plan = plan_index(x.shape[1], tokens.shared_cls, r_left, r_right, self.options["positions"], x.device)
         variant = self.options["weights"]
         inplace = not torch.is_grad_enabled()  # the stream belongs to this forward: merge into it (a view for ends)
-        if plan.ends is not None:  # slices and one small matrix product per side, weights kept split by side
+        sizes = merged_sizes(tokens.size, plan, variant)
+        if variant == "size":
+            x = merge_tokens(x, plan, size_weights(tokens.size, plan).to(x.dtype), variant, inplace=inplace)
+        elif plan.ends is not None:  # slices and one small matrix product per side, weights kept split by side
             w = (None, None) if variant == "drop" else ends_weights(stats, r_left, r_right, variant)
             x = merge_ends(x, r_left, r_right, *w, variant, inplace=inplace)
         else:
             w = None if variant == "drop" else token_weights(stats, plan, variant)
             x = merge_tokens(x, plan, w, variant, inplace=inplace)
-        return x, tokens.planned(plan)
+        return x, replace(tokens.planned(plan), size=sizes)

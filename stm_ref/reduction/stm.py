@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import numpy as np
+
 from .. import merge
 from .base import euler
 
@@ -18,8 +20,17 @@ def stm_step(k, hidden, residual, state, stats, options):
     weights = {}
     for direction in ("forward", "backward"):
         Abar, Bbar = euler(stats[direction])
-        weights.update(merge.token_weights(Abar, Bbar, plan, direction, variant))
+        weights.update(merge.token_weights(Abar, Bbar, plan, direction, variant, u=stats[direction]["u"].T,
+                                           size=state["size"]))
     hidden = merge.merge_tokens(hidden, plan, weights, variant)
     residual = merge.merge_tokens(residual, plan, weights, variant)
-    state = {"cls": plan.new_cls, "pos": state["pos"][plan.kept], "size": state["size"][plan.kept]}
-    return hidden, residual, state
+    return hidden, residual, _merged_state(state, plan, variant)
+
+
+def _merged_state(state, plan, variant):
+    """The state after the plan: a kept token's size grows by the sizes merged into it (not for ``drop``)."""
+    size = np.array(state["size"], dtype=np.float64)
+    if variant != "drop":
+        for j, q in zip(plan.reduced, plan.target):
+            size[int(q)] += size[int(j)]
+    return {"cls": plan.new_cls, "pos": state["pos"][plan.kept], "size": size[plan.kept]}
