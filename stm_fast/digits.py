@@ -1,53 +1,143 @@
-"""The embedded default: a small Vision Mamba on scikit-learn's handwritten digits (offline, shipped weights).
+"""The embedded testbeds: small Vision Mambas on scikit-learn's handwritten digits (offline, shipped weights).
 
 Data: ``sklearn.datasets.load_digits`` (1797 images, 8x8, values 0..16). Split: stratified, 360 test
 images, ``random_state=0`` (``train_test_split``); the rest (1437) trains. Pixels are scaled to [-1, 1].
-Model: bimamba v2 with a middle class token and RMSNorm as Vim, 1 channel, patch size 1 (64 patch tokens
-+ class token = 65), embed_dim 16, depth 8, d_state 16 (~43k parameters).
+Two testbeds (docs/testbeds.md says why each is built as it is):
+
+* ``digits`` (the fast default): the 8x8 images as they are, patch size 1 (64 patch tokens + class token
+  = 65), embed_dim 16, depth 8, d_state 16 (~43k parameters).
+* ``paper-geometry``: Vim-Ti's token geometry, 14 x 14 patches + a middle class token = 197 tokens and 24
+  layers. Each digit is stretched so that its ink's bounding box fills a 28 x 28 frame (``fill_frame``),
+  so strokes reach all four borders and the outermost tokens, the ones STM merges first, carry the
+  digit; patch 2 gives the 14 x 14 grid; embed_dim 32, d_state 16 (~336k parameters).
 """
 
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
-__all__ = ["DIGITS_CONFIG", "load_split", "shipped_checkpoints", "create_digits_model", "SEEDS"]
+__all__ = ["DIGITS_CONFIG", "PAPER_GEOMETRY_CONFIG", "Testbed", "TESTBEDS", "testbed", "load_split",
+           "fill_frame", "shipped_checkpoints", "checkpoint_path", "create_digits_model", "SEEDS"]
 
 DIGITS_CONFIG = dict(img_size=8, patch_size=1, channels=1, embed_dim=16, depth=8, d_state=16, num_classes=10)
+PAPER_GEOMETRY_CONFIG = dict(img_size=28, patch_size=2, channels=1, embed_dim=32, depth=24, d_state=16, num_classes=10)
 SEEDS = (0, 1, 2)
 DATA_DIR = os.path.join(os.path.dirname(__file__), "data")
+INK = 2  # of 16: a pixel above this is ink (the bounding box of ``fill_frame``)
 
 
-def load_split():
-    """(x_train, y_train, x_test, y_test): float32 images (n, 1, 8, 8) in [-1, 1] and int64 labels."""
+def fill_frame(images, size: int, jitter: float = 0.0, rng=None) -> torch.Tensor:
+    """Each 8x8 digit (values 0..16) stretched so that its ink's bounding box fills a size x size frame,
+    bilinearly, scaled to [-1, 1]: (n, 1, size, size) float32. ``jitter``: each edge of the box moved by
+    up to that many source pixels (uniform, from ``rng``), which zooms, shifts and cuts strokes at the
+    border: the training augmentation."""
+    x = torch.as_tensor(np.asarray(images), dtype=torch.float32) / 16.0
+    n = x.shape[0]
+    ink = x > INK / 16.0
+    idx = torch.arange(8, dtype=torch.float32)
+    rows, cols = ink.any(2), ink.any(1)
+    edges = [torch.where(rows, idx, 99.0).amin(1), torch.where(rows, idx, -99.0).amax(1) + 1,
+             torch.where(cols, idx, 99.0).amin(1), torch.where(cols, idx, -99.0).amax(1) + 1]
+    box = torch.stack(edges, 1)  # (n, 4): top, bottom, left, right in source pixel edges
+    if jitter:
+        box = box + torch.as_tensor(rng.uniform(-jitter, jitter, (n, 4)), dtype=torch.float32)
+    t = (torch.arange(size, dtype=torch.float32) + 0.5) / size  # output pixel centres in [0, 1]
+    ys = box[:, :1] + t * (box[:, 1:2] - box[:, :1])
+    xs = box[:, 2:3] + t * (box[:, 3:4] - box[:, 2:3])
+    grid = torch.stack([(xs / 4 - 1)[:, None, :].expand(n, size, size), (ys / 4 - 1)[:, :, None].expand(n, size, size)], -1)
+    out = F.grid_sample(x[:, None], grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    return out * 2 - 1
+
+
+def raw_split():
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
 
     d = load_digits()
-    x = (d.images.astype(np.float32) / 16.0 - 0.5) / 0.5
-    x_tr, x_te, y_tr, y_te = train_test_split(x, d.target, test_size=360, stratify=d.target, random_state=0)
-    t = lambda a: torch.as_tensor(a)[:, None]  # noqa: E731
-    return t(x_tr), torch.as_tensor(y_tr, dtype=torch.long), t(x_te), torch.as_tensor(y_te, dtype=torch.long)
+    return train_test_split(d.images, d.target, test_size=360, stratify=d.target, random_state=0)
 
 
-def checkpoint_path(seed):
-    return os.path.join(DATA_DIR, f"vim_digits_seed{seed}.pth")
+def load_split(testbed_name: str = "digits"):
+    """(x_train, y_train, x_test, y_test) of a testbed: float32 images (n, 1, s, s) in [-1, 1] and int64
+    labels; the training images unaugmented."""
+    x_tr, x_te, y_tr, y_te = raw_split()
+    y = lambda a: torch.as_tensor(a, dtype=torch.long)  # noqa: E731
+    if testbed_name == "paper-geometry":
+        size = PAPER_GEOMETRY_CONFIG["img_size"]
+        return fill_frame(x_tr, size), y(y_tr), fill_frame(x_te, size), y(y_te)
+    t = lambda a: torch.as_tensor((a.astype(np.float32) / 16.0 - 0.5) / 0.5)[:, None]  # noqa: E731
+    return t(x_tr), y(y_tr), t(x_te), y(y_te)
 
 
-def shipped_checkpoints():
-    """Paths of the shipped digits models, one per seed; a clear error if the package data is missing."""
-    paths = [checkpoint_path(s) for s in SEEDS]
+def _shift(x, rng):
+    """Shift each image by up to one pixel in each direction, zero (= -1 after scaling) fill."""
+    n = x.shape[0]
+    padded = F.pad(x, (1, 1, 1, 1), value=-1.0)
+    dy, dx = rng.integers(0, 3, n), rng.integers(0, 3, n)
+    return torch.stack([padded[i, :, dy[i]:dy[i] + 8, dx[i]:dx[i] + 8] for i in range(n)])
+
+
+@dataclass(frozen=True)
+class Testbed:
+    """One embedded testbed: its model, data, shipped seeds and training recipe (``stm_fast.train_tiny``)."""
+
+    name: str
+    config: dict
+    file_stem: str  # shipped checkpoints: data/<file_stem>_seed<S>.pth
+    recipe: dict = field(default_factory=dict)  # train_tiny's defaults for this testbed
+
+    def checkpoint_path(self, seed: int) -> str:
+        return os.path.join(DATA_DIR, f"{self.file_stem}_seed{seed}.pth")
+
+    def model_name(self, seed: int) -> str:
+        """How the eval names a shipped model: digits-seed0, paper-geometry-seed1 ..."""
+        return f"{self.name}-seed{seed}"
+
+    def augment(self, x_raw, idx, x_ready, rng):
+        """A training batch: the digits testbed shifts the scaled images, paper-geometry jitters the frame."""
+        if self.name == "paper-geometry":
+            return fill_frame(x_raw[idx.numpy()], self.config["img_size"], self.recipe["jitter"], rng)
+        return _shift(x_ready[idx], rng)
+
+    def create_model(self, checkpoint=None, dtype=None):
+        from .models import create_model
+
+        return create_model("vim_tiny", checkpoint_path=checkpoint, dtype=dtype, **self.config)
+
+
+TESTBEDS = {
+    "digits": Testbed("digits", DIGITS_CONFIG, "vim_digits",
+                      dict(epochs=30, lr=3e-3, batch=32, warmup=0, threads=1, backend="torch")),
+    "paper-geometry": Testbed("paper-geometry", PAPER_GEOMETRY_CONFIG, "vim_paper_geometry",
+                              dict(epochs=40, lr=2e-3, batch=32, warmup=2, threads=2, backend="fused", jitter=0.6)),
+}
+
+
+def testbed(name: str) -> Testbed:
+    if name not in TESTBEDS:
+        raise ValueError(f"unknown testbed {name!r}; choose one of {', '.join(TESTBEDS)}")
+    return TESTBEDS[name]
+
+
+def checkpoint_path(seed, testbed_name: str = "digits"):
+    return testbed(testbed_name).checkpoint_path(seed)
+
+
+def shipped_checkpoints(testbed_name: str = "digits"):
+    """Paths of a testbed's shipped models, one per seed; a clear error if the package data is missing."""
+    paths = [checkpoint_path(s, testbed_name) for s in SEEDS]
     missing = [p for p in paths if not os.path.exists(p)]
     if missing:
         raise FileNotFoundError(
-            f"the embedded digits models are missing ({', '.join(missing)}): reinstall the package, or recreate them "
-            f"with `python -m stm_fast.train_tiny --seed S` for S in {SEEDS}")
+            f"the embedded {testbed_name} models are missing ({', '.join(missing)}): reinstall the package, or recreate "
+            f"them with `python -m stm_fast.train_tiny --testbed {testbed_name} --seed S` for S in {SEEDS}")
     return paths
 
 
-def create_digits_model(checkpoint=None, dtype=None):
-    from .models import create_model
-
-    return create_model("vim_tiny", checkpoint_path=checkpoint, dtype=dtype, **DIGITS_CONFIG)
+def create_digits_model(checkpoint=None, dtype=None, testbed_name: str = "digits"):
+    return testbed(testbed_name).create_model(checkpoint, dtype)

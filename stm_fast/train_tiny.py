@@ -1,10 +1,12 @@
-"""Train one embedded digits model: ``python -m stm_fast.train_tiny --seed S [--out PATH]``.
+"""Train one embedded testbed model: ``python -m stm_fast.train_tiny [--testbed T] --seed S [--out PATH]``.
 
 Deterministic for a given seed on a given machine (fixed seeds for torch and the augmentation, a fixed
-thread count, data in a fixed order per epoch, subnormals flushed to zero). Recipe (docs/conventions.md §9): AdamW lr 3e-3, weight
-decay 0.05, cosine decay, label smoothing 0.1, batch 32, random shifts of up to 1 pixel, 30 epochs, one
-thread (as fast as two for a model this small, and it fixes the summation order).
-Writes ``{'model': state_dict, 'config': DIGITS_CONFIG, 'meta': {...}}`` (loads with weights_only=True).
+thread count, data in a fixed order per epoch, subnormals flushed to zero). Recipe (docs/testbeds.md):
+AdamW, weight decay 0.05, linear warm-up then cosine decay, label smoothing 0.1, batch 32; ``digits``: lr
+3e-3, no warm-up, random shifts of up to 1 pixel, 30 epochs, one thread, the torch scan; ``paper-geometry``:
+lr 2e-3, 2 warm-up epochs, the frame's edges jittered by up to 0.6 source pixels, 40 epochs, two threads,
+the compiled training scan (``fused``). Writes ``{'model': state_dict, 'config': ..., 'meta': {...}}``
+(loads with weights_only=True); ``--half`` stores the weights in float16 (they load into float32).
 """
 
 from __future__ import annotations
@@ -19,16 +21,8 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from .digits import DIGITS_CONFIG, checkpoint_path, create_digits_model, load_split
-from .runtime import HelpFormatter, flush_denormals
-
-
-def shift(x, rng):
-    """Shift each image by up to one pixel in each direction, zero (= -1 after scaling) fill."""
-    n = x.shape[0]
-    padded = F.pad(x, (1, 1, 1, 1), value=-1.0)
-    dy, dx = rng.integers(0, 3, n), rng.integers(0, 3, n)
-    return torch.stack([padded[i, :, dy[i]:dy[i] + 8, dx[i]:dx[i] + 8] for i in range(n)])
+from .digits import raw_split, load_split, testbed
+from .runtime import HelpFormatter, flush_denormals, positive_int
 
 
 def evaluate(model, x, y, batch=120):
@@ -40,68 +34,109 @@ def evaluate(model, x, y, batch=120):
     return correct / len(x)
 
 
-def train(seed, epochs=30, batch=32, lr=3e-3, out=None, threads=1, progress=True, max_steps=None):
-    """Train seed ``seed`` and write its checkpoint; returns (test accuracy, meta, path). ``max_steps`` stops
-    early (for tests of determinism). Subnormals are flushed meanwhile (epochs are several times slower
-    without: trained decays exp(delta*A) reach float32's subnormal range)."""
+def train(seed, epochs=None, batch=None, lr=None, out=None, threads=None, progress=True, max_steps=None,
+          testbed_name="digits", half=False):
+    """Train seed ``seed`` of a testbed and write its checkpoint; returns (test accuracy, meta, path). Options
+    left None take the testbed's recipe (``stm_fast.digits.TESTBEDS``). ``max_steps`` stops early (for tests
+    of determinism). Subnormals are flushed meanwhile (epochs are several times slower without: trained
+    decays exp(delta*A) reach float32's subnormal range)."""
+    bed = testbed(testbed_name)
+    given = dict(epochs=epochs, batch=batch, lr=lr, threads=threads)
+    recipe = {**bed.recipe, **{k: v for k, v in given.items() if v is not None}}
     prev_threads = torch.get_num_threads()
     try:
         with flush_denormals():
-            return _train(seed, epochs, batch, lr, out, threads, progress, max_steps)
+            return _train(bed, seed, recipe, out, progress, max_steps, half)
     finally:
         torch.set_num_threads(prev_threads)
 
 
-def _train(seed, epochs, batch, lr, out, threads, progress, max_steps):
+def _schedule(opt, recipe, steps_per_epoch):
+    """Linear warm-up over ``warmup`` epochs, then cosine decay to 0 at the last step."""
+    steps = recipe["epochs"] * steps_per_epoch
+    warm = recipe["warmup"] * steps_per_epoch
+
+    def factor(s):
+        if s < warm:
+            return (s + 1) / warm
+        return 0.5 * (1 + math.cos(math.pi * min(s - warm, steps - warm) / max(1, steps - warm)))
+
+    return torch.optim.lr_scheduler.LambdaLR(opt, factor)
+
+
+def _epoch(bed, model, opt, sched, data, rng, batch, budget):
+    """One epoch; returns (mean loss, steps done). ``budget``: steps still allowed (None: no limit)."""
+    x_raw, x_tr, y_tr = data
+    model.train()
+    order = torch.as_tensor(rng.permutation(len(x_tr)))
+    total, done = 0.0, 0
+    for i in range(0, len(x_tr), batch):
+        idx = order[i:i + batch]
+        xb = bed.augment(x_raw, idx, x_tr, rng)
+        loss = F.cross_entropy(model(xb), y_tr[idx], label_smoothing=0.1)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        total += float(loss.detach()) * len(idx)
+        done += 1
+        if budget is not None and done >= budget:
+            break
+    return total / len(x_tr), done
+
+
+def _train(bed, seed, recipe, out, progress, max_steps, half):
     torch.manual_seed(seed)
-    torch.set_num_threads(threads)
+    torch.set_num_threads(recipe["threads"])
     rng = np.random.default_rng(seed)
-    x_tr, y_tr, x_te, y_te = load_split()
-    model = create_digits_model().train()
-    model.set_scan_backend("torch")
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.05)
-    steps = epochs * math.ceil(len(x_tr) / batch)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
+    x_tr, y_tr, x_te, y_te = load_split(bed.name)
+    x_raw = raw_split()[0]
+    model = bed.create_model().train()
+    model.set_scan_backend(recipe["backend"])
+    opt = torch.optim.AdamW(model.parameters(), lr=recipe["lr"], weight_decay=0.05)
+    sched = _schedule(opt, recipe, math.ceil(len(x_tr) / recipe["batch"]))
     t0 = time.time()
-    bar = tqdm(range(epochs), desc=f"seed {seed}", disable=not progress)
+    bar = tqdm(range(recipe["epochs"]), desc=f"{bed.name} seed {seed}", disable=not progress)
     done = 0
-    for epoch in bar:
-        model.train()
-        order = torch.as_tensor(rng.permutation(len(x_tr)))
-        total = 0.0
-        for i in range(0, len(x_tr), batch):
-            idx = order[i:i + batch]
-            xb = shift(x_tr[idx], rng)
-            loss = F.cross_entropy(model(xb), y_tr[idx], label_smoothing=0.1)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            total += float(loss.detach()) * len(idx)
-            done += 1
-            if max_steps is not None and done >= max_steps:
-                break
+    for _ in bar:
+        loss, steps = _epoch(bed, model, opt, sched, (x_raw, x_tr, y_tr), rng, recipe["batch"],
+                             None if max_steps is None else max_steps - done)
+        done += steps
         if max_steps is not None and done >= max_steps:
             break
-        bar.set_postfix(loss=f"{total / len(x_tr):.3f}")
+        bar.set_postfix(loss=f"{loss:.3f}")
+    return _save(bed, model, seed, recipe, out, half, x_te, y_te, time.time() - t0)
+
+
+def _save(bed, model, seed, recipe, out, half, x_te, y_te, seconds):
+    """Write the checkpoint (float16 weights with ``half``); the recorded accuracy is that of what is written."""
+    model.eval()
+    model.set_scan_backend(None)
+    acc32 = evaluate(model, x_te, y_te)
+    state = {k: v.half() if half and v.is_floating_point() else v for k, v in model.state_dict().items()}
+    if half:
+        model.load_state_dict({k: v.float() for k, v in state.items()})
     acc = evaluate(model, x_te, y_te)
-    meta = {"seed": seed, "epochs": epochs, "batch": batch, "lr": lr, "test_accuracy": acc,
-            "train_seconds": round(time.time() - t0, 1), "torch": str(torch.__version__)}
-    out = out or f"vim_digits_seed{seed}.pth"  # never the shipped file unless asked for (main: --replace-shipped)
+    meta = {"seed": seed, "testbed": bed.name, **{k: recipe[k] for k in ("epochs", "batch", "lr", "warmup")},
+            "test_accuracy": acc, "test_accuracy_float32": acc32, "weights": "float16" if half else "float32",
+            "train_seconds": round(seconds, 1), "torch": str(torch.__version__),
+            "command": f"python -m stm_fast.train_tiny --testbed {bed.name} --seed {seed}" + (" --half" if half else "")}
+    out = out or os.path.basename(bed.checkpoint_path(seed))  # never the shipped file unless asked (--replace-shipped)
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     tmp = out + ".tmp"
-    model.eval()
-    torch.save({"model": model.state_dict(), "config": dict(DIGITS_CONFIG), "meta": meta}, tmp)
+    torch.save({"model": state, "config": dict(bed.config), "meta": meta}, tmp)
     os.replace(tmp, out)
     return acc, meta, out
 
 
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m stm_fast.train_tiny", description=__doc__, formatter_class=HelpFormatter)
+    ap.add_argument("--testbed", default="digits", choices=["digits", "paper-geometry"], help="which testbed's model")
     ap.add_argument("--seed", type=int, required=True, help="the seed to train (0, 1, 2 are the shipped models)")
-    ap.add_argument("--epochs", type=int, default=30, help="training epochs (the shipped models: 30)")
+    ap.add_argument("--epochs", type=positive_int, default=None, help="training epochs (default: the testbed's, 30)")
+    ap.add_argument("--half", action="store_true", help="store the weights in float16 (the shipped paper-geometry models)")
     ap.add_argument("--out", default=None,
-                    help="where to write the checkpoint (default: vim_digits_seed<S>.pth in the current folder; the "
+                    help="where to write the checkpoint (default: the shipped file's name, in the current folder; the "
                          "package's shipped models are only replaced with --replace-shipped)")
     ap.add_argument("--replace-shipped", action="store_true",
                     help="write into the package's shipped checkpoint of this seed (what the embedded default evaluates)")
@@ -111,14 +146,14 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None):
     ap = build_parser()
     args = ap.parse_args(argv)
-    shipped = os.path.abspath(checkpoint_path(args.seed))
-    out = args.out or (shipped if args.replace_shipped else f"vim_digits_seed{args.seed}.pth")
+    shipped = os.path.abspath(testbed(args.testbed).checkpoint_path(args.seed))
+    out = args.out or (shipped if args.replace_shipped else os.path.basename(shipped))
     if os.path.abspath(out) == shipped and not args.replace_shipped:
         ap.error(f"--out {out} is the package's shipped model of seed {args.seed}: pass --replace-shipped to replace it")
     if os.path.isdir(out):
         ap.error(f"--out {out} is a folder: give a file name")
-    acc, meta, out = train(args.seed, epochs=args.epochs, out=out)
-    print(f"seed {args.seed}: test accuracy {100 * acc:.2f}% on 360 images, {meta['train_seconds']} s -> {out}")
+    acc, meta, out = train(args.seed, epochs=args.epochs, out=out, testbed_name=args.testbed, half=args.half)
+    print(f"{args.testbed} seed {args.seed}: test accuracy {100 * acc:.2f}% on 360 images, {meta['train_seconds']} s -> {out}")
     return 0
 
 
