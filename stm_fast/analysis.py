@@ -7,11 +7,17 @@ import math
 
 import torch
 
+from dataclasses import replace
+
+import numpy as np
+
+from .merge import ends_weights
 from .reduction import reduced
 from .reduction.evit import class_attention
 from .stats import StatsRequest
 
-__all__ = ["layer_losses", "plot_layer_losses", "hidden_state_maps", "plot_hidden_state_maps"]
+__all__ = ["layer_losses", "plot_layer_losses", "hidden_state_maps", "plot_hidden_state_maps", "lsq_weights_used",
+           "weight_summary"]
 
 
 class _Observer:
@@ -108,7 +114,7 @@ def plot_hidden_state_maps(maps, path, image=0, layers=None, title="Hidden state
 def _class_states(model, images):
     states = []
     with torch.inference_mode():
-        model.forward_features(images, observer=lambda i, s: states.append(s.double()))
+        model.forward_features(images, observer=lambda i, s: states.append(s.to(torch.float64, copy=True)))  # s may be a view
     return torch.stack(states, dim=1)  # (batch, depth, d)
 
 
@@ -146,3 +152,33 @@ def plot_layer_losses(curves: dict[str, list[float]], path, title: str = "Class-
     fig.savefig(path)
     plt.close(fig)
     return path
+
+
+def lsq_weights_used(model, images, reduction) -> np.ndarray:
+    """Every scalar weight (eq. 11, ``lsq``) that STM's steps compute in one forward of ``images`` under
+    ``reduction`` (an STM ``Reduction`` with the ``ends`` plan), as a flat float64 array. The weights are
+    recomputed from each step's layer statistics before the step runs (the step itself is unchanged)."""
+    impl = reduction.impl
+    if reduction.method != "stm" or impl.options["positions"] != "ends":
+        raise ValueError("lsq_weights_used needs an STM reduction with positions='ends'")
+    found = []
+
+    def hook(step, args):
+        i, k, x, tokens, stats = args
+        left, right = ends_weights(replace(stats, first_steps=None), *impl.side_split(k), "lsq")
+        found.extend([left.double().flatten(), right.double().flatten()])
+        return step(*args)
+
+    with reduced(model, reduction.with_step_hook(hook)), torch.inference_mode():
+        model(images)
+    return torch.cat(found).cpu().numpy() if found else np.zeros(0)
+
+
+def weight_summary(w) -> dict:
+    """Quantiles of a sample of merge weights and how many lie near 1 (a plain sum) or below 0."""
+    w = np.asarray(w, dtype=np.float64)
+    if w.size == 0:
+        return {"n": 0}
+    q = [float(v) for v in np.quantile(w, [0.05, 0.25, 0.5, 0.75, 0.95])]
+    return {"n": int(w.size), "q05": q[0], "q25": q[1], "median": q[2], "q75": q[3], "q95": q[4],
+            "near_1": float(np.mean(np.abs(w - 1) <= 0.1)), "negative": float(np.mean(w < 0)), "max": float(w.max())}

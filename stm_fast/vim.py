@@ -336,6 +336,7 @@ class VisionMamba(nn.Module):
                 observer(i, rows(hidden) if residual is None else rows(residual) + rows(hidden))
         return rows(self.norm_f(hidden if residual is None else residual + hidden))
 
-    def forward(self, images):
-        feats = self.forward_features(images)
+    def forward(self, images, observer=None):
+        """Logits (batch, classes); ``observer`` as in ``forward_features``."""
+        feats = self.forward_features(images, observer)
         return self.head(feats.to(self.head.weight.dtype) if isinstance(self.head, nn.Linear) else feats)

@@ -158,8 +158,8 @@ def test_non_finite_weights_are_refused_at_load(tmp_path, checkpoint, folders, c
 def test_non_finite_logits_stop_the_run_naming_batch_and_configuration(tmp_path, checkpoint, folders, capsys, monkeypatch):
     real = stm_fast.vim.VisionMamba.forward
 
-    def poisoned(self, x):
-        y = real(self, x)
+    def poisoned(self, x, observer=None):
+        y = real(self, x, observer)
         return y * float("nan") if self.reduction is not None else y
 
     monkeypatch.setattr(stm_fast.vim.VisionMamba, "forward", poisoned)

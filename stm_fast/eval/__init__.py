@@ -17,7 +17,8 @@ labels), run (the batch loop, resume, torch.distributed), progress (resumable co
 
 from .cli import build_parser, main, parse_args
 from .errors import RunError
-from .grid import METHOD_GROUPS, exp_key, experiments
+from .experiment import BASELINE, Experiment
+from .grid import METHOD_GROUPS, experiments
 from .run import evaluate
 
-__all__ = ["main", "parse_args", "build_parser", "evaluate", "experiments", "exp_key", "METHOD_GROUPS", "RunError"]
+__all__ = ["main", "parse_args", "build_parser", "evaluate", "experiments", "Experiment", "BASELINE", "METHOD_GROUPS", "RunError"]

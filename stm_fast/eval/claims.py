@@ -1,126 +1,184 @@
-"""The paper's claims as paired comparisons on the run's own images, with a verdict (``claims.json``).
+"""The paper's claims as paired comparisons on the run's own images, with a verdict (``claims.json``;
+docs/eval.md § Claims and statistics).
 
-For each model and each rate (or schedule) of the run, and pooled over its models (each model's images
-paired with themselves, then put together):
+For each rate (or schedule) of the run, the pairs (a, b) the grid makes possible:
 
-1. ``HSP vs plain average``: STM with its weights against the same STM with ``weights="avg"``;
-2. ``HSP vs drop``: against ``weights="drop"`` (the same positions, nothing merged);
-3. ``both sides vs one side``: STM on both sides against STM on one side;
-4. ``STM vs <peer>``: against every peer configuration evaluated at the same rate (the peers' released
-   flavours included);
-5. ``<peer> <flavour> flavour vs paper``: a peer's released flavour against our paper-described version.
+1. ``HSP vs plain average`` (STM's lsq weights vs ``weights="avg"``), ``HSP vs drop``, ``HSP vs size-weighted
+   average`` (ToMe's merge, ``weights="size"``), ``joint fit vs HSP`` (``weights="lsq_joint"`` vs lsq);
+2. the controls where merged tokens sit nearer the class token: ``HSP vs plain average`` with uniform
+   positions and with merges in the second half only;
+3. ``both sides vs one side``;
+4. ``STM vs <peer>`` for every peer at the same rate, its released flavours and its run at STM's own
+   layers and counts included;
+5. ``<peer> <flavour> flavour vs paper``.
 
-Each record: claim, model, rate, a, b (the two configurations), diff (accuracy of a minus b, points),
-ci_low, ci_high (paired bootstrap 95%), p_value (exact McNemar), verdict, n_images. A claim whose two
-configurations were not both evaluated is left out.
+Each claim is tested pooled over the run's models (``paired_stats.compare``: cluster bootstrap by image,
+sign-flip test, TOST at +-1 point) and for each model alone. The pooled tests of every claim (difference
+and equivalence) form one family, Holm-adjusted; each model's tests form its own family. Verdict
+(``verdict``): ``supported`` / ``contradicted`` when the adjusted difference test rejects and every model's
+difference has the same sign (else ``models disagree``), ``equivalent`` when the adjusted TOST rejects and
+every model's difference is within the margin, else ``inconclusive``. The finer measures (agreement with the
+baseline, KL divergence from it, the class token's final deviation from it) are reported for STM-vs-STM
+claims as descriptive differences with a cluster-bootstrap interval; they do not enter the verdict.
 """
 
 from __future__ import annotations
 
-import json
-
 import numpy as np
 
 from ..reduction import STM_DEFAULTS
-from .grid import exp_key
-from .stats import paired_difference, verdict
+from .experiment import Experiment
+from .grid import late_start
+from .paired_stats import ALPHA, MARGIN, cluster_bootstrap, compare, holm
 
-__all__ = ["claims", "claims_text", "describe", "experiment_key"]
+__all__ = ["claims", "claims_text", "verdict", "claim_pairs"]
 
-
-def experiment_key(e):
-    """The JSON text of an experiment (its key in ``achieved``)."""
-    return json.dumps(list(e), sort_keys=True)
-
-
-def describe(method, options):
-    """'stm (both sides, lsq weights)' / 'tome': how a configuration is named in claims and tables."""
-    if method != "stm":
-        extra = ", ".join(f"{k}={v}" for k, v in options.items())
-        return f"{method} ({extra})" if extra else method
-    o = {**STM_DEFAULTS, **options}
-    sides = "both sides" if o["sides"] == "both" else f"one side ({o['sides']})"
-    weights = f"{o['weights']} weights"
-    extra = [f"{k}={o[k]}" for k in ("positions", "start_layer") if o[k] != STM_DEFAULTS[k]]
-    return f"stm ({', '.join([sides, weights, *extra])})"
+_HSP_PAIRS = (("avg", "HSP vs plain average"), ("drop", "HSP vs drop"), ("size", "HSP vs size-weighted average"))
 
 
 def _stm_at(point, stm_options, achieved, exps):
     """STM's experiment compared with a peer at ``point``: at the same point, else (the paper's settings, where
     STM runs a schedule and the peers a rate) STM at a schedule whose achieved rate is that rate (±0.5 point)."""
-    rate, sched = point
-    same = ("stm", rate, sched, dict(stm_options))
-    if same in exps or rate is None:
-        return same
+    same = [e for e in exps if e.method == "stm" and e.opts == stm_options and e.point == point]
+    if same or not isinstance(point, float):
+        return same[0] if same else None
     for e in exps:
-        if e[0] == "stm" and e[3] == stm_options and e[2] is not None and abs(achieved[_key(e)] - rate) <= 0.005:
+        if e.method == "stm" and e.opts == stm_options and e.schedule is not None and abs(achieved[e] - point) <= 0.005:
             return e
-    return same
+    return None
 
 
-_key = experiment_key
-
-
-def _pairs(points, stm_options, peers, achieved, exps):
-    """[(claim, experiment a, experiment b)] that the grid makes possible."""
-    out = []
-    for rate, sched in points:
-        a = ("stm", rate, sched, dict(stm_options))
-        for w, claim in (("avg", "HSP vs plain average"), ("drop", "HSP vs drop")):
-            if stm_options.get("weights", "lsq") != w:
-                out.append((claim, a, ("stm", rate, sched, {**stm_options, "weights": w})))
-        side = "right" if stm_options.get("sides", "both") == "right" else "left"
-        if stm_options.get("sides", "both") == "both":
-            out.append(("both sides vs one side", a, ("stm", rate, sched, {**stm_options, "sides": side})))
-        at_point = [e for e in exps if e[0] in peers and e[1] == rate and e[2] == sched]
-        out += [(f"STM vs {describe(e[0], e[3])}", _stm_at((rate, sched), stm_options, achieved, exps), e) for e in at_point]
-        out += [(f"{e[0]} {e[3]['flavour']} flavour vs paper", e, (e[0], rate, sched, {})) for e in at_point
-                if e[3].get("flavour") and (e[0], rate, sched, {}) in exps]
+def _stm_pairs(base, stm_options, depth):
+    """The STM-vs-STM claims (a, b) for STM's experiment ``base`` (items 1-3 of the module docstring)."""
+    w = stm_options.get("weights", STM_DEFAULTS["weights"])
+    out = [(claim, base, base.with_options(weights=v)) for v, claim in _HSP_PAIRS if w != v]
+    if w != "lsq_joint":
+        out.append(("joint fit vs HSP", base.with_options(weights="lsq_joint"), base))
+    uniform = base.with_options(positions="uniform")
+    late = base.with_options(start_layer=late_start(depth))
+    out += [("HSP vs plain average, uniform positions", uniform, uniform.with_options(weights="avg")),
+            (f"HSP vs plain average, merges after layer {late_start(depth)} only", late, late.with_options(weights="avg"))]
+    if stm_options.get("sides", "both") == "both":
+        side = "right" if stm_options.get("sides") == "right" else "left"
+        out.append(("both sides vs one side", base, base.with_options(sides=side)))
     return out
 
 
-def _record(claim, model, exp_a, exp_b, correct_a, correct_b):
-    stat = paired_difference(correct_a, correct_b)
-    point = exp_a[2] if exp_a[2] is not None else exp_a[1]
-    return {"claim": claim, "model": model, "rate": point, "a": describe(exp_a[0], exp_a[3]),
-            "b": describe(exp_b[0], exp_b[3]), "diff": stat["diff"], "ci_low": stat["ci_low"], "ci_high": stat["ci_high"],
-            "p_value": stat["p_value"], "verdict": verdict(stat["diff"], stat["p_value"]), "n_images": stat["n_images"]}
+def claim_pairs(exps, stm_options, achieved, depth):
+    """[(claim, experiment a, experiment b)] with both experiments in ``exps``."""
+    present, out = set(exps), []
+    points = list(dict.fromkeys(e.point for e in exps if e.method != "none"))
+    for point in points:
+        base = next((e for e in exps if e.method == "stm" and e.opts == stm_options and e.point == point), None)
+        if base is not None:
+            out += _stm_pairs(base, stm_options, depth)
+        peers = [e for e in exps if e.method not in ("none", "stm") and e.point == point]
+        stm = _stm_at(point, stm_options, achieved, exps)
+        if stm is not None:
+            out += [(f"STM vs {e.label}", stm, e) for e in peers]
+        for e in peers:
+            paper = Experiment.of(e.method, e.rate, e.schedule_value)
+            if e.opts.get("flavour"):
+                out.append((f"{e.method} {e.opts['flavour']} flavour vs paper", e, paper))
+    return [(c, a, b) for c, a, b in out if a in present and b in present]
 
 
-def claims(model_names, exps, labels, preds, stm_options, achieved=None):
-    """Claim records (see the module docstring) from per-image predictions {exp_key: array} and labels;
-    ``achieved``: {json of an experiment: achieved rate} (to pair a peer's rate with STM's schedule)."""
-    keys = {exp_key(m, e) for m in model_names for e in exps}
-    peers = sorted({e[0] for e in exps if e[0] not in ("none", "stm")})
-    out = []
-    exps = [tuple(e) for e in exps]
-    points = [json.loads(p) for p in dict.fromkeys(json.dumps([e[1], e[2]]) for e in exps if e[0] != "none")]
-    for claim, exp_a, exp_b in _pairs(points, stm_options, peers, achieved or {}, exps):
-        if not all(exp_key(m, e) in keys for m in model_names for e in (exp_a, exp_b)):
-            continue
-        pooled_a, pooled_b = [], []
-        for m in model_names:
-            valid = labels[m] >= 0
-            ca = preds[exp_key(m, exp_a)][valid] == labels[m][valid]
-            cb = preds[exp_key(m, exp_b)][valid] == labels[m][valid]
-            out.append(_record(claim, m, exp_a, exp_b, ca, cb))
-            pooled_a.append(ca)
-            pooled_b.append(cb)
-        if len(model_names) > 1:
-            out.append(_record(claim, f"pooled ({len(model_names)} models)", exp_a, exp_b, np.concatenate(pooled_a),
-                               np.concatenate(pooled_b)))
+def verdict(diff, p_diff, p_equiv, model_diffs=(), alpha=ALPHA, margin=MARGIN) -> str:
+    """The verdict of one claim from its (adjusted) p-values and each model's difference (module docstring)."""
+    if diff is None or p_diff is None:
+        return "inconclusive"
+    if p_diff < alpha and diff != 0:
+        if all(np.sign(d) == np.sign(diff) for d in model_diffs):
+            return "supported" if diff > 0 else "contradicted"
+        return "models disagree"
+    if p_equiv is not None and p_equiv < alpha and all(abs(d) < margin for d in model_diffs):
+        return "equivalent"
+    return "inconclusive"
+
+
+def _correct(preds, labels, names, e):
+    valid = labels >= 0
+    return np.stack([preds[e.key(m)][valid] == labels[valid] for m in names]), valid
+
+
+def _finer(names, a, b, labels, preds, fine):
+    """Descriptive pooled differences (a - b) of the finer measures, each with its cluster-bootstrap 95% CI."""
+    valid = labels >= 0
+    base = {m: preds[Experiment("none", 0.0).key(m)][valid] for m in names}
+    per_image = {
+        "agreement": [100.0 * ((preds[a.key(m)][valid] == base[m]).astype(float) - (preds[b.key(m)][valid] == base[m]))
+                      for m in names],
+        "kl": [fine[a.key(m)][0][valid] - fine[b.key(m)][0][valid] for m in names],
+        "cls_deviation": [fine[a.key(m)][1][valid] - fine[b.key(m)][1][valid] for m in names],
+    }
+    out = {}
+    for k, rows in per_image.items():
+        d = np.mean(rows, axis=0)
+        low, high, _ = cluster_bootstrap(d)
+        out[k] = {"diff": float(np.mean(d)), "ci_low": low, "ci_high": high}
     return out
 
 
-def claims_text(records):
-    """The "Claims" section printed after the table: the pooled (or single-model) records."""
-    pooled = [r for r in records if r["model"].startswith("pooled")] or records
-    if not pooled:
+def _record(claim, a, b, names, labels, preds, fine):
+    """The claim's pooled statistics and each model's (p-values not yet adjusted)."""
+    ca, valid = _correct(preds, labels, names, a)
+    cb, _ = _correct(preds, labels, names, b)
+    rec = {"claim": claim, "rate": a.point, "a": a.label, "b": b.label, **compare(ca, cb)}
+    rec["models"] = [{"model": m, **{k: v for k, v in compare(ca[i:i + 1], cb[i:i + 1]).items()
+                                     if k in ("diff", "ci_low", "ci_high", "p_diff", "p_equiv")}}
+                     for i, m in enumerate(names)] if len(names) > 1 else []
+    if a.method == "stm" and b.method == "stm":
+        rec["finer"] = _finer(names, a, b, labels, preds, fine)
+    return rec
+
+
+def _adjust(records, names):
+    """Holm over the pooled family, and over each model's family; then the verdicts."""
+    adj = holm([r["p_diff"] for r in records] + [r["p_equiv"] for r in records])
+    for r, pd, pe in zip(records, adj[:len(records)], adj[len(records):]):
+        r["p_diff_holm"], r["p_equiv_holm"] = float(pd), float(pe)
+    for i in range(len(names) if records and records[0]["models"] else 0):
+        rows = [r["models"][i] for r in records]
+        madj = holm([m["p_diff"] for m in rows] + [m["p_equiv"] for m in rows])
+        for m, pd, pe in zip(rows, madj[:len(rows)], madj[len(rows):]):
+            m["p_diff_holm"], m["p_equiv_holm"] = float(pd), float(pe)
+            m["verdict"] = verdict(m["diff"], m["p_diff_holm"], m["p_equiv_holm"])
+    for r in records:
+        r["verdict"] = verdict(r["diff"], r["p_diff_holm"], r["p_equiv_holm"], [m["diff"] for m in r["models"]])
+
+
+def claims(model_names, exps, labels, preds, fine, stm_options, achieved, depth):
+    """Claim records (module docstring) from per-image predictions {key: array}, labels, the finer measures
+    {key: (kl, deviation)} and {experiment: achieved rate}; ``depth`` of the models (the late-merges control)."""
+    records = [_record(c, a, b, model_names, labels, preds, fine)
+               for c, a, b in claim_pairs(exps, dict(stm_options), achieved, depth)]
+    _adjust(records, model_names)
+    return records
+
+
+def _fmt_p(p):
+    return "< 1e-4" if p < 1e-4 else f"{p:.2g}"
+
+
+def claims_text(records, n_models):
+    """The "Claims" section printed after the table."""
+    if not records:
         return ""
-    lines = ["Claims (paired on the same images; difference of top-1 in points, a - b, with its bootstrap 95% "
-             "interval and the exact McNemar p-value; verdict at 95%):"]
-    for r in pooled:
-        rate = f"{100 * r['rate']:.0f}%" if isinstance(r["rate"], float) else f"schedule {r['rate']}"
-        lines.append(f"- {r['claim']} at {rate}: {r['diff']:+.1f} [{r['ci_low']:+.1f}, {r['ci_high']:+.1f}], "
-                     f"p = {r['p_value']:.2g}: {r['verdict']} ({r['model']}, {r['n_images']} images)")
+    lines = [f"Claims (a - b in top-1 points over {n_models} model(s) x {records[0]['n_images']} images, the same "
+             f"images for every row: 95% cluster-bootstrap interval by image; p: sign-flip test of no difference; "
+             f"TOST: equivalence within ±{MARGIN:g} point; both Holm-adjusted over the {2 * len(records)} tests "
+             f"here; the adjusted tests decide the verdict):"]
+    for r in records:
+        rate = f"{100 * r['rate']:.0f}%" if isinstance(r["rate"], float) else str(r["rate"])
+        per = " / ".join(f"{m['diff']:+.1f}" for m in r["models"])
+        line = (f"- {r['claim']} at {rate}: {r['diff']:+.2f} [{r['ci_low']:+.2f}, {r['ci_high']:+.2f}], "
+                f"p {_fmt_p(r['p_diff_holm'])}, TOST p {_fmt_p(r['p_equiv_holm'])}: {r['verdict']}")
+        if per:
+            line += f" (per model {per})"
+        if r.get("finer"):
+            f = r["finer"]
+            line += "; finer: " + ", ".join(f"{name} {f[k]['diff']:+.3g} [{f[k]['ci_low']:+.3g}, {f[k]['ci_high']:+.3g}]"
+                                            for k, name in (("agreement", "agreement"), ("kl", "KL"),
+                                                            ("cls_deviation", "class-token deviation")))
+        lines.append(line)
     return "\n".join(lines)

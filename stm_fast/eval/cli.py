@@ -13,7 +13,8 @@ from ..checkpoint import CheckpointError
 from ..merge import TOKEN_WEIGHT_VARIANTS
 from ..models import OVERRIDES, list_models, parse_overrides
 from ..reduction import STM_DEFAULTS, check_rate, list_methods
-from ..registry import ALIASES, MODEL_CONFIGS, describe
+from ..digits import TESTBEDS
+from ..registry import ALIASES, MODEL_CONFIGS, canonical_name, describe
 from ..runtime import AMP_DTYPES, HelpFormatter, non_negative_int, positive_int
 from .errors import NoImagesError, RunError
 from .grid import DEFAULT_RATES, METHOD_GROUPS
@@ -24,13 +25,18 @@ __all__ = ["build_parser", "parse_args", "main"]
 
 DESCRIPTION = """Accuracy of STM and its peers at several token reduction rates (the paper's Tables 2 and 3).
 
-Without --checkpoint/--data: the embedded default (three small Vims trained on scikit-learn's digits,
-offline, about a minute on two cores). With --model --checkpoint --data: an official hustvl/Vim checkpoint on
-ImageNet-1k validation images. Results go to --out (resumable): results.json, results.csv, table.md,
-accuracy_vs_flops.png. docs/conventions.md defines rates, schedules and FLOPs."""
+Without --checkpoint/--data: an embedded testbed (three small Vims trained on scikit-learn's digits, offline):
+--testbed digits (the default, 65 tokens, 8 layers, about a minute on two cores) or --testbed paper-geometry
+(Vim-Ti's 197 tokens and 24 layers, under 10 minutes). With --model --checkpoint --data: an official hustvl/Vim
+checkpoint on ImageNet-1k validation images. Results go to --out (resumable): results.json, results.csv,
+table.md, claims.json, accuracy_vs_flops.png. docs/conventions.md defines rates, schedules and FLOPs;
+docs/eval.md the statistics."""
 
 def _data_options(ap):
-    g = ap.add_argument_group("model and data (none of them: the embedded digits default)")
+    g = ap.add_argument_group("model and data (none of them: an embedded testbed)")
+    g.add_argument("--testbed", default="digits", choices=list(TESTBEDS),
+                   help="the embedded testbed when there is no --checkpoint/--data: digits (65 tokens, 8 layers) or "
+                        "paper-geometry (197 tokens, 24 layers, Vim-Ti's geometry; docs/testbeds.md)")
     g.add_argument("--model", default=None, choices=list_models(), metavar="NAME",
                    help="architecture of --checkpoint (vim_tiny when omitted): " + ", ".join(sorted(MODEL_CONFIGS)) +
                         ", or an official registry name; --list shows them all")
@@ -55,10 +61,11 @@ def _method_options(ap):
     g.add_argument("--schedule", help="instead of rates: tokens removed after each layer IN TOTAL, comma-separated "
                                       "(one value = every layer); STM on both sides splits each entry equally, so the "
                                       "paper's '2 tokens per direction at every layer' is --schedule 4")
-    g.add_argument("--paper", choices=["inferred", "literal"],
-                   help="instead of --rates/--schedule, the paper's Table 2 and 3 settings for vim_tiny/vim_small/vim_base: "
-                        "'inferred' from the FLOPs the tables report (e.g. Vim-Ti: one token per side after every layer), "
-                        "'literal' as its text says (two per direction at every layer); stm_fast/eval/paper.py explains")
+    g.add_argument("--paper", nargs="?", const="literal", choices=["literal", "sensitivity", "inferred"],
+                   help="instead of --rates/--schedule, the paper's Table 2 and 3 settings for vim_tiny/vim_small/vim_base "
+                        "(or the paper-geometry testbed): 'literal' (also a bare --paper) as its text says, two tokens per "
+                        "direction at every layer; 'sensitivity' adds schedules whose FLOPs match the reported ones "
+                        "('inferred' is its old name); stm_fast/eval/paper.py explains")
     g.add_argument("--stm-sides", default=STM_DEFAULTS["sides"], choices=["both", "left", "right"],
                    help="STM: which sides of the class token lose tokens")
     g.add_argument("--stm-positions", default=STM_DEFAULTS["positions"], choices=["ends", "uniform"],
@@ -128,6 +135,17 @@ def _schedule(text):
     return values[0] if len(values) == 1 else values
 
 
+def _check_paper(args):
+    """--paper needs the paper's geometry (an official checkpoint, or the paper-geometry testbed), no --schedule."""
+    if args.schedule is not None:
+        raise RunError("--paper runs the paper's own schedules: drop --schedule")
+    if args.checkpoint is None and args.testbed != "paper-geometry":
+        raise RunError("--paper runs the paper's settings on its geometry: give --model and --checkpoint, or "
+                       "--testbed paper-geometry (the digits testbed has 65 tokens and 8 layers)")
+    args.paper = "sensitivity" if args.paper == "inferred" else args.paper
+    args.paper_model = canonical_name(args.model) if args.checkpoint else "vim_tiny"
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     args = build_parser().parse_args(argv)
     if args.list:
@@ -141,11 +159,12 @@ def parse_args(argv=None) -> argparse.Namespace:
         raise RunError(str(e)) from None
     if args.schedule is not None:
         args.schedule = _schedule(args.schedule)
-    if args.paper and (args.schedule is not None or args.checkpoint is None):
-        raise RunError("--paper runs the paper's own settings on an official checkpoint: give --model and --checkpoint, "
-                       "and no --schedule")
+    if args.paper:
+        _check_paper(args)
     args.stm_options = {"sides": args.stm_sides, "positions": args.stm_positions, "weights": args.stm_weights,
                         "start_layer": args.stm_start_layer}
+    if args.testbed != "digits" and (args.checkpoint is not None or args.data is not None):
+        raise RunError(f"--testbed {args.testbed} is an embedded testbed: it takes no --checkpoint/--data")
     if args.batch_size is None:
         args.batch_size = 128 if args.data else 360
     if args.out is None:

@@ -18,12 +18,17 @@ import os
 
 import torch
 
-from ..analysis import hidden_state_maps, layer_losses, plot_hidden_state_maps, plot_layer_losses
-from .grid import exp_key
+import json
+
+import numpy as np
+
+from ..analysis import (hidden_state_maps, layer_losses, lsq_weights_used, plot_hidden_state_maps, plot_layer_losses,
+                        weight_summary)
+from ..runtime import atomic_write_json
 from .inputs import first_images
 from .report import flops_unit, label, point_of
 
-__all__ = ["plot_accuracy_vs_flops", "write_paper_figures"]
+__all__ = ["plot_accuracy_vs_flops", "write_paper_figures", "hsp_weights", "plot_hsp_deviation", "weights_text"]
 
 
 def _save(fig, path):
@@ -108,13 +113,98 @@ def write_paper_figures(run, dataset):
     for i in range(min(2, len(images))):
         path = os.path.join(out, f"figure1_{name}_image{i}.png")
         paths.append(plot_hidden_state_maps(maps, path, image=i, title=f"{name}, image {i}: hidden states per layer"))
-    reduced_points = sorted({e[1] for e in run.exps if e[0] != "none" and e[1] is not None}, key=lambda r: abs(r - 0.2))
+    reduced_points = sorted({e.rate for e in run.exps if e.method != "none" and e.rate is not None}, key=lambda r: abs(r - 0.2))
     point = reduced_points[0] if reduced_points else None
-    curves = {label({"method": e[0], "options": e[3]}): layer_losses(model, images, run.plans[exp_key(name, e)])
-              for e in run.exps if e[0] != "none" and (e[1] == point or point is None)}
+    curves = {e.label: layer_losses(model, images, run.plans[e.key(name)])
+              for e in run.exps if e.method != "none" and (e.rate == point or point is None)}
     if curves:
         path = os.path.join(out, "figure3_layer_losses.png")
         what = f"{100 * point:.0f}%" if point is not None else "the run's schedules"
         paths.append(plot_layer_losses(curves, path, title=f"{name} at {what}: class-token deviation per layer "
                                                            f"({len(images)} images)"))
     return paths
+
+
+def hsp_weights(run, dataset, n_images=64):
+    """{point: weight_summary} of the lsq weights STM's default configuration computes on the first model's
+    first ``n_images`` images at each point of the run, written to ``lsq_weights.json`` with a histogram
+    (``lsq_weights.png``); {} when the run has no such configuration."""
+    name, model = run.models[0]
+    images = first_images(dataset, n_images)
+    stm = [e for e in run.exps if e.method == "stm" and e.opts == run.args.stm_options and not e.note]
+    if images is None or not stm or run.args.stm_options.get("weights") != "lsq" \
+            or run.args.stm_options.get("positions") != "ends":
+        return {}
+    samples = {json.dumps(e.point): lsq_weights_used(model, images.to(run.device), run.plans[e.key(name)]) for e in stm}
+    out = {k: {**weight_summary(w), "model": name, "images": int(len(images))} for k, w in samples.items()}
+    atomic_write_json(os.path.join(run.args.out, "lsq_weights.json"), out, indent=1)
+    _plot_weights(os.path.join(run.args.out, "lsq_weights.png"), samples, f"{name}, {len(images)} images")
+    return out
+
+
+def _plot_weights(path, samples, title):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=120)
+    for point, w in samples.items():
+        p = json.loads(point)
+        lab = f"{100 * p:.0f}%" if isinstance(p, float) else str(p)
+        ax.hist(np.clip(w, -1, 3), bins=80, histtype="step", label=f"{lab} ({len(w)} weights)")
+    ax.axvline(1.0, color="black", lw=0.8, ls="--")
+    ax.set_xlabel("HSP's lsq weight w_j (eq. 11), clipped to [-1, 3]; 1 = a plain sum")
+    ax.set_ylabel("count")
+    ax.set_title(f"STM's merge weights: {title}")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    _save(fig, path)
+    plt.close(fig)
+
+
+def weights_text(summaries) -> str:
+    """One line per point: the lsq weights' median and spread, and whether they are close to 1."""
+    lines = []
+    for point, s in summaries.items():
+        p = json.loads(point)
+        lab = f"{100 * p:.0f}%" if isinstance(p, float) else str(p)
+        close = "close to 1 (HSP is then nearly a plain sum)" if s["near_1"] >= 0.5 else "not close to 1"
+        lines.append(f"- HSP's lsq weights at {lab} ({s['model']}, {s['n']} weights on {s['images']} images): median "
+                     f"{s['median']:.2f}, 5-95% [{s['q05']:.2f}, {s['q95']:.2f}], {100 * s['near_1']:.0f}% within 0.1 of 1, "
+                     f"{100 * s['negative']:.0f}% negative: {close}")
+    return "\n".join(lines)
+
+
+def plot_hsp_deviation(path, records):
+    """The class token's deviation from the baseline per layer (the paper's Figure 3 measure), mean over the
+    images and models, for STM's weight variants at each rate: one panel per rate. Returns the path or None."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    curves = {}
+    for r in records:
+        if r["method"] != "stm" or not r.get("cls_deviation") or r.get("note") or not isinstance(r["rate"], float):
+            continue
+        o = r["options"]
+        if o.get("positions", "ends") != "ends" or o.get("start_layer", 0) != 0 or o.get("sides", "both") != "both":
+            continue
+        curves.setdefault(r["rate"], {}).setdefault(o.get("weights", "lsq"), []).append(r["cls_deviation"])
+    if not curves:
+        return None
+    fig, axes = plt.subplots(1, len(curves), figsize=(4.2 * len(curves), 3.8), dpi=110, squeeze=False)
+    for ax, (rate, by_w) in zip(axes[0], sorted(curves.items())):
+        for w, rows in by_w.items():
+            ax.plot(np.mean(rows, axis=0), lw=2.2 if w == "lsq" else 1.2, label=w)
+        ax.set_yscale("log")
+        ax.set_title(f"{100 * rate:.0f}%", fontsize=9)
+        ax.set_xlabel("layer")
+        ax.grid(alpha=0.3, which="both")
+    axes[0][0].set_ylabel("class token: relative deviation from the baseline")
+    axes[0][-1].legend(fontsize=7)
+    fig.tight_layout()
+    _save(fig, path)
+    plt.close(fig)
+    return path

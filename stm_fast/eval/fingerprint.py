@@ -53,7 +53,7 @@ def code_version() -> str:
 def _images(dataset):
     """(count, SHA-256 of the sorted (name relative to the data folder, size) list) of the images evaluated."""
     samples = getattr(dataset, "samples", None)
-    if samples is None:  # the embedded digits test split: fixed by the package
+    if samples is None:  # an embedded testbed's test split: fixed by the package (and named by the testbed)
         return {"count": len(dataset), "digest": "sklearn-digits-test"}
     root = os.path.commonpath([p for p, _ in samples]) if len(samples) > 1 else os.path.dirname(samples[0][0])
     rows = sorted(f"{os.path.relpath(p, root)}\t{os.path.getsize(p)}\t{label}" for p, label in samples)
@@ -62,7 +62,7 @@ def _images(dataset):
 
 def _checkpoint(args):
     if args.checkpoint is None:
-        return {"digits": [file_digest(p) for p in digits.shipped_checkpoints()]}
+        return {args.testbed: [file_digest(p) for p in digits.shipped_checkpoints(args.testbed)]}
     st = os.stat(args.checkpoint)
     return {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": file_digest(args.checkpoint)}
 
@@ -73,7 +73,7 @@ def run_fingerprint(args, dataset, device) -> dict:
     if devkit and os.path.isdir(devkit):
         devkit = os.path.join(devkit, "data", "meta.mat")
     return {
-        "model": args.model if args.checkpoint else "digits", "ema": args.ema, "overrides": args.overrides,
+        "model": args.model if args.checkpoint else args.testbed, "ema": args.ema, "overrides": args.overrides,
         "checkpoint": _checkpoint(args), "images": _images(dataset),
         "labels": file_digest(args.labels) if args.labels else None, "devkit": file_digest(devkit) if devkit else None,
         "limit": args.limit, "batch_size": args.batch_size, "dtype": args.dtype,

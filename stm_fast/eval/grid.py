@@ -1,61 +1,88 @@
-"""The experiment grid of an eval run: which (method, rate or schedule, options) are evaluated, baseline first."""
+"""The experiment grid of an eval run: which ``Experiment``s are evaluated, baseline first (docs/eval.md § Grid)."""
 
 from __future__ import annotations
 
-import json
+from ..reduction import STM_DEFAULTS, make_reduction
+from .experiment import BASELINE, Experiment
 
-from ..reduction import STM_DEFAULTS
-
-__all__ = ["DEFAULT_RATES", "METHOD_GROUPS", "FLAVOUR_GROUPS", "STM_WEIGHT_VARIANTS", "experiments", "exp_key", "unique"]
+__all__ = ["DEFAULT_RATES", "METHOD_GROUPS", "FLAVOUR_GROUPS", "STM_WEIGHT_VARIANTS", "MATCHED_PEERS", "experiments",
+           "unique", "late_start"]
 
 DEFAULT_RATES = (0.15, 0.2, 0.3, 0.4)
-STM_WEIGHT_VARIANTS = ("avg", "drop", "mean", "decay", "lsq_norm")  # the HSP ablations beside the default lsq
-METHOD_GROUPS = ("none", "stm", "stm-oneside", "stm-weights", "tome", "top", "evit", "mtr", "tome-rmeeto",
-                 "top-released")  # none: the baseline alone; *-rmeeto / *-released: the peers' released code
+# the HSP ablations beside the default lsq: plain and size-weighted averages, dropping, the joint fit, the rest
+STM_WEIGHT_VARIANTS = ("avg", "drop", "size", "lsq_joint", "mean", "decay", "lsq_norm")
+METHOD_GROUPS = ("none", "stm", "stm-oneside", "stm-weights", "stm-controls", "tome", "top", "evit", "mtr",
+                 "tome-rmeeto", "top-released", "peers-matched")  # none: the baseline alone
 FLAVOUR_GROUPS = {"tome-rmeeto": ("tome", "rmeeto"), "top-released": ("top", "released")}
+MATCHED_PEERS = ("tome", "top", "evit", "mtr")  # peers that can reduce at any layers by any counts
 
 
-def _group(group, rate, schedule, stm_options):
-    """The experiments of one method group at one rate (or schedule)."""
+def late_start(depth: int) -> int:
+    """The first merging layer of the late-merges control: the second half of the network."""
+    return depth // 2
+
+
+def _stm_controls(rate, schedule, stm_options, cfg):
+    """HSP against the plain average where merged tokens sit nearer the class token: uniform positions, and
+    merges in the second half only (dropped, with a note, where that cannot reach the rate)."""
+    uniform = {**stm_options, "positions": "uniform"}
+    late = {**stm_options, "start_layer": late_start(cfg.depth)}
+    out, notes = [], []
+    for opts in (uniform, late):
+        pair = [Experiment.of("stm", rate, schedule, {**opts, "weights": w}) for w in ("lsq", "avg")]
+        try:
+            make_reduction(cfg, "stm", rate=None if schedule is not None else rate, schedule=schedule, **opts)
+            out += pair
+        except (ValueError, TypeError) as err:
+            notes.append(f"{pair[0].cli} left out of stm-controls: {err}")
+    return out, notes
+
+
+def _matched(rate, schedule, stm_options, cfg):
+    """Each peer of ``MATCHED_PEERS`` at STM's layers and per-layer counts (same 'when', other 'how')."""
+    stm = make_reduction(cfg, "stm", rate=None if schedule is not None else rate, schedule=schedule, **stm_options)
+    layers = [i for i, k in enumerate(stm.schedule) if k]
+    return [Experiment.of(p, rate, list(stm.schedule), {"layers": layers}, note="at STM's layers and counts")
+            for p in MATCHED_PEERS]
+
+
+def _group(group, rate, schedule, stm_options, cfg):
+    """(experiments, notes) of one method group at one rate (or schedule)."""
     if group == "none":
-        return []  # the baseline is always the first experiment
+        return [], []  # the baseline is always the first experiment
     if group in FLAVOUR_GROUPS:
         method, flavour = FLAVOUR_GROUPS[group]
-        return [(method, rate, schedule, {"flavour": flavour})]
+        return [Experiment.of(method, rate, schedule, {"flavour": flavour})], []
     if group == "stm":
-        return [("stm", rate, schedule, dict(stm_options))]
+        return [Experiment.of("stm", rate, schedule, stm_options)], []
     if group == "stm-oneside":
         side = "right" if stm_options.get("sides", STM_DEFAULTS["sides"]) == "right" else "left"
-        return [("stm", rate, schedule, {**stm_options, "sides": side})]
+        return [Experiment.of("stm", rate, schedule, {**stm_options, "sides": side})], []
     if group == "stm-weights":
         default = stm_options.get("weights", STM_DEFAULTS["weights"])
-        return [("stm", rate, schedule, {**stm_options, "weights": w}) for w in STM_WEIGHT_VARIANTS if w != default]
-    return [(group, rate, schedule, {})]
+        return [Experiment.of("stm", rate, schedule, {**stm_options, "weights": w})
+                for w in STM_WEIGHT_VARIANTS if w != default], []
+    if group == "stm-controls":
+        return _stm_controls(rate, schedule, stm_options, cfg)
+    if group == "peers-matched":
+        return _matched(rate, schedule, stm_options, cfg), []
+    return [Experiment.of(group, rate, schedule)], []
 
 
-def experiments(groups, rates, schedule, stm_options):
-    """The list of (method, rate, schedule, options) to evaluate, baseline first, without duplicates.
-    ``schedule`` (tokens removed after each layer in total, docs/conventions.md §6) replaces the rates."""
-    out = [("none", 0.0, None, {})]
+def experiments(groups, rates, schedule, stm_options, cfg):
+    """(experiments, notes): the ``Experiment``s to evaluate on models of configuration ``cfg``, baseline
+    first, without duplicates, and one line for each control left out. ``schedule`` (tokens removed after
+    each layer in total, docs/conventions.md §6) replaces the rates."""
+    out, notes = [BASELINE], []
     points = [(None, schedule)] if schedule is not None else [(r, None) for r in rates]
     for g in groups:
         for rate, sched in points:
-            out += _group(g, rate, sched, stm_options)
-    return unique(out)
+            exps, why = _group(g, rate, sched, stm_options, cfg)
+            out += exps
+            notes += why
+    return unique(out), notes
 
 
 def unique(exps):
     """The experiments without repetitions, in first-seen order."""
-    seen, out = set(), []
-    for e in exps:
-        k = json.dumps(e, sort_keys=True)
-        if k not in seen:
-            seen.add(k)
-            out.append(e)
-    return out
-
-
-def exp_key(model_name, exp):
-    """The key of one (model, experiment) in progress files."""
-    method, rate, sched, options = exp
-    return json.dumps([model_name, method, rate, sched, options], sort_keys=True)
+    return list(dict.fromkeys(exps))

@@ -1,6 +1,8 @@
-"""What an eval run evaluates: the models (the embedded digits default or a checkpoint) and the images."""
+"""What an eval run evaluates: the models (an embedded testbed or a checkpoint) and the images."""
 
 from __future__ import annotations
+
+import os
 
 import torch
 
@@ -10,14 +12,22 @@ from ..models import create_model
 from .errors import RunError
 from .imagenet import DataError, ImageNetVal, eval_transform
 
-__all__ = ["load_models", "load_dataset", "first_images"]
+__all__ = ["load_models", "load_dataset", "first_images", "data_name"]
+
+
+def data_name(args) -> str:
+    """The images of the run, in words."""
+    if args.data is None:
+        return f"the {args.testbed} testbed's test split"
+    return f"ImageNet val ({os.path.basename(os.path.abspath(args.data))})"
 
 
 def load_models(args, device):
-    """[(name, model)] in eval mode on ``device``."""
+    """[(name, model)] in eval mode on ``device``: an embedded testbed's three seeds, or the checkpoint."""
     if args.checkpoint is None and args.data is None:
-        return [(f"digits-seed{s}", digits.create_digits_model(p).to(device))
-                for s, p in zip(digits.SEEDS, digits.shipped_checkpoints())]
+        bed = digits.testbed(args.testbed)
+        return [(bed.model_name(s), bed.create_model(p).to(device))
+                for s, p in zip(digits.SEEDS, digits.shipped_checkpoints(args.testbed))]
     if args.checkpoint is None or args.data is None:
         raise RunError("a real run needs both --checkpoint and --data (with neither, the embedded digits default runs)")
     try:
@@ -46,7 +56,7 @@ def load_dataset(args, cfg):
     """The digits test split (embedded default) or the ImageNet validation folder of ``--data``, whose labels
     must be classes of the model (``cfg``)."""
     if args.data is None:
-        _, _, x, y = digits.load_split()
+        _, _, x, y = digits.load_split(args.testbed)
         if args.limit:
             x, y = x[: args.limit], y[: args.limit]
         return _TensorData(x, y)

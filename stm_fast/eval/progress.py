@@ -18,6 +18,7 @@ import shutil
 
 from ..runtime import atomic_write_json
 from .errors import RunError
+from .experiment import Experiment
 from .fingerprint import describe_difference
 
 __all__ = ["Progress", "check_out_path", "RunFolder", "OUTPUT_FILES"]
@@ -51,7 +52,9 @@ class Progress:
     def done(self, key):
         return self.counts.get(key, {"batches": 0})["batches"]
 
-    def add(self, key, batch_index, top1, top5, images, seconds):
+    def add(self, key, batch_index, top1, top5, images, seconds, deviation_sums=None):
+        """Count one batch of experiment ``key``; ``deviation_sums``: per layer, the class token's relative
+        deviation from the baseline summed over the batch's images."""
         c = self.counts.setdefault(key, {"batches": 0, "top1": 0, "top5": 0, "images": 0, "seconds": 0.0})
         assert c["batches"] == batch_index
         c["batches"] += 1
@@ -59,6 +62,9 @@ class Progress:
         c["top5"] += top5
         c["images"] += images
         c["seconds"] += seconds
+        if deviation_sums is not None:
+            old = c.get("deviation_sums") or [0.0] * len(deviation_sums)
+            c["deviation_sums"] = [a + b for a, b in zip(old, deviation_sums)]
 
     def save(self):
         atomic_write_json(self.path, {"counts": self.counts, "bad": self.bad})
@@ -122,13 +128,11 @@ class RunFolder:
                 what = describe_difference(old["fingerprint"], fingerprint) or f"processes ({old.get('world', 1)} -> {world})"
                 raise RunError(f"--out {self.out} holds a run of other inputs ({what} changed): its numbers cannot be "
                                f"mixed with these; {_FIX}")
-            known = [tuple(e) for e in old["experiments"]]
-        merged = known + [e for e in (tuple(_jsonable(e)) for e in experiments) if e not in known]
-        atomic_write_json(path, {"fingerprint": fingerprint, "world": world, "experiments": merged,
+            try:
+                known = [Experiment.from_json(e) for e in old["experiments"]]
+            except (TypeError, ValueError):
+                raise RunError(f"{path} is not a run record of stm_fast.eval: {_FIX}") from None
+        merged = known + [e for e in experiments if e not in known]
+        atomic_write_json(path, {"fingerprint": fingerprint, "world": world, "experiments": [e.to_json() for e in merged],
                                  "self_check": self_check}, indent=1)
-        return [tuple(e) for e in merged]
-
-
-def _jsonable(e):
-    """An experiment as JSON would give it back (so that old and new ones compare equal)."""
-    return json.loads(json.dumps(list(e)))
+        return merged

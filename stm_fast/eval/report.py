@@ -15,7 +15,7 @@ import json
 import os
 
 from ..runtime import atomic_write, atomic_write_json
-from .claims import describe
+from .experiment import describe
 
 __all__ = ["write_outputs", "markdown_table", "label", "flops_unit", "point_of"]
 
@@ -25,12 +25,13 @@ _CSV_FIELDS = ["model", "method", "rate", "achieved_rate", "options", "schedule"
 
 
 def label(rec):
-    return "baseline (no reduction)" if rec["method"] == "none" else describe(rec["method"], rec["options"] or {})
+    """How a record's configuration is named (``Experiment.label``)."""
+    return rec.get("label") or describe(rec["method"], rec["options"] or {})
 
 
 def point_of(rec):
-    """The rate (a float) or 'schedule S' of a record."""
-    return rec["rate"] if rec["schedule"] is None else f"schedule {rec['schedule']}"
+    """The rate (a float) or 'schedule S' of a record (``Experiment.point``)."""
+    return rec["rate"] if rec["rate"] is not None else f"schedule {rec['schedule']}"
 
 
 def flops_unit(gflops):

@@ -11,12 +11,12 @@ import torch
 
 from ..flops import flops
 from ..runtime import atomic_write_json
-from .claims import claims, claims_text, describe, experiment_key
-from .figures import plot_accuracy_vs_flops
+from .claims import claims, claims_text
 from .errors import NoImagesError
-from .grid import exp_key
+from .experiment import BASELINE, Experiment
+from .figures import plot_accuracy_vs_flops, plot_hsp_deviation, weights_text
+from .paired_stats import agreement, cluster_bootstrap, image_differences
 from .report import write_outputs
-from .stats import agreement, paired_difference
 
 __all__ = ["finish"]
 
@@ -28,87 +28,93 @@ def _gather(progress, keys, rank, world):
         t = torch.tensor([[counts[k]["top1"], counts[k]["top5"], counts[k]["images"], counts[k]["seconds"]] for k in keys],
                          dtype=torch.float64)
         torch.distributed.all_reduce(t)
-        for k, row in zip(keys, t.tolist()):
-            counts[k] = {"top1": int(row[0]), "top5": int(row[1]), "images": int(row[2]), "seconds": row[3] / world}
+        depth = max((len(c.get("deviation_sums") or []) for c in counts.values()), default=0)
+        dev = torch.tensor([counts[k].get("deviation_sums") or [0.0] * depth for k in keys], dtype=torch.float64)
+        torch.distributed.all_reduce(dev)
+        for k, row, sums in zip(keys, t.tolist(), dev.tolist()):
+            counts[k] = {"top1": int(row[0]), "top5": int(row[1]), "images": int(row[2]), "seconds": row[3] / world,
+                         "deviation_sums": sums if depth else None}
         lists = [None] * world
         torch.distributed.all_gather_object(lists, bad)
         bad = [m for part in lists for m in part]
     return counts, sorted(bad)
 
 
-def _paired(pred, base, labels):
-    """agreement with the baseline (%) and the accuracy difference to it with its interval."""
+def _vs_baseline(names, e, labels, preds):
+    """Pooled over the models: agreement with the baseline's predictions (%) and the difference of top-1 to
+    it with its cluster-bootstrap 95% interval (descriptive: the table's column)."""
     valid = labels >= 0
-    stat = paired_difference(pred[valid] == labels[valid], base[valid] == labels[valid])
-    return agreement(pred, base, valid), {k: stat[k] for k in ("diff", "ci_low", "ci_high", "p_value")}
+    a = np.stack([preds[e.key(n)][valid] == labels[valid] for n in names])
+    b = np.stack([preds[BASELINE.key(n)][valid] == labels[valid] for n in names])
+    d = image_differences(a, b)
+    low, high, _ = cluster_bootstrap(d) if d.size else (None, None, None)
+    return {"diff": float(d.mean()) if d.size else None, "ci_low": low, "ci_high": high}
 
 
-def _record(name, model, e, plan, count, bad, skipped, paired):
+def _record(name, model, e, plan, count, bad, skipped, agree, vs_base, fine):
     """The result record of one (model, experiment); accuracy None when no image of the cell could be read."""
-    method, rate, sched, options = e
     n = count["images"]
     paper = flops(model.cfg, convention="paper", reduction=plan)
-    agree, vs_baseline = paired
-    return {"model": name, "method": method, "rate": rate, "schedule": sched, "options": options,
-            "achieved_rate": plan.rate, "tokens_per_layer": list(plan.tokens_per_layer),
+    kl, dev = fine
+    sums = count.get("deviation_sums")
+    return {"model": name, "method": e.method, "rate": e.rate, "schedule": e.schedule_value, "options": e.opts,
+            "note": e.note, "label": e.label, "achieved_rate": plan.rate, "tokens_per_layer": list(plan.tokens_per_layer),
             "top1": 100.0 * count["top1"] / n if n else None, "top5": 100.0 * count["top5"] / n if n else None,
-            "agreement": agree, "vs_baseline": vs_baseline,
+            "agreement": agree, "vs_baseline": vs_base,
+            "kl_to_baseline": float(np.nanmean(kl)) if n else None,
+            "cls_deviation": [v / n for v in sums] if sums and n else None,
             "images": n, "bad_images": len(bad), "skipped_files": len(skipped),
             "gflops_paper": paper["total"], "gflops_full": flops(model.cfg, convention="full", reduction=plan)["total"],
             "gflops_overhead": paper["overhead"],
             "images_per_s": n / count["seconds"] if count["seconds"] > 0 else None}
 
 
-def _pooled(names, exp_a, exp_b, labels, preds):
-    """Paired statistics of two experiments pooled over the models (each model's images with themselves)."""
-    valid = labels >= 0
-    a = np.concatenate([preds[exp_key(n, exp_a)][valid] == labels[valid] for n in names])
-    b = np.concatenate([preds[exp_key(n, exp_b)][valid] == labels[valid] for n in names])
-    return paired_difference(a, b)
-
-
 def _summaries(run, names, labels, preds):
     """(pooled vs-baseline stats by (label, point), STM ablations against the plain average)."""
-    base = ("none", 0.0, None, {})
-    pooled = {}
-    for e in run.exps:
-        point = json.dumps(e[1] if e[2] is None else f"schedule {e[2]}")
-        pooled[(describe(e[0], e[3]), point)] = _pooled(names, e, base, labels, preds)
+    pooled = {(e.label, json.dumps(e.point)): _vs_baseline(names, e, labels, preds) for e in run.exps}
     ablations = []
+    present = set(run.exps)
     for e in run.exps:
-        method, rate, sched, options = e
-        avg = ("stm", rate, sched, {**run.args.stm_options, "weights": "avg"})
-        if method != "stm" or options == avg[3] or avg not in [tuple(x) for x in run.exps] or sched is not None:
+        avg = e.with_options(weights="avg")
+        if e.method != "stm" or e == avg or avg not in present or not isinstance(e.point, float):
             continue
-        ablations.append({"variant": describe(method, options), "rate": rate, **_pooled(names, e, avg, labels, preds)})
+        valid = labels >= 0
+        a = np.stack([preds[e.key(n)][valid] == labels[valid] for n in names])
+        b = np.stack([preds[avg.key(n)][valid] == labels[valid] for n in names])
+        d = image_differences(a, b)
+        low, high, _ = cluster_bootstrap(d)
+        ablations.append({"variant": e.label, "rate": e.point, "diff": float(d.mean()), "ci_low": low, "ci_high": high})
     return pooled, ablations
 
 
-def finish(run, skipped):
-    """Records, claims.json and the other files; the table and the claims printed. None on ranks > 0."""
+def finish(run, skipped, weights=None):
+    """Records, claims.json and the other files; the table, the claims and (``weights``: ``hsp_weights``'s
+    summaries) the lsq weights' spread printed. None on ranks > 0."""
     keys = list(run.plans)
     counts, bad = _gather(run.progress, keys, run.rank, run.world)
-    labels, preds = run.store.gather(keys, run.world)
+    labels, preds, fine = run.store.gather(keys, run.world)
     if run.rank != 0:
         return None
-    base = ("none", 0.0, None, {})
-    records = [{**_record(name, model, e, run.plans[exp_key(name, e)], counts[exp_key(name, e)], bad, skipped,
-                          _paired(preds[exp_key(name, e)], preds[exp_key(name, base)], labels)),
-                "self_check": getattr(run.args, "self_check_record", None)}
+    valid = labels >= 0
+    records = [{**_record(name, model, e, run.plans[e.key(name)], counts[e.key(name)], bad, skipped,
+                          agreement(preds[e.key(name)], preds[BASELINE.key(name)], valid),
+                          _vs_baseline([name], e, labels, preds), fine[e.key(name)]),
+                "self_check": run.self_check}
                for name, model in run.models for e in run.exps]
     names = [name for name, _ in run.models]
-    achieved = {experiment_key(e): run.plans[exp_key(names[0], e)].rate for e in run.exps}
-    found = claims(names, run.exps, {n: labels for n in names}, preds, {**run.args.stm_options, "sides": "both"}
-                   if run.args.paper else run.args.stm_options, achieved)
+    achieved = {e: run.plans[e.key(names[0])].rate for e in run.exps}
+    stm_options = {**run.args.stm_options, "sides": "both"} if run.args.paper else run.args.stm_options
+    found = claims(names, run.exps, labels, preds, fine, stm_options, achieved, run.models[0][1].cfg.depth)
     atomic_write_json(os.path.join(run.args.out, "claims.json"), found, indent=1)
     pooled, ablations = _summaries(run, names, labels, preds)
     table = write_outputs(run.args.out, records, bad, skipped, pooled)
-    data = "the digits test split" if run.args.data is None else f"ImageNet val ({os.path.basename(os.path.abspath(run.args.data))})"
+    data = run.data_name
     plot_accuracy_vs_flops(os.path.join(run.args.out, "accuracy_vs_flops.png"), records,
-                           describe("stm", run.args.stm_options), ablations,
+                           Experiment.of("stm", 0.0, None, run.args.stm_options).label, ablations,
                            f"{data}: {len(names)} model(s), {records[0]['images']} images each")
+    plot_hsp_deviation(os.path.join(run.args.out, "hsp_deviation.png"), records)
     if not run.args.quiet:
-        print(table + "\n\n" + claims_text(found))
+        print(table + "\n\n" + claims_text(found, len(names)) + ("\n" + weights_text(weights) if weights else ""))
         print(f"\nresults: {os.path.join(run.args.out, 'results.json')} (+ claims.json, results.csv, table.md, "
               f"accuracy_vs_flops.png)")
     empty = [r for r in records if r["top1"] is None]

@@ -12,16 +12,16 @@ import torch
 from ..reduction import METHODS, make_reduction, reduced
 from ..runtime import autocast, check_device, flush_denormals, synchronize
 from .errors import RunError
-from ..registry import canonical_name
-from .grid import exp_key, experiments
+from .experiment import BASELINE, Experiment
+from .grid import experiments
 from .paper import paper_experiments, table2_schedule
 from .imagenet import DataError, collate_skip_bad
 from .fingerprint import run_fingerprint
 from ..selfcheck import SelfCheckFailed, describe_check, self_check
-from .inputs import first_images, load_dataset, load_models
+from .inputs import data_name, first_images, load_dataset, load_models
 from .predictions import PredictionStore
 from .progress import Progress, RunFolder, check_out_path
-from .figures import write_paper_figures
+from .figures import hsp_weights, write_paper_figures
 from .results import finish
 
 __all__ = ["evaluate", "RunError"]
@@ -83,27 +83,17 @@ def _dist(device, world):
     return torch.distributed.get_rank(), world
 
 
-def _cli_spelling(e):
-    """'stm (sides=left) at --rates 0.2': an experiment as the user asked for it (defaults left out)."""
-    method, rate, sched, options = e
-    defaults = METHODS[method].defaults if method in METHODS else {}
-    extra = [f"{k}={v}" for k, v in options.items() if defaults.get(k, object()) != v]
-    where = f"--schedule {sched}" if sched is not None else f"--rates {rate}"
-    return f"{method}{' (' + ', '.join(extra) + ')' if extra else ''} at {where}"
-
-
 def _plans(models, exps):
     """{key: Reduction} of every (model, experiment); an infeasible one is a RunError before any work."""
     plans = {}
     for name, model in models:
         for e in exps:
-            method, rate, sched, options = e
             try:
-                plans[exp_key(name, e)] = make_reduction(model, method, rate=None if sched is not None else rate,
-                                                         schedule=sched, **options)
+                plans[e.key(name)] = make_reduction(model, e.method, rate=None if e.schedule is not None else e.rate,
+                                                    schedule=e.schedule_value, **e.opts)
             except (ValueError, TypeError) as err:
                 why = str(err).replace("pass schedule=[...]", "pass --schedule N,N,... (tokens after each layer)")
-                raise RunError(f"{_cli_spelling(e)} cannot run on {name}: {why}. Drop that rate or method group "
+                raise RunError(f"{e.cli} cannot run on {name}: {why}. Drop that rate or method group "
                                f"(--rates / --methods) or change the STM options") from None
     return plans
 
@@ -119,23 +109,30 @@ def _device(args, world):
     return device
 
 
-def _experiments(args, models):
-    """The grid of --methods x --rates (or --schedule), or the paper's settings with --paper."""
+def _experiments(args, models, rank):
+    """The grid of --methods x --rates (or --schedule), or the paper's settings with --paper; controls that
+    cannot run on these models are left out with one line each."""
+    cfg = models[0][1].cfg
     if not args.paper:
-        return experiments(args.methods, args.rates, args.schedule, args.stm_options)
-    both = {**args.stm_options, "sides": "both"}
-    stm_rate = make_reduction(models[0][1], "stm", schedule=table2_schedule(canonical_name(args.model), args.paper),
-                              **both).rate
-    peers = [g for g in args.methods if g in METHODS and g != "stm"]
-    return paper_experiments(args.model, args.paper, args.stm_options, peers, stm_rate)
+        exps, notes = experiments(args.methods, args.rates, args.schedule, args.stm_options, cfg)
+    else:
+        both = {**args.stm_options, "sides": "both"}
+        stm_rate = make_reduction(models[0][1], "stm", schedule=table2_schedule(args.paper_model), **both).rate
+        peers = [g for g in args.methods if g in METHODS and g != "stm"]
+        exps, notes = paper_experiments(args.paper_model, args.paper, args.stm_options, peers, stm_rate), []
+    if rank == 0 and not args.quiet:
+        for line in notes:
+            print(f"note: {line}")
+    return exps
 
 
 def _prepare(args, rank, world, device):
-    """Everything checked and loaded before a file is written: (models, dataset, plans, folder, experiments)."""
+    """Everything checked and loaded before a file is written: (models, dataset, plans, folder, experiments,
+    the self-check's record)."""
     check_out_path(args.out)
     models = load_models(args, device)  # checkpoint and data errors surface here, before any output is written
     dataset = load_dataset(args, models[0][1].cfg)
-    exps = _experiments(args, models)
+    exps = _experiments(args, models, rank)
     _plans(models, exps)  # every requested configuration can run
     fingerprint = run_fingerprint(args, dataset, device)
     check = _self_check(args, models, dataset, device, rank)
@@ -148,10 +145,9 @@ def _prepare(args, rank, world, device):
     if world > 1:
         shared = [exps]
         torch.distributed.broadcast_object_list(shared, src=0)
-        exps = [tuple(e) for e in shared[0]]
+        exps = list(shared[0])
         os.makedirs(args.out, exist_ok=True)
-    args.self_check_record = check
-    return models, dataset, _plans(models, exps), folder, exps
+    return models, dataset, _plans(models, exps), folder, exps, check
 
 
 def _self_check(args, models, dataset, device, rank):
@@ -183,21 +179,25 @@ class _Run:
     world: int
     progress: Progress = None
     store: PredictionStore = None
+    self_check: dict | None = None  # the self-check's record (stm_fast.selfcheck), in run.json and every record
+    data_name: str = ""  # the images, in words, for the figures' titles
 
 
 def _evaluate(args):
     world, _ = _world()
     device = _device(args, world)
     rank, world = _dist(device, world)
-    models, dataset, plans, folder, exps = _prepare(args, rank, world, device)
+    models, dataset, plans, folder, exps, check = _prepare(args, rank, world, device)
     try:
         shard = list(range(rank, len(dataset), world))
         loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, shard), batch_size=args.batch_size,
                                              shuffle=False, num_workers=args.workers, collate_fn=collate_skip_bad)
         run = _Run(args, models, exps, plans, device, rank, world,
-                   Progress(os.path.join(args.out, f"progress.rank{rank}.json")), PredictionStore(args.out, rank, len(shard)))
+                   Progress(os.path.join(args.out, f"progress.rank{rank}.json")), PredictionStore(args.out, rank, len(shard)),
+                   check, data_name(args))
         _run_batches(run, loader, math.ceil(len(shard) / args.batch_size))
-        records = finish(run, getattr(dataset, "skipped", []))
+        weights = hsp_weights(run, dataset) if rank == 0 else {}
+        records = finish(run, getattr(dataset, "skipped", []), weights)
         if args.figures and rank == 0:
             write_paper_figures(run, dataset)
         return records
@@ -205,19 +205,29 @@ def _evaluate(args):
         folder.release()
 
 
-def _score(model, reduction, x, y, device, precision, where):
-    """(top-1 predictions, top-1 hits, top-5 hits, seconds) of one configuration on one batch; non-finite
-    logits stop the run."""
+def _score(model, reduction, x, device, precision, where):
+    """(logits (batch, classes) float32, the class token's entry after each layer (batch, depth, d),
+    seconds) of one configuration on one batch; non-finite logits stop the run."""
+    states = []
     t0 = time.perf_counter()
     with reduced(model, reduction), torch.inference_mode(), autocast(device, precision):
-        logits = model(x)
+        logits = model(x, observer=lambda i, c: states.append(c.to(torch.float32, copy=True)))  # c may be a view
     synchronize(device)
     seconds = time.perf_counter() - t0
     if not bool(torch.isfinite(logits).all()):
         raise RunError(f"non-finite logits (NaN or inf) in {where}: the numbers would mean nothing, so the run stops "
                        f"(finished batches are saved); check the checkpoint and --dtype (fp32 is the safest)")
-    topk = logits.float().topk(min(5, logits.shape[1]), dim=1).indices.cpu()
-    return topk[:, 0], int((topk[:, 0] == y).sum()), int((topk == y[:, None]).any(dim=1).sum()), seconds
+    return logits.float(), torch.stack(states, dim=1), seconds
+
+
+def _against_baseline(logits, states, base):
+    """Per image: KL(baseline || this) of the softmax predictions, and the class token's relative deviation
+    from the baseline's after every layer (batch, depth); float64 on the CPU."""
+    base_logits, base_states = base
+    logp, logq = (torch.log_softmax(t.double(), dim=1) for t in (base_logits, logits))
+    kl = (logp.exp() * (logp - logq)).sum(1)
+    dev = (states.double() - base_states.double()).norm(dim=-1) / base_states.double().norm(dim=-1).clamp_min(1e-12)
+    return kl.cpu().numpy(), dev.cpu()
 
 
 def _warm_up(run, x):
@@ -228,10 +238,33 @@ def _warm_up(run, x):
         return True
     for name, model in run.models:
         for e in run.exps:
-            with reduced(model, run.plans[exp_key(name, e)]), torch.inference_mode(), autocast(run.device, run.args.dtype):
+            with reduced(model, run.plans[e.key(name)]), torch.inference_mode(), autocast(run.device, run.args.dtype):
                 model(x)
     synchronize(run.device)
     return True
+
+
+def _model_batch(run, b, name, model, xd, y, positions):
+    """Batch b of one model through every configuration that has not done it, the baseline first (its logits
+    and class states are what the finer measures compare with; recomputed when only others remain)."""
+    todo = [e for e in run.exps if run.progress.done(e.key(name)) <= b]
+    if not todo:
+        return 0
+    if xd is None:  # a batch without readable images: counted, nothing scored
+        for e in todo:
+            run.progress.add(e.key(name), b, 0, 0, 0, 0.0)
+        return len(todo)
+    base = _score(model, run.plans[BASELINE.key(name)], xd, run.device, run.args.dtype, f"batch {b} of {name}, baseline")
+    for e in todo:
+        key = e.key(name)
+        logits, states, seconds = base if e == BASELINE else _score(
+            model, run.plans[key], xd, run.device, run.args.dtype, f"batch {b} of {name}, {e.cli}")
+        topk = logits.topk(min(5, logits.shape[1]), dim=1).indices.cpu()
+        kl, dev = _against_baseline(logits, states, base[:2])
+        run.store.record(key, positions, topk[:, 0].numpy(), kl, dev[:, -1].numpy())
+        run.progress.add(key, b, int((topk[:, 0] == y).sum()), int((topk == y[:, None]).any(dim=1).sum()), len(y),
+                         seconds, dev.sum(0).tolist())
+    return len(todo)
 
 
 def _batch(run, b, x, y, idx):
@@ -240,20 +273,7 @@ def _batch(run, b, x, y, idx):
     positions = ((idx - run.rank) // run.world).numpy()  # the images' places in this rank's shard
     if x is not None:
         run.store.record_labels(positions, y.numpy())
-    done = 0
-    for name, model in run.models:
-        for e in run.exps:
-            key = exp_key(name, e)
-            if run.progress.done(key) > b:
-                continue
-            top1 = top5 = 0
-            seconds = 0.0
-            if x is not None:
-                pred, top1, top5, seconds = _score(model, run.plans[key], xd, y, run.device, run.args.dtype,
-                                                   f"batch {b} of {name}, {_cli_spelling(e)}")
-                run.store.record(key, positions, pred.numpy())
-            run.progress.add(key, b, top1, top5, 0 if x is None else len(y), seconds)
-            done += 1
+    done = sum(_model_batch(run, b, name, model, xd, y, positions) for name, model in run.models)
     run.store.flush()  # the predictions are on disk before the progress file counts the batch
     run.progress.save()
     return done
