@@ -103,7 +103,7 @@ def markdown_table(records, bad, skipped=(), pooled=None):
             _range([scale * r["gflops_full"] for r in recs], "{:.4g}")]) + " |")
     n_img = max((r["images"] for r in records), default=0)
     note = (f"\n{n_img} images per cell; top-1, agreement and top-5 as {spread} ({', '.join(models)}); Δ pooled over "
-            f"the models, paired on the same images (bootstrap 95% interval); **bold**: the best method at each rate; "
+            f"the models, paired on the same images (95% cluster-bootstrap interval by image); **bold**: the best method at each rate; "
             f"{len(bad)} unreadable image(s) excluded" + (f"; {len(skipped)} non-regular file(s) skipped unopened." if skipped
                                                           else "."))
     return "\n".join([head, *rows]) + note

@@ -1,0 +1,118 @@
+"""What a Vim layer hands to the reduction step after it: both directions' per-token statistics.
+
+The mixer computes delta, B, C and y for each direction anyway; a layer asked for its statistics
+(``StatsRequest``) keeps references to them, in scan order, and the reduction steps read them lazily at
+token positions (docs/conventions.md §2 for positions vs scan order). No extra projection, no copy.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["StatsRequest", "DirectionStats", "LayerStats"]
+
+
+@dataclass(frozen=True)
+class StatsRequest:
+    """What a layer must export for the reduction step after it: its statistics and, when ``first_steps``
+    is n > 0, the scan's own delta, Abar and B of each direction's first n steps (STM's ``ends`` plan);
+    with ``output``, also the mixer's output before it is added to the residual (R-MeeTo's metric)."""
+
+    first_steps: int = 0
+    output: bool = False
+
+
+class DirectionStats:
+    """One direction's per-token statistics of a layer, held in token position order whatever the direction.
+
+    What the branch computed anyway: the pre-bias step ``delta_raw`` (batch, E, L), ``bias`` (E,), ``B``,
+    ``C`` (batch, N, L), ``A`` (E, N), the SSM output ``y`` (batch, E, L) and its input ``u`` (batch, E, L).
+    ``reverse``: the direction scans t = L-1 .. 0, so its scan order is the reverse of position order (its
+    first scan steps are the last positions). Accessors return position order; ``*_at`` and ``*_rows``
+    read only the requested positions, so a merge step touches a handful of tokens, not the sequence.
+    """
+
+    def __init__(self, delta_raw, bias, B, C, A, y, reverse=False, u=None):
+        self.delta_raw, self.bias, self.B, self.C, self.A, self.y = delta_raw, bias, B, C, A, y
+        self.reverse, self.u = reverse, u
+        self.L = delta_raw.shape[-1]
+
+    def _first(self, t, n):
+        """The first n scan steps of a (..., L) array, in scan order."""
+        return t[..., self.L - n:].flip(-1) if self.reverse else t[..., :n]
+
+    def _step(self, d_raw):
+        """The scan's step softplus(delta + bias) from pre-bias rows (batch, len, E)."""
+        return F.softplus(d_raw.to(self.bias.dtype) + self.bias)
+
+    def _pos(self, pos):
+        return torch.as_tensor(pos, device=self.delta_raw.device)
+
+    def delta_at(self, pos):
+        """softplus(delta + bias) at token positions: (batch, E, len(pos))."""
+        return self.delta_rows(pos).transpose(1, 2)
+
+    def B_at(self, pos):
+        return self.B.index_select(-1, self._pos(pos))
+
+    def C_at(self, pos):
+        return self.C.index_select(-1, self._pos(pos))
+
+    def delta_rows(self, pos):
+        """softplus(delta + bias) at token positions, channels last: (batch, len(pos), E)."""
+        return self._step(self.delta_raw.transpose(1, 2).index_select(1, self._pos(pos)))
+
+    def B_rows(self, pos):
+        """B at token positions, states last: (batch, len(pos), N)."""
+        return self.B.transpose(1, 2).index_select(1, self._pos(pos))
+
+    def scan_rows(self, n):
+        """softplus(delta + bias) and B of this direction's first n scan steps: (batch, n, E), (batch, n, N).
+        The mixer's projections are (batch, L, channels) in memory, so these are slices, not gathers."""
+        return self._step(self._first(self.delta_raw, n).transpose(1, 2)), self._first(self.B, n).transpose(1, 2)
+
+    def scan_u_rows(self, n):
+        """The scan's input u of this direction's first n scan steps: (batch, n, E)."""
+        if self.u is None:
+            raise ValueError("this layer's statistics hold no scan input u")
+        return self._first(self.u, n).transpose(1, 2)
+
+    def first_B(self, n):
+        """B of the first n scan steps, step-major: (n, batch, N)."""
+        return self._first(self.B, n).permute(2, 0, 1)
+
+    @property
+    def delta(self):
+        return self._step(self.delta_raw.transpose(1, 2)).transpose(1, 2)
+
+    @property
+    def y_in_scan_order(self):
+        """The SSM output in this direction's scan order (backward: position L-1 first)."""
+        return self.y.flip(-1) if self.reverse else self.y
+
+
+@dataclass
+class LayerStats:
+    """Both directions' statistics of one layer and, when the layer was asked for them and its scan
+    backend returned them, the first steps of both directions stacked step-major: delta (n, 2, batch, E),
+    Abar (n, 2, batch, N, E) and B (n, 2, batch, N) or None (forward first on the second axis). STM's step
+    consumes ``first_steps``: it overwrites the Abar buffer with suffix products."""
+
+    forward: DirectionStats
+    backward: DirectionStats
+    first_steps: tuple | None = None
+    output: torch.Tensor | None = None  # the mixer output (batch, L, d), when requested
+
+    @staticmethod
+    def stack_first_steps(f, b):
+        """The two directions' ``FirstSteps`` (or None) as the stacked tuple above (None unless both)."""
+        if f is None or b is None:
+            return None
+        B = None if f.B is None or b.B is None else torch.stack([f.B, b.B], 1)
+        return torch.stack([f.delta, b.delta], 1), torch.stack([f.Abar, b.Abar], 1), B
+
+    def direction(self, forward: bool) -> DirectionStats:
+        return self.forward if forward else self.backward
