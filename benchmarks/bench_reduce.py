@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import stm_fast
+from stm_fast.ops.common import FirstSteps
 from stm_fast.runtime import synchronize
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -46,8 +47,10 @@ def test_reduction_step(benchmark, method):
     def fresh():
         i, k, x, tokens, stats = args
         with torch.inference_mode():
-            if stats is not None and stats.first_steps is not None:
-                stats = replace(stats, first_steps=tuple(None if t is None else t.clone() for t in stats.first_steps))
+            if stats is not None and stats.first_pair is not None:  # the step overwrites them: a fresh copy per call
+                stats = replace(stats, first_pair=tuple(FirstSteps(f.delta.clone(), f.Abar.clone(),
+                                                                   None if f.B is None else f.B.clone())
+                                                        for f in stats.first_pair))
             return (i, k, x.clone(), tokens, stats), {}
 
     def run(*a):

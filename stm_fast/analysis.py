@@ -11,10 +11,10 @@ from dataclasses import replace
 
 import numpy as np
 
-from .merge import ends_weights
+from .reduction.merge import ends_weights
 from .reduction import reduced
 from .reduction.evit import class_attention
-from .stats import StatsRequest
+from .layer_stats import StatsRequest
 
 __all__ = ["layer_losses", "plot_layer_losses", "hidden_state_maps", "plot_hidden_state_maps", "lsq_weights_used",
            "weight_summary"]
@@ -165,7 +165,7 @@ def lsq_weights_used(model, images, reduction) -> np.ndarray:
 
     def hook(step, args):
         i, k, x, tokens, stats = args
-        left, right = ends_weights(replace(stats, first_steps=None), *impl.side_split(k), "lsq")
+        left, right = ends_weights(replace(stats, first_pair=None), *impl.side_split(k), "lsq")
         found.extend([left.double().flatten(), right.double().flatten()])
         return step(*args)
 

@@ -38,7 +38,8 @@ from .reduction import check_rate, list_methods, make_reduction, reduced
 from .registry import MODEL_CONFIGS
 from .selfcheck import SelfCheckFailed, describe_check, self_check
 from .floor import forward_floor, linear_pass_seconds
-from .ssm import BACKENDS, BackendUnavailable, resolve_backend
+from .ops.backends import names as backend_names
+from .ssm import BackendUnavailable, resolve_backend
 from .runtime import (AMP_DTYPES, HelpFormatter, atomic_write_json, autocast, check_device, flush_denormals,
                       non_negative_int, pick_device, positive_int, synchronize)
 
@@ -252,15 +253,15 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--rounds", type=positive_int, default=7,
                     help="interleaved timed rounds (medians); 5 proved too few on a noisy 2-core machine")
     ap.add_argument("--warmup", type=non_negative_int, default=2, help="untimed forwards per configuration before the rounds")
-    ap.add_argument("--backend", nargs="+", choices=[b for b in BACKENDS if b != "loop"], metavar="NAME",
+    ap.add_argument("--backend", nargs="+", choices=[b for b in backend_names() if b != "loop"], metavar="NAME",
                     help="scan backends to time in the same interleaved rounds, any of: " +
-                         ", ".join(b for b in BACKENDS if b != "loop") + " (default: the automatic choice)")
+                         ", ".join(b for b in backend_names() if b != "loop") + " (default: the automatic choice)")
     ap.add_argument("--json", help="also write the rows to this JSON file")
     ap.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
                     help="architecture override (" + ", ".join(OVERRIDES) + "); repeatable")
     ap.add_argument("--list", action="store_true", help="list the models and methods, then exit")
     ap.add_argument("--no-self-check", action="store_true",
-                    help="skip the check that each scan backend matches a float64 reference within the float32 torch "
+                    help="skip the check that each scan backend matches a float64 torch copy within the float32 torch "
                          "backend's own error (stm_fast/selfcheck.py)")
     return ap
 

@@ -7,6 +7,7 @@ token positions (docs/conventions.md §2 for positions vs scan order). No extra 
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -97,22 +98,23 @@ class DirectionStats:
 @dataclass
 class LayerStats:
     """Both directions' statistics of one layer and, when the layer was asked for them and its scan
-    backend returned them, the first steps of both directions stacked step-major: delta (n, 2, batch, E),
-    Abar (n, 2, batch, N, E) and B (n, 2, batch, N) or None (forward first on the second axis). STM's step
-    consumes ``first_steps``: it overwrites the Abar buffer with suffix products."""
+    backend returned them, both directions' first scan steps (``first_pair``: forward, backward
+    ``FirstSteps``). ``first_steps`` stacks them step-major on first use: delta (n, 2, batch, E), Abar
+    (n, 2, batch, N, E) and B (n, 2, batch, N) or None (forward first on the second axis). STM's step
+    consumes them: it overwrites the Abar buffer with suffix products."""
 
     forward: DirectionStats
     backward: DirectionStats
-    first_steps: tuple | None = None
+    first_pair: tuple | None = None
     output: torch.Tensor | None = None  # the mixer output (batch, L, d), when requested
-
-    @staticmethod
-    def stack_first_steps(f, b):
-        """The two directions' ``FirstSteps`` (or None) as the stacked tuple above (None unless both)."""
-        if f is None or b is None:
-            return None
-        B = None if f.B is None or b.B is None else torch.stack([f.B, b.B], 1)
-        return torch.stack([f.delta, b.delta], 1), torch.stack([f.Abar, b.Abar], 1), B
 
     def direction(self, forward: bool) -> DirectionStats:
         return self.forward if forward else self.backward
+
+    @functools.cached_property
+    def first_steps(self):
+        if self.first_pair is None or None in self.first_pair:
+            return None
+        f, b = self.first_pair
+        B = None if f.B is None or b.B is None else torch.stack([f.B, b.B], 1)
+        return torch.stack([f.delta, b.delta], 1), torch.stack([f.Abar, b.Abar], 1), B

@@ -31,13 +31,14 @@ def parse_overrides(items: list[str]) -> dict[str, int]:
 
 
 def check_config(cfg) -> None:
-    """ValueError unless the patches tile the image exactly: (img_size - patch_size) a multiple of the stride."""
+    """ValueError unless every size is positive and a patch fits in the image. As the official PatchEmbed,
+    the grid is (img_size - patch_size) // stride + 1 (its Conv2d floors): pixels past the last whole
+    patch are not read."""
     for field in ("img_size", "patch_size", "stride", "embed_dim", "depth", "d_state", "channels"):
         if getattr(cfg, field) is not None and getattr(cfg, field) < 1:
             raise ValueError(f"{field} must be a positive integer, got {getattr(cfg, field)}")
-    if cfg.img_size < cfg.patch_size or (cfg.img_size - cfg.patch_size) % cfg.patch_stride:
-        raise ValueError(f"img_size {cfg.img_size} does not fit patch_size {cfg.patch_size} with stride {cfg.patch_stride}: "
-                         f"(img_size - patch_size) must be a non-negative multiple of the stride")
+    if cfg.img_size < cfg.patch_size:
+        raise ValueError(f"img_size {cfg.img_size} is smaller than patch_size {cfg.patch_size}: no patch fits")
 
 
 def create_model(name: str, checkpoint_path: str | os.PathLike | None = None, *, ema: bool = False,

@@ -26,7 +26,7 @@ SLACK = 4.0  # a correct float32 kernel's error is about the torch backend's (0.
 
 
 class SelfCheckFailed(RuntimeError):
-    """The backend a run would use is further from the float64 reference than its allowance: its numbers
+    """The backend a run would use is further from the float64 torch copy than its allowance: its numbers
     would be wrong."""
 
 
@@ -105,7 +105,7 @@ def self_check(model, x, device, random_weights=False) -> dict:
               "images": int(x.shape[0])}
     if not errs[worst] <= allowed[worst]:
         raise SelfCheckFailed(f"self-check failed: scan backend {backend!r} on {device} gives outputs {errs[worst]:.1e} "
-                              f"(relative) off the float64 reference where the torch backend in float32 is "
+                              f"(relative) off the float64 torch copy where the torch backend in float32 is "
                               f"{base[worst]:.1e} off (allowed {allowed[worst]:.1e}), so this run's numbers would be "
                               f"wrong; choose another backend (e.g. STM_SCAN_BACKEND=torch) or check the installation "
                               f"(--no-self-check skips this check)")
@@ -115,5 +115,5 @@ def self_check(model, x, device, random_weights=False) -> dict:
 def describe_check(record) -> str:
     """The one line a run prints about its self-check."""
     return (f"self-check: scan backend {record['backend']} on {record['device']} (float32) is within "
-            f"{record['max_rel_error']:.1e} of the float64 reference (the torch backend in float32: "
+            f"{record['max_rel_error']:.1e} of the float64 torch copy (the torch backend in float32: "
             f"{record['torch_float32_error']:.1e}; allowed per output: {record['tolerance']}; {record['images']} images)")

@@ -1,24 +1,15 @@
 """Selective scan with mamba-ssm's layout and interchangeable backends; reference twin: ``stm_ref.ssm``.
 
-This module only chooses and calls a backend; the kernels live in ``stm_fast.ops``:
+This module chooses a backend and calls it; the kernels and their facts (one ``Backend`` record each) are
+in ``stm_fast.ops.backends``: ``torch`` (any device, chunked inference scan and a differentiable twin),
+``fused`` (compiled CPU kernels, built on first use), ``triton`` and ``mamba_ssm`` (CUDA), ``loop`` (the
+naive floor). Nothing here names a backend.
 
-* ``torch`` (``ops.scan_torch``, any device): chunked, states-first inference scan with reused buffers;
-  inputs that need gradients go through its differentiable twin ``ops.scan_autograd``.
-* ``fused`` (``ops.scan_fused``, CPU, inference): a C++ kernel compiled on first use through torch's
-  extension tooling, one pass over time with the state in registers/L1 (float32 and float64).
-* ``triton`` (``ops.scan_triton``): a Triton kernel (CUDA, inference); runs on CPU tensors under
-  ``TRITON_INTERPRET=1``.
-* ``mamba_ssm`` (``ops.scan_mamba``): mamba-ssm's compiled CUDA forward (float32/16/bf16, inference).
-* ``loop`` (``ops.scan_loop``): one Python iteration per time step, the naive floor the benchmarks compare
-  against (never chosen automatically).
-
-Automatic choice (``backend=None``): on CUDA ``mamba_ssm`` when its kernel really works there (probed
-once, ``ops.probe``) and the call suits it (no float64, no ``decay_scale``, no gradients), else
-``triton`` when it works and no gradient is needed, else ``torch``; on the CPU ``fused`` when it builds
-and no gradient is needed, else ``torch``; on other devices ``torch``. A kernel that is installed (for
-``fused``: expected to build) but does not work is passed over with one line on stderr saying why. The environment
-variable ``STM_SCAN_BACKEND`` (or ``backend=``) forces a backend; one that cannot run the call is a
-``BackendUnavailable`` error naming the reason.
+Automatic choice (``backend=None``): the first record of ``BACKENDS`` that the automatic choice tries on
+the device, that really works there (probed once, ``ops.probe``) and that takes the call (its dtype,
+gradients, ``decay_scale``). A kernel that is installed (or, with nothing to install, expected to work) but
+does not work is passed over with one line on stderr saying why. ``STM_SCAN_BACKEND`` (or ``backend=``)
+forces a backend; one that cannot run the call is a ``BackendUnavailable`` error naming the reason.
 """
 
 from __future__ import annotations
@@ -27,199 +18,108 @@ import importlib.util
 import os
 
 import torch
-import torch.nn.functional as F
 
-from .ops.common import FirstSteps, check_scan_args
+from .ops.backends import BACKENDS, backend as backend_record
+from .ops.common import FirstSteps, ScanCall, ScanOutput, check_scan_args
 from .ops.probe import probe, say_once
-from .ops.scan_autograd import scan_differentiable
-from .ops.scan_loop import scan_loop
-from .ops.scan_torch import scan_inference
 from .runtime import compute_dtype
 
-__all__ = ["selective_scan", "available_backends", "resolve_backend", "BACKENDS", "BackendUnavailable",
-           "exports_first_steps"]
-
-BACKENDS = ("torch", "fused", "triton", "mamba_ssm", "loop")
+__all__ = ["selective_scan", "scan_steps", "causal_conv", "available_backends", "resolve_backend",
+           "BackendUnavailable", "compiled_ends_lsq", "FirstSteps", "ScanOutput"]
 
 
 class BackendUnavailable(RuntimeError):
     """The requested scan backend cannot run here (missing or broken kernel, wrong device or dtype)."""
 
 
-def _check_triton(device):
-    if importlib.util.find_spec("triton") is None:
-        raise ImportError("triton is not installed")
-    if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
-        raise RuntimeError("on CPU tensors it runs only under TRITON_INTERPRET=1 (slow, for testing)")
-    if device.type not in ("cpu", "cuda"):
-        raise RuntimeError(f"it needs a CUDA device, not {device}")
-    if device.type == "cuda":
-        from .ops.scan_triton import check_triton
-
-        check_triton(device)
+def _check(b, device):
+    b.load().check(device)
 
 
-def _check_mamba(device):
-    from .ops.scan_mamba import check_mamba
-
-    check_mamba(device)
-
-
-def _check_fused(device):
-    from .ops.scan_fused import available
-
-    ok, reason = available()
-    if not ok:
-        raise RuntimeError(reason)
+def _works(b, device) -> tuple[bool, str]:
+    """(works, reason) of backend record ``b`` on ``device``, probed once per device (and probe environment)."""
+    if not b.runs_on(device):
+        return False, f"it needs a {' or '.join(d.upper() for d in b.devices)} device, not {device}"
+    env = ",".join(f"{k}={os.environ.get(k, '')}" for k in b.probe_env)
+    return probe(f"{b.name}[{env}]" if env else b.name, device, lambda d: _check(b, d))
 
 
-def _works(name, device):
-    """(works, reason) of a backend on ``device``, probed once."""
-    if name in ("torch", "loop"):
-        return True, ""
-    if name == "fused" and device.type != "cpu":
-        return False, f"it is a CPU kernel, not for {device}"
-    if name == "triton" and device.type == "cpu":  # the interpreter: decided by the environment, not cached
-        try:
-            _check_triton(device)
-            return True, ""
-        except (ImportError, RuntimeError) as e:
-            return False, str(e)
-    check = {"triton": _check_triton, "mamba_ssm": _check_mamba, "fused": _check_fused}[name]
-    return probe(name, device, check)
-
-
-def _installed(name):
-    if name == "fused":  # built here from source shipped with the package: always expected to work
-        return True
-    module = {"triton": "triton", "mamba_ssm": "selective_scan_cuda"}.get(name)
-    return module is not None and (importlib.util.find_spec(module) is not None
-                                   or (name == "mamba_ssm" and importlib.util.find_spec("mamba_ssm") is not None))
+def _installed(b) -> bool:
+    """Whether a failure of ``b`` is worth a line: what it requires is installed (or it requires nothing)."""
+    return not b.requires or any(importlib.util.find_spec(m) is not None for m in b.requires)
 
 
 def available_backends(device="cpu") -> list[str]:
-    """Backends that can run on ``device`` in this environment (the optional kernels probed)."""
+    """Backends that can run on ``device`` in this environment, in the table's order (the kernels probed)."""
     device = torch.device(device)
-    return [b for b in ("mamba_ssm", "triton", "fused", "torch", "loop") if _works(b, device)[0]]
+    return [b.name for b in BACKENDS if _works(b, device)[0]]
 
 
-def _unsuited(name, dtype, needs_grad, decay_scale):
-    """Why backend ``name`` cannot take this call (None if it can)."""
-    if needs_grad and name in ("triton", "mamba_ssm"):
-        return "it is forward-only and the inputs need gradients (the torch and fused backends are differentiable)"
-    if name == "mamba_ssm" and dtype == torch.float64:
-        return "mamba-ssm's kernel computes in float32/float16/bfloat16 only"
-    if name == "mamba_ssm" and decay_scale:
-        return "mamba-ssm's kernel has no decay_scale input"
+def _unsuited(b, dtype, needs_grad, decay_scale) -> str | None:
+    """Why record ``b`` cannot take this call (None if it can)."""
+    if needs_grad and not b.differentiable:
+        return "it is forward-only and the inputs need gradients (use a differentiable backend, e.g. torch)"
+    if dtype is not None and dtype not in b.dtypes:
+        return f"its kernel computes in {'/'.join(str(t).replace('torch.', '') for t in b.dtypes)} only"
+    if decay_scale and not b.decay_scale:
+        return "its kernel has no decay_scale input"
     return None
 
 
-def _candidates(device):
-    """The optional kernels the automatic choice tries on ``device``, best first."""
-    return {"cuda": ("mamba_ssm", "triton"), "cpu": ("fused",)}.get(device.type, ())
-
-
-def _automatic(device, dtype, needs_grad, decay_scale):
-    names = _candidates(device)
-    for i, name in enumerate(names):
-        ok, reason = _works(name, device)
-        if not ok and _installed(name):
-            what = "cannot be built here" if name == "fused" else "is installed but not used"
-            fallback = " or ".join(names[i + 1:] + ("torch",))
-            say_once(f"the {name} scan kernel {what} on {device} ({reason}); using {fallback}")
-        if ok and _unsuited(name, dtype, needs_grad, decay_scale) is None:
-            return name
-    return "torch"
+def _automatic(device, dtype, needs_grad, decay_scale) -> str:
+    tried = [b for b in BACKENDS if "*" in b.automatic_on or device.type in b.automatic_on]
+    for i, b in enumerate(tried):
+        ok, reason = _works(b, device)
+        if not ok and b.runs_on(device) and _installed(b):
+            rest = " or ".join(t.name for t in tried[i + 1:]) or "nothing else"
+            what = "is installed but not used" if b.requires else "cannot be built here"
+            say_once(f"the {b.name} scan kernel {what} on {device} ({reason}); using {rest}")
+        if ok and _unsuited(b, dtype, needs_grad, decay_scale) is None:
+            return b.name
+    raise BackendUnavailable(f"no scan backend takes this call on {device}")
 
 
 def resolve_backend(backend, device, dtype=None, needs_grad=False, decay_scale=False) -> str:
     """The backend to use for a call on ``device``: the argument, else ``STM_SCAN_BACKEND``, else the best
-    available one that suits the call (``dtype``: the compute dtype; ``needs_grad``; a ``decay_scale``)."""
+    available one that takes the call (``dtype``: the compute dtype; ``needs_grad``; a ``decay_scale``)."""
     device = torch.device(device)
     name = backend or os.environ.get("STM_SCAN_BACKEND") or None
     if name is None:
         return _automatic(device, dtype, needs_grad, decay_scale)
-    if name not in BACKENDS:
-        raise ValueError(f"unknown scan backend {name!r}; choose one of {BACKENDS}")
-    ok, reason = _works(name, device)
+    b = backend_record(name)
+    ok, reason = _works(b, device)
     if not ok:
-        raise BackendUnavailable(f"scan backend {name!r} cannot run on {device}: {reason}. Use backend='torch' "
-                                 f"(or STM_SCAN_BACKEND=torch) instead" + (" (CUDA and `pip install .[cuda]` for "
-                                                                          "mamba_ssm)" if name == "mamba_ssm" else ""))
-    why = _unsuited(name, dtype, needs_grad, decay_scale)
+        needs = f" (it needs {b.note})" if b.note and b.runs_on(device) else ""
+        raise BackendUnavailable(f"scan backend {name!r} cannot run on {device}: {reason}{needs}. Use backend='torch' "
+                                 f"(or STM_SCAN_BACKEND=torch) instead")
+    why = _unsuited(b, dtype, needs_grad, decay_scale)
     if why:
         raise BackendUnavailable(f"scan backend {name!r} cannot run this call: {why}; use backend='torch'")
     return name
-
-
-def exports_first_steps(backend, device, needs_grad=False) -> bool:
-    """Whether a call would fill a ``FirstSteps`` request (the torch and fused inference paths do): callers
-    skip allocating the export buffers otherwise."""
-    return not needs_grad and resolve_backend(backend, device, needs_grad=needs_grad) in ("torch", "fused")
-
-
-def _unfused(name, u, delta, A, B, C, D, z, delta_bias, delta_softplus, decay_scale, reverse=False):
-    """The differentiable and the loop paths: bias and softplus before, the D*u skip and the z gate after
-    (``reverse`` only for the fused training kernel, which scans backward by index arithmetic)."""
-    if delta_bias is not None:
-        delta = delta + delta_bias[None, :, None]
-    if delta_softplus:
-        delta = F.softplus(delta)
-    if name == "fused":
-        from .ops.scan_fused import scan_differentiable_fused
-
-        y, last = scan_differentiable_fused(u, delta, A, B, C, decay_scale=decay_scale, reverse=reverse)
-    else:
-        scan = scan_loop if name == "loop" else scan_differentiable
-        y, last = scan(u, delta, A, B, C, decay_scale=decay_scale)
-    if D is not None:
-        y = y + D[None, :, None] * u
-    if z is not None:
-        y = y * F.silu(z)
-    return y, last
-
-
-def _flipped(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state, backend, decay_scale, first):
-    """A reverse scan as the forward scan of the time-flipped inputs, its output flipped back."""
-    flip = lambda t: None if t is None or (t.dim() == 2 and t is not decay_scale) else t.flip(-1)  # noqa: E731
-    out = selective_scan(flip(u), flip(delta), A, flip(B), flip(C), D, flip(z), delta_bias, delta_softplus,
-                         return_last_state, backend, flip(decay_scale), first)
-    return (out[0].flip(-1), out[1]) if return_last_state else out.flip(-1)
-
-
-def _fused(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state, decay_scale, first, ct,
-           reverse=False):
-    """The fused CPU kernel, with a ``FirstSteps`` request turned into its (delta, Abar, B) buffers."""
-    from .ops.scan_fused import selective_scan_fused
-
-    outs = None
-    if first is not None and first.n and decay_scale is None:
-        batch, Dm, L = u.shape
-        N, n = A.shape[1], min(first.n, L)
-        new = lambda shape: u.new_empty(shape, dtype=ct)  # noqa: E731
-        first.delta = new((n, batch, Dm)) if first.delta is None else first.delta
-        first.Abar = new((n, batch, N, Dm)) if first.Abar is None else first.Abar
-        if B.dim() != 3:  # B is exported only for the (batch, N, L) layout, as on the torch path
-            first.B = None
-        elif first.B is None:
-            first.B = new((n, batch, N))
-        outs = (first.delta, first.Abar, first.B)
-    result = selective_scan_fused(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state,
-                                  decay_scale=decay_scale, first_steps=outs, reverse=reverse)
-    if outs is not None:
-        first.filled = True
-    return result
 
 
 def _needs_grad(*tensors):
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
+def scan_steps(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False, backend=None,
+               decay_scale=None, reverse=False, first_steps=0, return_last_state=False) -> ScanOutput:
+    """``selective_scan`` returning a ``ScanOutput``: y, the last state (with ``return_last_state``) and, when
+    ``first_steps`` = n > 0 and the backend exports them (and there is no decay_scale), the first n scan
+    steps' delta, Abar and B."""
+    check_scan_args(u, delta, A)
+    ct = compute_dtype(u, delta, A, B, C)
+    grad = _needs_grad(u, delta, A, B, C, D, z, delta_bias, decay_scale)
+    b = backend_record(resolve_backend(backend, u.device, ct, grad, decay_scale is not None))
+    call = ScanCall(u, delta, A, B, C, D, z, delta_bias, bool(delta_softplus), decay_scale, bool(reverse),
+                    int(first_steps) if b.first_steps and decay_scale is None else 0, bool(return_last_state), grad, ct)
+    return b.load().scan(call)
+
+
 def selective_scan(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
                    D: torch.Tensor | None = None, z: torch.Tensor | None = None, delta_bias: torch.Tensor | None = None,
                    delta_softplus: bool = False, return_last_state: bool = False, backend: str | None = None,
-                   decay_scale: torch.Tensor | None = None, first_steps: FirstSteps | None = None,
-                   reverse: bool = False):
+                   decay_scale: torch.Tensor | None = None, reverse: bool = False):
     """Selective scan with mamba-ssm's layout and semantics (twin of ``stm_ref.ssm.selective_scan``).
 
     ``u, delta, z``: (batch, D, L); ``A``: (D, N); ``B, C``: (batch, N, L), (batch, G, N, L) or (D, N);
@@ -227,41 +127,29 @@ def selective_scan(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: tor
     Bbar = delta*B (Euler, as Mamba's kernels; eq. 2-3); y = (C·h + D*u) * silu(z). Computes in float32
     (float64 if any input is float64) and returns y in u's dtype, plus the last state if asked.
     ``decay_scale`` (batch, L): Abar = exp(scale * delta * A), Bbar unchanged (pruned-sequence alignment,
-    docs/conventions.md §1). ``first_steps``: a ``FirstSteps`` request the ``fused`` and ``torch`` inference
-    paths fill when there is no decay_scale (torch: when its n fits one chunk); others leave it untouched.
-    ``reverse``: scan t = L-1 .. 0 (first steps in that order; y still indexed by t): the fused kernel by
-    index arithmetic, the other backends on time-flipped copies.
+    docs/conventions.md §1). ``reverse``: scan t = L-1 .. 0 (y still indexed by t).
     """
-    check_scan_args(u, delta, A)
-    ct = compute_dtype(u, delta, A, B, C)
-    grad = _needs_grad(u, delta, A, B, C, D, z, delta_bias, decay_scale)
-    name = resolve_backend(backend, u.device, ct, grad, decay_scale is not None)
-    if reverse and name != "fused":
-        return _flipped(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state, backend,
-                        decay_scale, first_steps)
-    if name == "mamba_ssm":
-        from .ops.scan_mamba import selective_scan_mamba
+    out = scan_steps(u, delta, A, B, C, D, z, delta_bias, delta_softplus, backend, decay_scale, reverse,
+                     return_last_state=return_last_state)
+    return (out.y, out.last) if return_last_state else out.y
 
-        return selective_scan_mamba(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
-    if name == "fused" and grad and B.dim() == 3 and C.dim() == 3:
-        y, last = _unfused(name, u, delta, A, B, C, D, z, delta_bias, delta_softplus, decay_scale, reverse)
-        y = y.to(u.dtype)
-        return (y, last) if return_last_state else y
-    if name == "fused":
-        return _fused(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state, decay_scale,
-                      first_steps, ct, reverse)
-    if name == "triton":
-        from .ops.scan_triton import selective_scan_triton
 
-        return selective_scan_triton(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state,
-                                     decay_scale=decay_scale)
-    cast = lambda t: None if t is None else t.to(ct)  # noqa: E731
-    args = [cast(t) for t in (u, delta, A, B, C, D, z, delta_bias)]
-    if name == "torch" and not grad:
-        uc, dc, Ac, Bc, Cc, Dc, zc, bias = args
-        y, last = scan_inference(uc, dc, Ac, Bc, Cc, decay_scale=cast(decay_scale), delta_bias=bias,
-                                 delta_softplus=delta_softplus, D=Dc, z=zc, first_steps=first_steps)
-    else:
-        y, last = _unfused(name, *args, delta_softplus, cast(decay_scale))
-    y = y.to(u.dtype)
-    return (y, last) if return_last_state else y
+def causal_conv(x, weight, bias, reverse=False, backend=None, dtype=None):
+    """Mamba's causal depthwise conv + SiLU of (batch, E, L) ``x`` as the backend that runs the scan does it
+    (``reverse``: the conv of the time-reversed sequence, indexed by t); the backend is resolved as for a
+    scan of ``dtype`` (default: x's compute dtype)."""
+    grad = _needs_grad(x, weight, bias)
+    name = resolve_backend(backend, x.device, dtype or compute_dtype(x), grad)
+    return backend_record(name).load().conv(x, weight, bias, reverse)
+
+
+def compiled_ends_lsq(tensors):
+    """A compiled ``ends_lsq_weights`` that takes these tensors (all on one device whose backend offers one
+    and works, contiguous), or None: the caller then forms the weights with torch."""
+    if not all(t is not None and t.is_contiguous() for t in tensors):
+        return None
+    device = tensors[0].device
+    for b in BACKENDS:
+        if b.weights_kernel and b.runs_on(device) and _works(b, device)[0]:
+            return b.load().ends_lsq_weights
+    return None

@@ -3,9 +3,11 @@
 Forward semantics are the official model's (docs/conventions.md §2, §9): patch embedding, class token
 inserted at M // 2, absolute position embedding, then per layer Add -> RMSNorm -> bidirectional Mamba
 mixer with the residual stream kept in float32 (float64 for a float64 model), the backward branch
-scanning the flipped sequence with its own parameters, ``(y_f + flip(y_b)) / 2`` before ``out_proj``, a
-final Add -> RMSNorm and the head on the class token. Parameter names are the official ones, so
-``state_dict()`` loads into the official code and official checkpoints load here.
+scanning t = L-1 .. 0 with its own parameters (the official code flips the sequence; the scan backends
+here do that or index backward, ``stm_fast.ops.backends``), ``(y_f + y_b) / 2`` in position order before
+``out_proj``, a final Add -> RMSNorm and the head on the class token. The mixer knows no backend: it
+calls ``stm_fast.ssm``'s conv and scan. Parameter names are the official ones, so ``state_dict()`` loads
+into the official code and official checkpoints load here.
 
 Token reduction plugs into the one layer loop (``VisionMamba.forward_features``) through two small
 interfaces, ``TokenReduction`` and ``ReductionPass`` below: the model asks, per layer, what the layer must
@@ -23,11 +25,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .ops.common import FirstSteps
-from .ops.conv import causal_conv1d
 from .runtime import compute_dtype
-from .ssm import exports_first_steps, resolve_backend, selective_scan
-from .stats import DirectionStats, LayerStats, StatsRequest
+from .ssm import causal_conv, scan_steps
+from .layer_stats import DirectionStats, LayerStats, StatsRequest
 
 __all__ = ["VimConfig", "VisionMamba", "MambaMixer", "Block", "RMSNorm", "PatchEmbed", "TokenReduction",
            "ReductionPass"]
@@ -143,7 +143,7 @@ class PatchEmbed(nn.Module):
 
 
 class MambaMixer(nn.Module):
-    """Bidirectional Mamba mixer (Vim's bimamba v2): forward branch and a flipped backward branch."""
+    """Bidirectional Mamba mixer (Vim's bimamba v2): a forward branch and a backward one (t = L-1 .. 0)."""
 
     def __init__(self, cfg: VimConfig, layer_idx=0):
         super().__init__()
@@ -170,86 +170,55 @@ class MambaMixer(nn.Module):
             with torch.no_grad():
                 dt_proj.bias.copy_(dt + torch.log(-torch.expm1(-dt)))
 
-    def branch(self, x, z, conv, x_proj, dt_proj, A_log, Dp, decay_scale=None, first=None, keep=False,
-               reverse=False, fused=False):
-        """One direction on (batch, E, L) inputs in scan order: conv + SiLU, projections, selective scan.
-        With ``fused`` (the scan runs on the fused CPU kernel) the kernel's own conv is used and a backward
-        direction (``reverse``) takes its inputs in position order: conv and scan run backward by index
-        arithmetic, so no flipped copy is made, and y and the statistics stay in position order.
+    def _params(self, reverse):
+        """(conv1d, x_proj, dt_proj, A_log, D) of the forward or the backward direction."""
+        if reverse:
+            return self.conv1d_b, self.x_proj_b, self.dt_proj_b, self.A_b_log, self.D_b
+        return self.conv1d, self.x_proj, self.dt_proj, self.A_log, self.D
+
+    def branch(self, x, z, reverse=False, decay_scale=None, keep=False, first_steps=0):
+        """One direction on (batch, E, L) inputs in token position order: the causal conv + SiLU,
+        projections and the selective scan, the backward direction (``reverse``) scanning t = L-1 .. 0.
+        Returns y (batch, E, L) and, with ``keep``, this direction's ``DirectionStats`` (pre-bias delta, bias,
+        B, C, A, y, u) with its first ``first_steps`` scan steps when the backend returned them: what eq. 5
+        and eq. 11 need, computed by the forward itself.
 
         x and z are (batch, E, L) views of channel-last (batch, L, E) memory, as the input projection makes
-        them; every step keeps that layout (the conv as shifted multiply-adds, the projections on contiguous
-        rows, the scan reading rows), so no transpose is ever materialised. y comes back in that layout too.
-        Returns y (batch, E, L) and, with ``keep``, this direction's ``DirectionStats`` (pre-bias delta,
-        bias, B, C, A, y in scan order): what eq. 5 and eq. 11 need to form Abar and Bbar, computed by the
-        forward itself, no extra projection and no copy.
-        ``decay_scale`` (batch, L): multiplies delta in Abar only (hidden-state alignment of pruned
-        sequences, ToP-ViM); None for the plain model. ``first``: a ``FirstSteps`` request for the scan.
+        them; every step keeps that layout, so no transpose is ever materialised, and y comes back in it.
+        ``decay_scale`` (batch, L): multiplies delta in Abar only (ToP-ViM's hidden-state alignment).
         """
-        natural = reverse and fused
-        x = causal_conv1d(x, conv.weight, conv.bias, fused=fused, reverse=natural)
-        x_dbl = x_proj(x.transpose(1, 2))  # (batch, L, R + 2N)
-        dt, B, C = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=-1)
-        delta = F.linear(dt, dt_proj.weight).transpose(1, 2)  # bias goes in as delta_bias, as upstream
-        B = B.transpose(1, 2)
-        C = C.transpose(1, 2)
+        conv, x_proj, dt_proj, A_log, Dp = self._params(reverse)
         ct = compute_dtype(A_log)
-        A = -torch.exp(A_log.to(ct))
-        bias = dt_proj.bias.to(ct)
+        x = causal_conv(x, conv.weight, conv.bias, reverse=reverse, backend=self.scan_backend, dtype=ct)
+        dt, B, C = torch.split(x_proj(x.transpose(1, 2)), [self.dt_rank, self.d_state, self.d_state], dim=-1)
+        delta = F.linear(dt, dt_proj.weight).transpose(1, 2)  # bias goes in as delta_bias, as upstream
+        B, C = B.transpose(1, 2), C.transpose(1, 2)
+        A, bias = -torch.exp(A_log.to(ct)), dt_proj.bias.to(ct)
         if decay_scale is None:
-            y = selective_scan(x, delta, A, B, C, Dp.to(ct), z=z, delta_bias=bias, delta_softplus=True,
-                               backend=self.scan_backend, first_steps=first, reverse=natural)
-        else:
-            d = F.softplus(delta.transpose(1, 2).to(ct) + bias).transpose(1, 2)
-            y = selective_scan(x, d, A, B, C, Dp.to(ct), z=z, decay_scale=decay_scale, backend=self.scan_backend,
-                               reverse=natural)
-        return y, (DirectionStats(delta, bias, B, C, A, y, reverse=reverse, u=x, flipped=reverse and not natural)
-                   if keep else None)
-
-    def _uses_fused(self, x, needs_grad):
-        """Whether this call's scans run on the fused CPU kernel (which then also does the conv)."""
-        if self.scan_backend == "torch" or x.device.type != "cpu":
-            return False
-        return resolve_backend(self.scan_backend, x.device, compute_dtype(self.A_log), needs_grad) == "fused"
-
-    def _first_steps_buffers(self, x, n):
-        """One buffer per quantity for both directions' first n steps (delta, Abar, B; step-major, forward
-        first on the second axis) and the two per-direction ``FirstSteps`` requests writing into them."""
-        batch, E, _ = x.shape
-        ct = compute_dtype(self.A_log)
-        bufs = tuple(x.new_empty((n, 2, batch) + shape, dtype=ct) for shape in ((E,), (self.d_state, E), (self.d_state,)))
-        return bufs, [FirstSteps(n, *(b[:, i] for b in bufs)) for i in (0, 1)]
+            d, d_bias = delta, bias
+        else:  # the step before scaling, formed here (the scan then scales it for Abar only)
+            d, d_bias = F.softplus(delta.transpose(1, 2).to(ct) + bias).transpose(1, 2), None
+        out = scan_steps(x, d, A, B, C, Dp.to(ct), z=z, delta_bias=d_bias, delta_softplus=decay_scale is None,
+                         backend=self.scan_backend, decay_scale=decay_scale, reverse=reverse,
+                         first_steps=first_steps if keep else 0)
+        stats = DirectionStats(delta, bias, B, C, A, out.y, reverse=reverse, u=x) if keep else None
+        return out.y, stats, out.first
 
     def forward(self, hidden, decay_scale=None, request: StatsRequest | None = None):
         """(mixer output (batch, L, d), statistics). With a ``request`` the statistics are both directions'
-        ``LayerStats`` (read in token position order) and, when the request asks for n first steps and the
-        backend exports them, their stacked delta/Abar/B; without one they are None."""
+        ``LayerStats`` (token position order) with, when the request asks for n first steps and the backend
+        returns them, their stacked delta/Abar/B; without one they are None."""
         xz = self.in_proj(hidden)  # (batch, L, 2E): the branches read x and z as (batch, E, L) views of it
         x, z = (t.transpose(1, 2) for t in xz.chunk(2, dim=-1))
         sf, sb = (None, None) if decay_scale is None else decay_scale
-        keep = request is not None
-        needs_grad = torch.is_grad_enabled() and self.A_log.requires_grad
-        export = keep and request.first_steps and exports_first_steps(self.scan_backend, x.device, needs_grad)
-        bufs, first = self._first_steps_buffers(x, request.first_steps) if export else (None, (None, None))
-        fused = self._uses_fused(x, needs_grad)
-        y_f, st_f = self.branch(x, z, self.conv1d, self.x_proj, self.dt_proj, self.A_log, self.D, sf, first[0], keep,
-                                fused=fused)
-        if fused:  # the backward direction by index arithmetic, in position order
-            xb, zb = x, z
-        else:  # one flipped copy, still channel-last; the backward branch runs in scan order
-            xb, zb = (t.transpose(1, 2) for t in xz.flip(1).chunk(2, dim=-1))
-            sb = None if sb is None else sb.flip(-1)
-        y_b, st_b = self.branch(xb, zb, self.conv1d_b, self.x_proj_b, self.dt_proj_b, self.A_b_log, self.D_b,
-                                sb, first[1], keep, reverse=True, fused=fused)
-        stats = None
-        if keep:
-            exported = bufs is not None and first[0].filled and first[1].filled
-            with_B = exported and first[0].B is not None and first[1].B is not None
-            stats = LayerStats(st_f, st_b, (bufs if with_B else bufs[:2] + (None,)) if exported else None,
-                               scan_backend="fused" if fused else None)
-        y_b = y_b.transpose(1, 2) if fused else y_b.transpose(1, 2).flip(1)  # (batch, L, E) rows, position order
-        # in place only into a buffer nobody else holds: kept statistics refer to the fused path's y_b
-        y = (y_b + y_f.transpose(1, 2) if fused and keep else y_b.add_(y_f.transpose(1, 2))).mul_(0.5)
+        keep, n = request is not None, request.first_steps if request is not None else 0
+        y_f, st_f, first_f = self.branch(x, z, False, sf, keep, n)
+        y_b, st_b, first_b = self.branch(x, z, True, sb, keep, n)
+        stats = LayerStats(st_f, st_b, (first_f, first_b) if first_f is not None and first_b is not None else None) \
+            if keep else None
+        y_b = y_b.transpose(1, 2)  # (batch, L, E) rows
+        # in place only into a buffer nobody else holds: kept statistics refer to y_b
+        y = (y_b + y_f.transpose(1, 2) if keep else y_b.add_(y_f.transpose(1, 2))).mul_(0.5)
         out = self.out_proj(y)
         if keep and request.output:
             stats.output = out
@@ -305,7 +274,7 @@ class VisionMamba(nn.Module):
                 layer.mixer.out_proj.weight /= math.sqrt(self.cfg.depth)
 
     def set_scan_backend(self, backend):
-        """Force a scan backend for every layer ('torch', 'triton', 'mamba_ssm', 'loop'; None = automatic)."""
+        """Force a scan backend for every layer (a name of ``stm_fast.ops.backends.BACKENDS``; None = automatic)."""
         for layer in self.layers:
             layer.mixer.scan_backend = backend
         return self

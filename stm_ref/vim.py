@@ -64,15 +64,19 @@ def patch_stride(image_size, patch_size, grid):
     return stride
 
 
-def embed(sd, image):
+def embed(sd, image, stride=None):
     """Patch embedding of one image (C, H, W), patches of size p taken every ``stride`` pixels (overlapping
     when the stride is smaller than p), in row-major order; the class token inserted at M // 2 and pos_embed
-    added: (L, d). The stride follows from the image size and the position embedding's grid."""
+    added: (L, d). Without ``stride`` it follows from the image size and the position embedding's grid when
+    the patches reach the image's edge exactly; given, the grid is (H - p) // stride + 1, the pixels past
+    the last whole patch unused (as the official PatchEmbed's Conv2d floors)."""
     cfg = config_from_state_dict(sd)
     p, g, C = cfg["patch_size"], cfg["grid"], cfg["channels"]
     if image.ndim != 3 or image.shape[0] != C or image.shape[1] != image.shape[2]:
         raise ValueError(f"expected a square image of {C} channels, got {image.shape}")
-    s = patch_stride(image.shape[1], p, g)
+    s = patch_stride(image.shape[1], p, g) if stride is None else stride
+    if (image.shape[1] - p) // s + 1 != g:
+        raise ValueError(f"patches of {p} every {s} pixels give {(image.shape[1] - p) // s + 1} per side, not {g}")
     patches = np.stack([image[:, i * s:i * s + p, j * s:j * s + p].reshape(-1) for i in range(g) for j in range(g)])
     W = sd["patch_embed.proj.weight"].reshape(cfg["embed_dim"], -1)  # (d, C * p * p), the same (C, p, p) order
     x = patches @ W.T + sd["patch_embed.proj.bias"]
@@ -120,23 +124,24 @@ def mixer(sd, i, hidden, decay_scale=None, return_stats=False):
     return out, {"forward": st_f, "backward": back}
 
 
-def forward_features(sd, image, eps=1e-5, reduction=None, image_index=0):
+def forward_features(sd, image, eps=1e-5, reduction=None, image_index=0, stride=None):
     """Class-token features of one image (C, H, W) after the final Add -> RMSNorm: (d,). The arguments are
     those of ``final_tokens``."""
-    out, cls = final_tokens(sd, image, eps, reduction, image_index)
+    out, cls = final_tokens(sd, image, eps, reduction, image_index, stride)
     return out[cls]
 
 
-def final_tokens(sd, image, eps=1e-5, reduction=None, image_index=0):
+def final_tokens(sd, image, eps=1e-5, reduction=None, image_index=0, stride=None):
     """Every token of one image (C, H, W) after the final Add -> RMSNorm, (L_final, d), and the class token's
     index among them.
 
     ``reduction``: {"method", "schedule" (tokens removed after each layer), "options"}, e.g. the
     ``to_dict()`` of the ``Reduction`` that ``stm_fast.reduce`` installs; the same reduction in float64.
     ``image_index``: the image's place in its batch (only ToP-ViM's released code treats image 0 apart).
+    ``stride``: the patch embedding's (see ``embed``).
     """
     sd = {k: np.asarray(v, dtype=np.float64) for k, v in sd.items()}
-    hidden = embed(sd, np.asarray(image, dtype=np.float64))
+    hidden = embed(sd, np.asarray(image, dtype=np.float64), stride)
     depth = config_from_state_dict(sd)["depth"]
     L = hidden.shape[0]
     state = {"cls": (L - 1) // 2, "pos": np.arange(L), "size": np.ones(L)}
@@ -159,9 +164,11 @@ def final_tokens(sd, image, eps=1e-5, reduction=None, image_index=0):
     return rms_norm(residual + hidden, sd["norm_f.weight"], eps), state["cls"]
 
 
-def forward(sd, images, eps=1e-5, reduction=None):
+def forward(sd, images, eps=1e-5, reduction=None, stride=None):
     """Logits (batch, classes) for images (batch, C, H, W): the float64 oracle of ``VisionMamba.forward``
-    (with ``reduction``, of the model after ``stm_fast.reduce``: pass its ``model.reduction.to_dict()``)."""
+    (with ``reduction``, of the model after ``stm_fast.reduce``: pass its ``model.reduction.to_dict()``;
+    ``stride``: the patch embedding's, when the patches do not reach the image's edge, see ``embed``)."""
     sd = {k: np.asarray(v, dtype=np.float64) for k, v in sd.items()}
-    feats = np.stack([forward_features(sd, im, eps, reduction, b) for b, im in enumerate(np.asarray(images, dtype=np.float64))])
+    feats = np.stack([forward_features(sd, im, eps, reduction, b, stride)
+                      for b, im in enumerate(np.asarray(images, dtype=np.float64))])
     return feats @ sd["head.weight"].T + sd["head.bias"]

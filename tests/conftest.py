@@ -1,9 +1,25 @@
-"""Test set-up for tests/: run Triton kernels through its interpreter where there is no GPU."""
+"""Test set-up for tests/: Triton through its interpreter where there is no GPU, and the fixtures several
+test modules share (their builders are in tests/builders.py)."""
 
 import os
 
+import pytest
 import torch
 
+from tests.builders import image_folders, small_checkpoint
+
 if not torch.cuda.is_available():
-    # Must be set before stm_fast.triton_scan is first imported (triton reads it when decorating kernels).
+    # Must be set before stm_fast.ops.scan_triton is first imported (triton reads it when decorating kernels).
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    """A small-config checkpoint in the official format (tests.builders.SMALL)."""
+    return small_checkpoint(tmp_path_factory.mktemp("ckpt") / "vim_small_config.pth")
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    """(ImageFolder, flat folder, labels CSV) of the same images, one corrupt file in each."""
+    return image_folders(tmp_path_factory.mktemp("data"))

@@ -3,7 +3,7 @@
 import torch
 
 from stm_fast.analysis import layer_losses, plot_layer_losses
-from tests.test_vim import random_model
+from tests.builders import random_model
 
 
 def test_layer_losses_are_zero_until_a_layer_has_seen_merged_tokens():

@@ -22,9 +22,9 @@ LAYERS = [
     ("stm_ref", "reference"),
     ("stm_fast.runtime", "runtime"),
     ("stm_fast.ops", "kernels"), ("stm_fast.ssm", "kernels"),
-    ("stm_fast.vim", "model"), ("stm_fast.stats", "model"), ("stm_fast.registry", "model"),
+    ("stm_fast.vim", "model"), ("stm_fast.layer_stats", "model"), ("stm_fast.registry", "model"),
     ("stm_fast.models", "model"), ("stm_fast.checkpoint", "model"),
-    ("stm_fast.reduction", "reduction"), ("stm_fast.merge", "reduction"),
+    ("stm_fast.reduction", "reduction"),
     ("stm_fast.eval", "eval"),
     ("stm_fast", "tools"),  # flops, analysis, bench, digits, train_tiny and the package itself
 ]
@@ -143,3 +143,18 @@ def test_nothing_cites_documents_outside_the_repository():
     bad = [f"{p.relative_to(ROOT)}:{i}" for p in files for i, line in enumerate(p.read_text().splitlines(), 1)
            if pattern.search(line)]
     assert not bad, "citations of files outside the repository: " + ", ".join(bad[:20])
+
+
+def test_only_the_backend_table_names_a_backend_module():
+    """The model, the reductions, the eval and the dispatcher (stm_fast.ssm) import no backend module
+    (``stm_fast.ops.scan_*``, ``ops.conv``): they reach kernels through ``stm_fast.ops.backends``' records, so
+    deleting a backend's module and its record leaves them untouched. (Tools such as the CPU floor may
+    import a kernel they measure; backend modules may import their own helpers.)"""
+    mods, edges = graph()
+    kernel = re.compile(r"^stm_fast\.ops\.(scan_\w+|conv)$")
+    bad = [f"{m} imports {t}" for m in sorted(edges) for t in sorted(edges[m])
+           if kernel.match(t) and (layer_of(m) in ("model", "reduction", "eval") or m == "stm_fast.ssm")]
+    assert not bad, "\n".join(bad)
+    table = (ROOT / "stm_fast" / "ops" / "backends.py").read_text()
+    backend_modules = [n for n in mods if re.match(r"^stm_fast\.ops\.scan_(?!autograd)\w+$", n)]
+    assert backend_modules and all(f'"{n}"' in table for n in backend_modules), "every backend module has a record"

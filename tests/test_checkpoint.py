@@ -449,9 +449,14 @@ def test_unknown_override():
         assert k in msg
 
 
-def test_img_size_not_multiple_of_patch_size():
-    with pytest.raises(ValueError, match=r"img_size 18 does not fit patch_size 4 with stride 4: \(img_size - patch_size\) must be a non-negative multiple"):
-        create_model("vim_tiny", **{**TINY, "img_size": 18})
+def test_patch_grid_floors_as_the_official_patch_embed():
+    """hustvl/Vim's PatchEmbed takes (img_size - patch) // stride + 1 patches per side (its Conv2d floors):
+    18 px in patches of 4 is a 4 x 4 grid, the last 2 pixels unread; a patch larger than the image is refused."""
+    m = create_model("vim_tiny", **{**TINY, "img_size": 18})
+    assert m.cfg.grid == 4 and m.cfg.num_tokens == 17
+    assert m(torch.randn(1, 3, 18, 18)).shape == (1, TINY.get("num_classes", 1000))
+    with pytest.raises(ValueError, match="img_size 18 is smaller than patch_size 20"):
+        create_model("vim_tiny", **{**TINY, "img_size": 18, "patch_size": 20})
 
 
 # ---------------------------------------------------------------- 5. wrong image size at forward

@@ -17,9 +17,11 @@ import numpy as np
 import pytest
 import torch
 
+import dataclasses
+
 import stm_fast
 from stm_fast import ssm
-from stm_fast.ops import probe, scan_triton
+from stm_fast.ops import backends, probe, scan_triton
 from stm_fast.runtime import synchronize
 from stm_ref import ssm as ref
 
@@ -102,9 +104,10 @@ def fake_mamba(monkeypatch):
     """The fake kernel, and mamba_ssm made the automatic choice for CPU tensors (as it is on CUDA)."""
     fake = FakeSelectiveScanCuda()
     monkeypatch.setitem(sys.modules, "selective_scan_cuda", fake)
-    monkeypatch.setattr(ssm, "_candidates", lambda device: ("mamba_ssm",))
+    mamba = dataclasses.replace(backends.backend("mamba_ssm"), automatic_on=("cpu",))
+    monkeypatch.setattr(ssm, "BACKENDS", (mamba,) + tuple(b for b in backends.BACKENDS if b.name in ("torch", "loop")))
     real = ssm._works
-    monkeypatch.setattr(ssm, "_works", lambda name, device: (True, "") if name == "mamba_ssm" else real(name, device))
+    monkeypatch.setattr(ssm, "_works", lambda b, device: (True, "") if b.name == "mamba_ssm" else real(b, device))
     return fake
 
 
@@ -259,20 +262,26 @@ def test_triton_kernel_offsets_are_64_bit():
     assert proc.stdout.strip() == "0"
 
 
-def test_first_steps_buffers_only_for_a_backend_that_fills_them(monkeypatch):
-    """STM asks the layer for the scan's first steps; on a backend that exports none (triton, mamba_ssm) the
-    mixer allocates no export buffers and the weights are recomputed (same logits)."""
-    from stm_fast.stats import StatsRequest
+def test_first_steps_are_asked_only_of_a_backend_whose_record_returns_them(monkeypatch):
+    """STM asks the layer for the scan's first steps; a backend whose record says it returns none (loop here,
+    as triton and mamba_ssm on a GPU) is called with first_steps=0, the statistics hold none, and the weights
+    are recomputed: the same logits as through the torch backend, which returns them."""
+    from stm_fast.layer_stats import StatsRequest
+    from stm_fast.ops import scan_loop
 
     m = _model(torch.float64)
     mixer = m.layers[0].mixer
     h = torch.randn(2, 17, 16, dtype=torch.float64)
+    asked = []
+    real = scan_loop.scan
+    monkeypatch.setattr(scan_loop, "scan", lambda call: (asked.append(call.first_steps), real(call))[1])
     with torch.no_grad():
         _, stats = mixer(h, request=StatsRequest(first_steps=3))
-        assert stats.first_steps is not None
-        monkeypatch.setattr(ssm, "exports_first_steps", lambda *a, **k: False)
-        monkeypatch.setattr(stm_fast.vim, "exports_first_steps", lambda *a, **k: False)
-        allocated = []
-        monkeypatch.setattr(type(mixer), "_first_steps_buffers", lambda self, x, n: allocated.append(n))
+        assert stats.first_steps is not None and asked == []
+        m.set_scan_backend("loop")
         _, stats = mixer(h, request=StatsRequest(first_steps=3))
-    assert stats.first_steps is None and allocated == []
+        assert stats.first_steps is None and asked and set(asked) == {0}
+        x = torch.randn(2, 3, 16, 16, dtype=torch.float64)
+        with stm_fast.reduced(m, "stm", schedule=[4]):
+            loop = m(x)
+            torch.testing.assert_close(loop, m.set_scan_backend("torch")(x), rtol=1e-10, atol=1e-12)

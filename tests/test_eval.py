@@ -13,55 +13,9 @@ from PIL import Image
 
 import stm_fast
 from stm_fast import eval as ev
+from tests.builders import OVERRIDES
 
-SYNS = ["n01440764", "n01443537", "n15075141"]  # canonical indices 0, 1, 999
-SMALL = dict(img_size=32, patch_size=4, embed_dim=16, depth=4, d_state=8)  # 64 patches + class token
-OVERRIDES = [f"--override={k}={v}" for k, v in SMALL.items()]
 FAST = ["--methods", "stm", "tome", "--rates", "0.1", "0.2", "--quiet", "--batch-size", "4"]
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    """A small-config checkpoint in the official format: state dict under 'model', plus training args."""
-    torch.manual_seed(0)
-    m = stm_fast.create_model("vim_tiny", **SMALL)
-    with torch.no_grad():
-        for p in m.parameters():
-            p.add_(torch.randn_like(p) * 0.2)
-    path = tmp_path_factory.mktemp("ckpt") / "vim_small_config.pth"
-    torch.save({"model": m.state_dict(), "epoch": 3, "args": argparse.Namespace(model="vim_tiny")}, path)
-    return str(path)
-
-
-def _image(rng, mode):
-    arr = rng.integers(0, 256, (40, 48, 3), dtype=np.uint8)
-    im = Image.fromarray(arr)
-    return im.convert(mode) if mode != "RGB" else im
-
-
-@pytest.fixture(scope="module")
-def folders(tmp_path_factory):
-    """An ImageFolder (synset sub-folders) and the same images flat with a CSV; one corrupt file in each."""
-    rng = np.random.default_rng(0)
-    root = tmp_path_factory.mktemp("data")
-    tree, flat = root / "val", root / "flat"
-    flat.mkdir()
-    rows = ["filename,label"]
-    n = 0
-    for s in SYNS:
-        (tree / s).mkdir(parents=True)
-        for j, mode in enumerate(["RGB", "L", "CMYK", "PNG"]):
-            name = f"img_{n:03d}.JPEG"
-            im = _image(rng, "RGB" if mode == "PNG" else mode)
-            for folder in (tree / s, flat):
-                im.save(folder / name, format="PNG" if mode == "PNG" else "JPEG")  # PNG bytes in a .JPEG file
-            rows.append(f"{name},{s if j % 2 else SYNS.index(s) if s != 'n15075141' else 999}")
-            n += 1
-    for folder in (tree / SYNS[0], flat):
-        (folder / "broken.JPEG").write_bytes(b"\xff\xd8\xff\xe0 this is not really a jpeg")
-    rows.append(f"broken.JPEG,{SYNS[0]}")
-    (root / "labels.csv").write_text("\n".join(rows) + "\n")
-    return str(tree), str(flat), str(root / "labels.csv")
 
 
 def run(args):

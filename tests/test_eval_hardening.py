@@ -30,7 +30,7 @@ import stm_fast
 from stm_fast import bench, train_tiny
 from stm_fast.eval import cli
 from stm_fast.eval.imagenet import to_rgb
-from tests.test_eval import OVERRIDES, SYNS, checkpoint, folders  # noqa: F401  (fixtures)
+from tests.builders import OVERRIDES, SYNS
 
 QUICK = ["--methods", "stm", "--rates", "0.1", "--quiet", "--batch-size", "4", *OVERRIDES]
 
@@ -293,7 +293,7 @@ def test_meaningless_options_are_errors_before_any_work(tmp_path, capsys, args, 
 
 @pytest.mark.parametrize("override,message", [
     ("colour=3", "unknown key 'colour'"), ("depth=0", "depth must be a positive integer"),
-    ("stride=0", "stride must be a positive integer"), ("patch_size=5", "img_size 32 does not fit patch_size 5"),
+    ("stride=0", "stride must be a positive integer"), ("patch_size=40", "img_size 32 is smaller than patch_size 40"),
 ])
 def test_bad_overrides_are_one_line_errors(tmp_path, checkpoint, folders, capsys, override, message):
     code, err, n = run_cli(["--checkpoint", checkpoint, "--data", folders[0], "--out", str(tmp_path / "o"), *QUICK,

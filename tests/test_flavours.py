@@ -10,8 +10,9 @@ import stm_fast
 from stm_fast.registry import MODEL_CONFIGS
 from stm_ref import reduction as ref
 from stm_ref import vim as ref_vim
-from tests.test_reduce_reference import GEOMETRY, TOL
-from tests.test_vim import random_model
+from tests.builders import GEOMETRY, random_model
+
+TOL = 1e-9
 
 VIM_TI = MODEL_CONFIGS["vim_tiny"]
 

@@ -8,9 +8,9 @@ and asserts that the property fails. A tolerance loose enough to hide a 1e-9 err
 import pytest
 
 from stm_ref import merge, ssm
-from tests.search import search_profile
+from tests.builders import search_profile
 from verify import (test_bidirectional, test_discretize, test_estimated_weights, test_exact_merge, test_fading,
-                    test_scan, test_selective_scan, test_token_form)
+                    test_closed_form, test_selective_scan, test_token_form)
 
 EPS = 1e-9
 
@@ -36,8 +36,8 @@ def _scaled_in(direction):
 
 
 CASES = {
-    "claim 1: scan off by 1e-9": (ssm, "scan", _scaled, test_scan.test_recurrence_equals_closed_form),
-    "claim 1: attention off by 1e-9": (ssm, "hidden_attention", _scaled, test_scan.test_hidden_attention_reproduces_outputs),
+    "claim 1: scan off by 1e-9": (ssm, "scan", _scaled, test_closed_form.test_recurrence_equals_closed_form),
+    "claim 1: attention off by 1e-9": (ssm, "hidden_attention", _scaled, test_closed_form.test_hidden_attention_reproduces_outputs),
     "eq. 2: ZOH factor off by 1e-9": (ssm, "_phi1", _scaled, test_discretize.test_zoh_matches_scipy_cont2discrete),
     "selective_scan: softplus off by 1e-9": (ssm, "softplus", _scaled,
                                              test_selective_scan.test_selective_scan_matches_attention_form_in_every_layout),

@@ -14,9 +14,9 @@ import torch
 
 import stm_fast.reduction as reduction_pkg
 from stm_fast import ssm
-from stm_fast.ops import scan_fused
+from stm_fast.ops import scan_fused, scan_torch
 from stm_fast.reduction import evit, stm, tome, top
-from tests.search import search_profile
+from tests.builders import search_profile
 from verify import test_fast_path as fast_props
 
 EPS = 1e-6
@@ -73,8 +73,8 @@ def RATE():
     fast_props.test_reported_rate_is_the_rate_of_the_tokens_each_layer_receives()
 
 CASES = {  # name: (module, attribute, mutation, property)
-    "torch scan output": (ssm, "scan_inference", _first_output, F64),
-    "fused scan output": (ssm, "_fused", _first_output, F64_FUSED),
+    "torch scan output": (scan_torch, "scan_inference", _first_output, F64),
+    "fused scan output": (scan_fused, "selective_scan_fused", _first_output, F64_FUSED),
     "fused STM weights": (scan_fused, "ends_lsq_weights", _first_output, F64_FUSED),
     "STM weights (ends plan)": (stm, "ends_weights", _first_output, F64),
     "STM weights (other plans)": (stm, "token_weights", _first_output, F64),

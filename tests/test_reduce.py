@@ -5,9 +5,9 @@ import torch
 
 import stm_fast
 import stm_fast.registry
-from stm_fast.stats import StatsRequest
+from stm_fast.layer_stats import StatsRequest
 from stm_fast.reduction import rate_of, solve_schedule
-from tests.test_vim import random_model
+from tests.builders import random_model
 
 METHOD_OPTIONS = [("stm", {}), ("stm", {"sides": "left"}), ("stm", {"weights": "avg"}), ("stm", {"positions": "uniform"}),
                   ("tome", {}), ("tome", {"layers": "all"}), ("top", {}), ("top", {"align": False}), ("evit", {}),

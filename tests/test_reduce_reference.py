@@ -16,7 +16,7 @@ import stm_fast
 from stm_ref import reduction as reductions
 from stm_ref.reduction import evit as ref_evit
 from stm_ref import vim as ref_vim
-from tests.test_vim import random_model
+from tests.builders import GEOMETRY, random_model
 
 TOL = 1e-9
 
@@ -30,8 +30,6 @@ def _one_thread():
     torch.set_num_threads(before)
 
 
-# tokens -> (img_size, patch_size, stride); 26: overlapping patches on an odd 5 x 5 grid (class token at 12)
-GEOMETRY = {17: (16, 4, None), 10: (12, 4, None), 26: (11, 3, 2)}
 
 
 def _case(method, tokens, schedule, seed=0, embed_dim=8, d_state=4, batch=3, backend=None, **options):

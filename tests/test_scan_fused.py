@@ -16,6 +16,7 @@ import stm_fast
 from stm_fast.ops import scan_fused
 from stm_ref import ssm as ref
 from stm_ref import vim as ref_vim
+from tests.builders import channel_last, flip_time, make_case, numpy_args, reference, rel_err
 
 OK, REASON = scan_fused.available()
 if not OK:
@@ -23,57 +24,6 @@ if not OK:
 
 F64_TOL = 1e-12  # relative to 1 + max |reference|
 F32_FLOOR = 1e-7  # about one float32 ulp of that scale: the floor of the float32 comparison
-
-
-def rel_err(x, ref_value):
-    x = np.asarray(x.detach().double().numpy() if torch.is_tensor(x) else x, dtype=np.float64)
-    ref_value = np.asarray(ref_value, dtype=np.float64)
-    return float(np.abs(x - ref_value).max() / (1.0 + np.abs(ref_value).max())) if x.size else 0.0
-
-
-def channel_last(t):
-    """The same values held (batch, L, channels) in memory, as Vim's mixer hands them over."""
-    return t.transpose(1, 2).contiguous().transpose(1, 2)
-
-
-def make_case(rng, batch, Dm, N, L, b_layout="variable", c_layout="variable", groups=1, dtype=torch.float64,
-              softplus=True, bias=True, skip=True, gate=True, decay=False, u_cl=False, delta_cl=False, z_cl=False):
-    """Keyword arguments for a scan; decays stay in (0, 1] (A < 0, delta + bias > 0 or softplus'ed), so
-    float32 cannot overflow where float64 does not."""
-    r = lambda *s: torch.tensor(rng.standard_normal(s), dtype=dtype)  # noqa: E731
-    shapes = {"variable": (batch, N, L), "fixed": (Dm, N), "grouped": (batch, groups, N, L)}
-    delta = r(batch, Dm, L) * 0.7 - 1.0 if softplus else torch.tensor(rng.uniform(0.01, 1.0, (batch, Dm, L)), dtype=dtype)
-    kw = dict(u=r(batch, Dm, L), delta=delta, A=-torch.tensor(rng.uniform(0.1, 4.0, (Dm, N)), dtype=dtype),
-              B=r(*shapes[b_layout]), C=r(*shapes[c_layout]), delta_softplus=softplus)
-    if b_layout == "variable":  # as Vim's x_proj makes it: a (batch, N, L) view with stride(1) == 1
-        kw["B"] = channel_last(kw["B"])
-    kw.update(D=r(Dm) if skip else None, z=r(batch, Dm, L) if gate else None,
-              delta_bias=(r(Dm) * 0.3 if softplus else torch.tensor(rng.uniform(0, 0.3, Dm), dtype=dtype)) if bias else None,
-              decay_scale=torch.tensor(rng.uniform(0.5, 3.0, (batch, L)), dtype=dtype) if decay else None)
-    for name, flag in (("u", u_cl), ("delta", delta_cl), ("z", z_cl)):
-        if flag and kw[name] is not None:
-            kw[name] = channel_last(kw[name])
-    return kw
-
-
-def numpy_args(kw):
-    return {k: (v.double().numpy() if torch.is_tensor(v) else v) for k, v in kw.items()}
-
-
-def flip_time(kw):
-    """The arguments with the time axis reversed (what a reverse scan must equal, flipped back)."""
-    out = dict(kw)
-    for name in ("u", "delta", "z", "B", "C", "decay_scale"):
-        v = kw[name]
-        if v is not None and not (name in ("B", "C") and v.dim() == 2):
-            out[name] = v.flip(-1)
-    return out
-
-
-def reference(kw, reverse=False):
-    """float64 reference y and last state; a reverse scan is the forward one on time-flipped inputs."""
-    y, last = ref.selective_scan(**numpy_args(flip_time(kw) if reverse else kw), return_last_state=True)
-    return (y[..., ::-1] if reverse else y), last
 
 
 @st.composite
@@ -295,17 +245,15 @@ def test_missing_compiler_gives_false_and_one_line(tmp_path):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_exported_first_steps_equal_the_torch_backends(dtype):
-    """Through ``stm_fast.selective_scan``: a ``FirstSteps`` request filled by the fused kernel holds what the
-    torch backend exports (delta, Abar, B of the first n steps; the values STM's eq. 11 weights read)."""
-    from stm_fast.ops.common import FirstSteps
-
+    """Through ``stm_fast.ssm.scan_steps``: the first steps the fused kernel returns hold what the torch
+    backend returns (delta, Abar, B of the first n steps; the values STM's eq. 11 weights read)."""
     kw = make_case(np.random.default_rng(13), 2, 24, 8, 30, dtype=dtype, u_cl=True, delta_cl=True, z_cl=True)
     kw.pop("decay_scale")
-    got, want = FirstSteps(5), FirstSteps(5)
     with torch.inference_mode():
-        y = stm_fast.selective_scan(**kw, backend="fused", first_steps=got)
-        y_t = stm_fast.selective_scan(**kw, backend="torch", first_steps=want)
-    assert got.filled and want.filled
+        out = stm_fast.ssm.scan_steps(**kw, backend="fused", first_steps=5)
+        out_t = stm_fast.ssm.scan_steps(**kw, backend="torch", first_steps=5)
+    (y, got), (y_t, want) = (out.y, out.first), (out_t.y, out_t.first)
+    assert got is not None and want is not None
     tol = 1e-14 if dtype == torch.float64 else 1e-6
     for name in ("delta", "Abar", "B"):
         a, b = getattr(got, name), getattr(want, name)
@@ -328,7 +276,7 @@ def test_every_build_this_host_can_run_matches_the_reference(capability):
     code = f"""
 import numpy as np, torch
 from stm_fast.ops import scan_fused
-from tests.test_scan_fused import make_case, reference, rel_err
+from tests.builders import make_case, reference, rel_err
 ok, why = scan_fused.available()
 assert ok and why.startswith("built for {capability} "), why
 errs = []
@@ -379,9 +327,9 @@ def test_fused_conv_matches_reference(case):
 @pytest.mark.parametrize("norm", [False, True])
 def test_ends_weights_equal_their_torch_twin(dtype, norm):
     """STM's lsq weights from exported first steps (eq. 11): the extension's one call equals
-    stm_fast.merge._lsq_from_first_steps (float64 1e-12; float32 within a few ulps of the weights' scale),
+    stm_fast.reduction.merge._lsq_from_first_steps (float64 1e-12; float32 within a few ulps of the weights' scale),
     and leaves the Abar buffer as it found it."""
-    from stm_fast.merge import _lsq_from_first_steps
+    from stm_fast.reduction.merge import _lsq_from_first_steps
 
     rng = np.random.default_rng(15)
     n, S, batch, N, E, r = 5, 2, 3, 16, 37, 4

@@ -1,4 +1,4 @@
-"""Every run checks itself first: a backend further from the float64 reference than its allowance stops eval
+"""Every run checks itself first: a backend further from the float64 torch copy than its allowance stops eval
 and bench before any work, with one line naming the backend, the device, the error and the way out."""
 
 import json
@@ -9,15 +9,16 @@ import torch
 
 from stm_fast import bench, ssm
 from stm_fast.eval import cli
+from stm_fast.ops import scan_loop
 from stm_fast.selfcheck import TOLERANCE, SelfCheckFailed, self_check
 
 
 @pytest.fixture
 def broken_loop(monkeypatch):
     """The loop backend made the automatic choice, and made wrong by 1% in every output."""
-    real = ssm.scan_loop
+    real = scan_loop.scan_loop
     monkeypatch.setenv("STM_SCAN_BACKEND", "loop")
-    monkeypatch.setattr(ssm, "scan_loop", lambda *a, **k: (lambda y, h: (y * 1.01, h))(*real(*a, **k)))
+    monkeypatch.setattr(scan_loop, "scan_loop", lambda *a, **k: (lambda y, h: (y * 1.01, h))(*real(*a, **k)))
 
 
 def test_a_broken_backend_stops_the_eval_before_any_work(tmp_path, capsys, broken_loop):
@@ -56,7 +57,7 @@ def test_the_check_measures_the_backend_against_the_torch_backend(monkeypatch):
     x = torch.randn(3, 3, 16, 16)
     record = self_check(m.set_scan_backend("loop"), x, torch.device("cpu"), random_weights=True)
     assert record["backend"] == "loop" and 0 < record["max_rel_error"] < 1e-5
-    real = ssm.scan_loop
-    monkeypatch.setattr(ssm, "scan_loop", lambda *a, **k: (lambda y, h: (y * 1.01, h))(*real(*a, **k)))
+    real = scan_loop.scan_loop
+    monkeypatch.setattr(scan_loop, "scan_loop", lambda *a, **k: (lambda y, h: (y * 1.01, h))(*real(*a, **k)))
     with pytest.raises(SelfCheckFailed, match="scan backend 'loop' on cpu gives outputs"):
         self_check(m, x, torch.device("cpu"), random_weights=True)

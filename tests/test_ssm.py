@@ -12,7 +12,7 @@ from hypothesis import given, settings, strategies as st
 from stm_fast import ssm as fast
 from stm_fast.ops import scan_fused as fused_kernel
 from stm_fast.ops import scan_torch
-from stm_fast.ops.common import FirstSteps
+from stm_fast.ops.scan_torch import _Export
 from stm_fast.ops.conv import causal_conv1d
 from stm_fast.runtime import flush_denormals
 from stm_ref import ssm, vim as ref_vim
@@ -151,7 +151,7 @@ def test_backend_choice_and_errors(monkeypatch):
     assert fast.resolve_backend(None, "cpu") == ("fused" if fused else "torch"), "the fused kernel when it builds"
     assert fast.resolve_backend(None, "cpu", needs_grad=True) == ("fused" if fused else "torch"), \
         "gradients go through the fused training kernel when it builds"
-    with pytest.raises(fast.BackendUnavailable, match="'fused' cannot run on meta: it is a CPU kernel"):
+    with pytest.raises(fast.BackendUnavailable, match="'fused' cannot run on meta: it needs a CPU device"):
         fast.resolve_backend("fused", "meta")
     monkeypatch.setenv("STM_SCAN_BACKEND", "torch")
     assert fast.resolve_backend(None, "cpu") == "torch", "STM_SCAN_BACKEND=torch turns the fused kernel off"
@@ -289,14 +289,13 @@ def test_exported_first_steps_are_the_scans_own_delta_abar_and_B(kw, n, mode):
     the sequence."""
     t = _torch(kw, torch.float64)
     L = t["u"].shape[2]
-    first = FirstSteps(n)
-    y = fast.selective_scan(**t, backend="torch", first_steps=first)
+    out = fast.scan_steps(**t, backend="torch", first_steps=n)
+    y, first = out.y, out.first
     plain = fast.selective_scan(**t, backend="torch").numpy()
     np.testing.assert_allclose(y.numpy(), plain, rtol=1e-13, atol=1e-13 * (1 + np.abs(plain).max()))
     if n > min(scan_torch.CHUNK, L):
-        assert not first.filled and first.Abar is None
+        assert first is None
         return
-    assert first.filled
     d = kw["delta"] + (kw["delta_bias"][None, :, None] if kw["delta_bias"] is not None else 0)
     d = np.where(d > 20, d, np.log1p(np.exp(d)))  # (batch, D, L)
     np.testing.assert_allclose(first.delta.numpy(), d[:, :, :n].transpose(2, 0, 1), rtol=1e-14)
@@ -308,7 +307,7 @@ def test_exported_first_steps_are_the_scans_own_delta_abar_and_B(kw, n, mode):
         assert first.B is None
     with torch.no_grad():
         y2, _ = scan_torch.scan_inference(t["u"], t["delta"], t["A"], t["B"], t["C"], mode=mode, delta_bias=t["delta_bias"],
-                                          delta_softplus=True, D=t["D"], z=t["z"], first_steps=FirstSteps(n))
+                                          delta_softplus=True, D=t["D"], z=t["z"], first_steps=_Export(n))
     np.testing.assert_allclose(y2.numpy(), y.numpy(), rtol=1e-12, atol=1e-12 * (1 + np.abs(y.numpy()).max()))
 
 
@@ -318,9 +317,7 @@ def test_first_steps_are_not_exported_with_decay_scale_or_by_other_backends():
     A = -torch.as_tensor(rng.uniform(0.1, 10, (5, 4)))
     B, C = (torch.as_tensor(rng.standard_normal((2, 4, 9))) for _ in range(2))
     for kw in (dict(backend="torch", decay_scale=torch.full((2, 9), 2.0, dtype=torch.float64)), dict(backend="loop")):
-        first = FirstSteps(3)
-        fast.selective_scan(u, delta, A, B, C, first_steps=first, **kw)
-        assert first == FirstSteps(3)
+        assert fast.scan_steps(u, delta, A, B, C, first_steps=3, **kw).first is None
 
 
 def test_scratch_buffers_survive_switching_between_inference_mode_and_no_grad():
@@ -369,11 +366,11 @@ def test_reverse_scan_is_the_scan_of_the_flipped_sequence(backend):
     flipped = {k: (v[..., ::-1].copy() if k in ("u", "delta", "B", "C", "z") else v) for k, v in kw.items()}
     want = ssm.selective_scan(**flipped)[..., ::-1]
     t = {k: torch.as_tensor(v) if isinstance(v, np.ndarray) else v for k, v in kw.items()}
-    first = FirstSteps(3)
     with torch.inference_mode():
-        y = fast.selective_scan(**t, backend=backend, reverse=True, first_steps=first)
+        out = fast.scan_steps(**t, backend=backend, reverse=True, first_steps=3)
+    y, first = out.y, out.first
     np.testing.assert_allclose(y.numpy(), want, rtol=1e-12, atol=1e-12)
-    if first.filled:
+    if first is not None:
         dt = ssm.softplus(flipped["delta"] + kw["delta_bias"][None, :, None])[:, :, :3].transpose(2, 0, 1)
         np.testing.assert_allclose(first.delta.numpy(), dt, rtol=1e-12)
     scale = rng.uniform(0.5, 2, (2, 13))

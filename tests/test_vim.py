@@ -9,20 +9,9 @@ import stm_fast
 import stm_fast.registry
 from stm_fast import ssm
 from stm_ref import vim as ref_vim
+from tests.builders import random_model
 
 CPU_BACKENDS = [b for b in ssm.available_backends("cpu")]
-
-
-def random_model(seed, img_size, patch_size, embed_dim, depth, d_state, num_classes=7, dtype=torch.float64, stride=None):
-    """A small Vim with every parameter moved well away from its structured initialisation (so the test discriminates)."""
-    torch.manual_seed(seed)
-    m = stm_fast.create_model("vim_tiny", img_size=img_size, patch_size=patch_size, embed_dim=embed_dim, depth=depth,
-                              d_state=d_state, num_classes=num_classes, dtype=dtype, stride=stride)
-    with torch.no_grad():
-        for name, p in m.named_parameters():
-            scale = 0.3 if "A_" in name or "dt_proj.bias" in name or "dt_proj_b.bias" in name else 0.2
-            p.add_(torch.randn_like(p) * scale)
-    return m
 
 
 configs = st.tuples(
@@ -117,3 +106,15 @@ def test_class_token_sits_in_the_middle_and_moves_the_output():
     emb = m.embed(x)
     assert emb.shape[1] == 10
     torch.testing.assert_close(emb[0, 4], (m.cls_token[0, 0] + m.pos_embed[0, 4]).to(emb.dtype))
+
+
+def test_a_stride_that_does_not_reach_the_edge_matches_the_reference():
+    """img_size 40, patch 8, stride 6: (40 - 8) // 6 + 1 = 6 patches per side, the last 2 pixels unread, as
+    the official PatchEmbed; float64 logits equal the reference given the same stride, to 1e-9."""
+    m = random_model(0, 40, 8, 8, 2, 4, stride=6)
+    assert m.cfg.grid == 6 and m.cfg.num_tokens == 37
+    x = torch.randn(2, 3, 40, 40, dtype=torch.float64)
+    with torch.no_grad():
+        y = m(x).numpy()
+    ref = ref_vim.forward({k: v.numpy() for k, v in m.state_dict().items()}, x.numpy(), stride=6)
+    assert np.abs(y - ref).max() <= 1e-9

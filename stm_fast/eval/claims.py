@@ -27,7 +27,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..reduction import STM_DEFAULTS
-from .experiment import Experiment
+from .experiment import BASELINE, Experiment
 from .grid import late_start
 from .paired_stats import ALPHA, MARGIN, cluster_bootstrap, compare, holm
 
@@ -104,7 +104,7 @@ def _correct(preds, labels, names, e):
 def _finer(names, a, b, labels, preds, fine):
     """Descriptive pooled differences (a - b) of the finer measures, each with its cluster-bootstrap 95% CI."""
     valid = labels >= 0
-    base = {m: preds[Experiment("none", 0.0).key(m)][valid] for m in names}
+    base = {m: preds[BASELINE.key(m)][valid] for m in names}
     per_image = {
         "agreement": [100.0 * ((preds[a.key(m)][valid] == base[m]).astype(float) - (preds[b.key(m)][valid] == base[m]))
                       for m in names],

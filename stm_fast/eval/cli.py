@@ -6,11 +6,10 @@ import argparse
 import datetime
 import os
 import sys
-
-import torch
+from dataclasses import dataclass
 
 from ..checkpoint import CheckpointError
-from ..merge import TOKEN_WEIGHT_VARIANTS
+from ..reduction.merge import TOKEN_WEIGHT_VARIANTS
 from ..models import OVERRIDES, list_models, parse_overrides
 from ..reduction import STM_DEFAULTS, check_rate, list_methods
 from ..digits import TESTBEDS
@@ -21,7 +20,7 @@ from .grid import DEFAULT_RATES, METHOD_GROUPS
 from .imagenet import DataError
 from .run import evaluate
 
-__all__ = ["build_parser", "parse_args", "main"]
+__all__ = ["build_parser", "parse_args", "main", "EvalConfig"]
 
 DESCRIPTION = """Accuracy of STM and its peers at several token reduction rates (the paper's Tables 2 and 3).
 
@@ -94,7 +93,7 @@ def _run_options(ap):
                         "images and Figure 3 (class-token deviation per layer) of the first model")
     g.add_argument("--list", action="store_true", help="list the models, method groups and methods, then exit")
     g.add_argument("--no-self-check", action="store_true",
-                   help="skip the check, before any work, that the scan backend and device match a float64 reference "
+                   help="skip the check, before any work, that the scan backend and device match a float64 torch copy "
                         "on a few images, within the float32 torch backend's own error (stm_fast/selfcheck.py)")
 
 
@@ -115,19 +114,53 @@ def listing() -> str:
     return "\n".join(lines)
 
 
+@dataclass(frozen=True)
+class EvalConfig:
+    """What one eval run is asked to do: the command line, checked and completed (``parse_args``)."""
+
+    testbed: str
+    model: str
+    checkpoint: str | None
+    ema: bool
+    override: tuple
+    overrides: dict
+    data: str | None
+    labels: str | None
+    devkit: str | None
+    limit: int | None
+    methods: tuple
+    rates: tuple
+    schedule: int | tuple | None
+    paper: str | None
+    paper_model: str | None
+    stm_options: dict
+    batch_size: int
+    workers: int
+    device: str | None
+    dtype: str
+    on_bad_image: str
+    out: str
+    restart: bool
+    quiet: bool
+    figures: bool
+    no_self_check: bool
+
+
 def _check_real_run(args):
-    """--model, --ema or --override only mean something with a --checkpoint: say what runs instead."""
+    """--model, --ema or --override only mean something with a --checkpoint; the testbeds take neither."""
     given = [f for f, on in (("--model", args.model is not None), ("--ema", args.ema), ("--override", args.override)) if on]
     if given and args.checkpoint is None:
         raise RunError(f"{', '.join(given)} given without --checkpoint: without a checkpoint (and --data) the embedded "
                        f"digits default runs (three small Vims shipped with the package). To evaluate a real model: "
                        f"python -m stm_fast.eval --model NAME --checkpoint FILE.pth --data /path/to/imagenet/val")
-    if args.model is None:
-        args.model = "vim_tiny"
+    if args.testbed != "digits" and (args.checkpoint is not None or args.data is not None):
+        raise RunError(f"--testbed {args.testbed} is an embedded testbed: it takes no --checkpoint/--data")
 
 
 def _schedule(text):
-    """'--schedule 4' -> 4 (every layer); '0,4,2' -> [0, 4, 2]: tokens removed after each layer in total."""
+    """'--schedule 4' -> 4 (every layer); '0,4,2' -> (0, 4, 2): tokens removed after each layer in total."""
+    if text is None:
+        return None
     parts = text.replace(" ", "").split(",")
     if not all(p.isdigit() for p in parts):
         raise RunError(f"--schedule takes non-negative integers separated by commas (e.g. 4 or 0,4,4), got {text!r}")
@@ -135,50 +168,53 @@ def _schedule(text):
     return values[0] if len(values) == 1 else values
 
 
-def _check_paper(args):
-    """--paper needs the paper's geometry (an official checkpoint, or the paper-geometry testbed), no --schedule."""
+def _paper(args, model):
+    """(--paper mode, the paper's model it runs as) or (None, None); it needs the paper's geometry (an official
+    checkpoint, or the paper-geometry testbed) and no --schedule."""
+    if not args.paper:
+        return None, None
     if args.schedule is not None:
         raise RunError("--paper runs the paper's own schedules: drop --schedule")
     if args.checkpoint is None and args.testbed != "paper-geometry":
         raise RunError("--paper runs the paper's settings on its geometry: give --model and --checkpoint, or "
                        "--testbed paper-geometry (the digits testbed has 65 tokens and 8 layers)")
-    args.paper = "sensitivity" if args.paper == "inferred" else args.paper
-    args.paper_model = canonical_name(args.model) if args.checkpoint else "vim_tiny"
+    mode = "sensitivity" if args.paper == "inferred" else args.paper
+    return mode, canonical_name(model) if args.checkpoint else "vim_tiny"
 
 
-def parse_args(argv=None) -> argparse.Namespace:
+def parse_args(argv=None) -> EvalConfig | None:
+    """The checked ``EvalConfig`` of a command line (None for ``--list``); a ``RunError`` names a bad option."""
     args = build_parser().parse_args(argv)
     if args.list:
-        return args
+        return None
     _check_real_run(args)
     try:
         for r in args.rates:
             check_rate(r, "--rates")
-        args.overrides = parse_overrides(args.override)
+        overrides = parse_overrides(args.override)
     except ValueError as e:
         raise RunError(str(e)) from None
-    if args.schedule is not None:
-        args.schedule = _schedule(args.schedule)
-    if args.paper:
-        _check_paper(args)
-    args.stm_options = {"sides": args.stm_sides, "positions": args.stm_positions, "weights": args.stm_weights,
-                        "start_layer": args.stm_start_layer}
-    if args.testbed != "digits" and (args.checkpoint is not None or args.data is not None):
-        raise RunError(f"--testbed {args.testbed} is an embedded testbed: it takes no --checkpoint/--data")
-    if args.batch_size is None:
-        args.batch_size = 128 if args.data else 360
-    if args.out is None:
-        args.out = os.path.join("runs", datetime.datetime.now().strftime("%Y%m%d-%H%M%S"))
-    return args
+    model = args.model or "vim_tiny"
+    paper, paper_model = _paper(args, model)
+    return EvalConfig(
+        testbed=args.testbed, model=model, checkpoint=args.checkpoint, ema=args.ema, override=tuple(args.override),
+        overrides=overrides, data=args.data, labels=args.labels, devkit=args.devkit, limit=args.limit,
+        methods=tuple(args.methods), rates=tuple(args.rates), schedule=_schedule(args.schedule), paper=paper,
+        paper_model=paper_model, stm_options={"sides": args.stm_sides, "positions": args.stm_positions,
+                                              "weights": args.stm_weights, "start_layer": args.stm_start_layer},
+        batch_size=args.batch_size or (128 if args.data else 360), workers=args.workers, device=args.device,
+        dtype=args.dtype, on_bad_image=args.on_bad_image,
+        out=args.out or os.path.join("runs", datetime.datetime.now().strftime("%Y%m%d-%H%M%S")), restart=args.restart,
+        quiet=args.quiet, figures=args.figures, no_self_check=args.no_self_check)
 
 
 def main(argv=None) -> int:
     try:
-        args = parse_args(argv)
-        if args.list:
+        config = parse_args(argv)
+        if config is None:
             print(listing())
             return 0
-        evaluate(args)
+        evaluate(config)
     except NoImagesError as e:
         print(f"error: {e}", file=sys.stderr)
         return 3
@@ -188,9 +224,4 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print("\ninterrupted: finished batches are saved; rerun with the same --out to resume", file=sys.stderr)
         return 130
-    finally:
-        # shut the process group down here, not in interpreter teardown: a gloo group destroyed at exit
-        # can abort the process ("terminate called without an active exception") after a good run
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
     return 0

@@ -1,13 +1,18 @@
-"""What every selective-scan backend shares: argument checks, the B/C layouts, the channel-last test,
-log2(e), and the first-steps export (docs/conventions.md §1 for the layouts)."""
+"""What every selective-scan backend shares: the call and its result (``ScanCall``, ``ScanOutput``,
+``FirstSteps``), argument checks, the B/C layouts, the channel-last test, log2(e), and the two generic
+ways to run a call: on time-flipped copies (``reversed_by_flipping``) and with bias/softplus before and
+the D skip and z gate after a bare scan (``around_bare_scan``). docs/conventions.md §1 for the layouts."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from typing import Callable
 
 import torch
+import torch.nn.functional as F
 
-__all__ = ["LOG2E", "channel_last", "check_scan_args", "bc_layout", "time_major_bc", "FirstSteps"]
+__all__ = ["LOG2E", "channel_last", "check_scan_args", "bc_layout", "time_major_bc", "FirstSteps", "ScanCall",
+           "ScanOutput", "reversed_by_flipping", "around_bare_scan"]
 
 LOG2E = 1.4426950408889634  # exp(x) = exp2(x * log2(e)); exp2 is markedly faster than exp on CPU
 
@@ -46,21 +51,78 @@ def bc_layout(M: torch.Tensor, batch: int, D: int, N: int, L: int, name: str) ->
     raise ValueError(f"selective_scan: {name} must have 2, 3 or 4 dimensions, got {M.dim()}")
 
 
-@dataclass
+@dataclass(frozen=True)
 class FirstSteps:
-    """A request for, and then the result of, the first ``n`` scan steps' delta (after bias and softplus,
-    (n, batch, D)), Abar = exp(delta*A) ((n, batch, N, D)) and B ((n, batch, N); None unless B is
-    (batch, N, L)), in scan order: values a backend computes anyway and STM's merge weights reuse.
+    """The first n scan steps' delta (after bias and softplus, (n, batch, D)), Abar = exp(delta*A)
+    ((n, batch, N, D)) and B ((n, batch, N), or None unless B is (batch, N, L)), in scan order: values a
+    backend computes anyway, returned with its output so that STM's merge weights can reuse them."""
 
-    Buffers may be given (the mixer hands one slice of a two-direction buffer per direction); a backend
-    that exports fills them (or allocates) and sets ``filled``. Backends that cannot export leave the
-    request untouched, and callers recompute what they need."""
+    delta: torch.Tensor
+    Abar: torch.Tensor
+    B: torch.Tensor | None
 
-    n: int
-    delta: torch.Tensor | None = None
-    Abar: torch.Tensor | None = None
-    B: torch.Tensor | None = None
-    filled: bool = False
+
+@dataclass(frozen=True)
+class ScanCall:
+    """One selective-scan call, as ``stm_fast.ssm.selective_scan`` received it (mamba-ssm's layout), with
+    ``reverse`` (scan t = L-1 .. 0, outputs still indexed by t), ``first_steps`` (export the first n scan
+    steps; 0: none), ``last_state`` (return the final state), ``grad`` (whether the inputs need gradients)
+    and ``dtype`` (the compute dtype)."""
+
+    u: torch.Tensor
+    delta: torch.Tensor
+    A: torch.Tensor
+    B: torch.Tensor
+    C: torch.Tensor
+    D: torch.Tensor | None = None
+    z: torch.Tensor | None = None
+    delta_bias: torch.Tensor | None = None
+    delta_softplus: bool = False
+    decay_scale: torch.Tensor | None = None
+    reverse: bool = False
+    first_steps: int = 0
+    last_state: bool = False
+    grad: bool = False
+    dtype: torch.dtype = torch.float32
+
+
+@dataclass(frozen=True)
+class ScanOutput:
+    """y (batch, D, L) in u's dtype, the last state (batch, D, N) in the compute dtype (None unless the call
+    asked for it and the path does not have it anyway), and the first steps (or None when the call asked for
+    none or the backend does not export them)."""
+
+    y: torch.Tensor
+    last: torch.Tensor | None = None
+    first: FirstSteps | None = None
+
+
+def reversed_by_flipping(call: ScanCall, scan: Callable[[ScanCall], ScanOutput]) -> ScanOutput:
+    """A reverse call run as the forward scan of time-flipped copies, its output flipped back (the first
+    steps are the flipped scan's, which are the reverse scan's first steps)."""
+    flip = lambda t: None if t is None or t.dim() < 3 else t.flip(-1)  # noqa: E731  (B/C of (D, N) stay)
+    scale = None if call.decay_scale is None else call.decay_scale.flip(-1)
+    out = scan(replace(call, u=flip(call.u), delta=flip(call.delta), B=flip(call.B), C=flip(call.C), z=flip(call.z),
+                       decay_scale=scale, reverse=False))
+    return replace(out, y=out.y.flip(-1))
+
+
+def around_bare_scan(call: ScanCall, bare: Callable) -> ScanOutput:
+    """A call through a scan of (u, delta, A, B, C, decay_scale) -> (C.h, last state), the paths without a
+    fused epilogue (training, the loop floor): bias and softplus before, the D*u skip and z gate after."""
+    cast = lambda t: None if t is None else t.to(call.dtype)  # noqa: E731
+    u, delta, A, B, C, D, z, bias, scale = (cast(t) for t in (call.u, call.delta, call.A, call.B, call.C, call.D,
+                                                                call.z, call.delta_bias, call.decay_scale))
+    if bias is not None:
+        delta = delta + bias[None, :, None]
+    if call.delta_softplus:
+        delta = F.softplus(delta)
+    y, last = bare(u, delta, A, B, C, decay_scale=scale)
+    if D is not None:
+        y = y + D[None, :, None] * u
+    if z is not None:
+        y = y * F.silu(z)
+    return ScanOutput(y.to(call.u.dtype), last)
 
 
 def time_major_bc(M: torch.Tensor, batch: int, D: int, N: int, L: int, name: str,

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from .common import channel_last
 from .probe import probe, say_once
 
-__all__ = ["causal_conv1d", "kernel_suits"]
+__all__ = ["causal_conv1d", "kernel_suits", "conv"]
 
 
 def _check_causal_conv1d(device):
@@ -40,18 +40,16 @@ def kernel_suits(x, K) -> bool:
     return ok
 
 
-def causal_conv1d(x, weight, bias=None, activation=True, fused=False, reverse=False):
+def causal_conv1d(x, weight, bias=None, activation=True, reverse=False):
     """y_t = silu(sum_k weight[:, k] x_{t-K+1+k} + bias) over (batch, channels, L), zero history before t=0.
 
     ``weight``: (channels, 1, K) as nn.Conv1d stores it (or (channels, K)). Uses causal-conv1d's CUDA
     kernel when it works here and suits the call (``kernel_suits``; the weight keeps its dtype, as Mamba
-    passes it); with ``fused`` (the mixer's scan runs on the fused CPU kernel) the same extension's
-    one-pass conv for float32/float64 channel-last input without gradients; else torch's conv1d with left
-    padding, or K shifted multiply-adds when x is channel-last in memory (``x.stride(1) == 1``, Vim's mixer).
-    ``reverse``: the conv of the time-reversed sequence, indexed by t (y_t reads x_t .. x_{t+K-1}), what a
-    backward scan over the unflipped sequence needs.
+    passes it); else torch's conv1d with left padding, or K shifted multiply-adds when x is channel-last in
+    memory (``x.stride(1) == 1``, Vim's mixer). ``reverse``: the conv of the time-reversed sequence, indexed
+    by t (y_t reads x_t .. x_{t+K-1}), what a backward scan needs: here on a flipped copy, flipped back.
     """
-    if reverse and not (fused and _fused_suits(x, weight, bias)):
+    if reverse:
         return causal_conv1d(x.flip(-1), weight, bias, activation).flip(-1)
     w = weight if weight.dim() == 2 else weight[:, 0, :]
     K = w.shape[-1]
@@ -59,24 +57,11 @@ def causal_conv1d(x, weight, bias=None, activation=True, fused=False, reverse=Fa
         from causal_conv1d.causal_conv1d_interface import causal_conv1d_fn
 
         return causal_conv1d_fn(x, w, None if bias is None else bias.to(w.dtype), activation="silu" if activation else None)
-    if fused and _fused_suits(x, weight, bias):
-        from .scan_fused import causal_conv_silu
-
-        return causal_conv_silu(x, w, bias, activation, reverse)
     w = w.to(x.dtype)
     if x.shape[1] > 1 and channel_last(x):
         return _taps_channel_last(x, w, bias, activation)
     y = F.conv1d(F.pad(x, (K - 1, 0)), w[:, None, :], None if bias is None else bias.to(x.dtype), groups=x.shape[1])
     return F.silu(y) if activation else y
-
-
-def _fused_suits(x, weight, bias) -> bool:
-    """Whether the fused CPU conv takes this call: CPU, float32/64, channel-last, at most 8 taps, no gradient."""
-    if x.device.type != "cpu" or x.dtype not in (torch.float32, torch.float64) or x.dim() != 3 or x.stride(1) != 1:
-        return False
-    if weight.shape[-1] > 8:  # the kernel keeps at most 8 taps in registers
-        return False
-    return not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias)))
 
 
 def _taps_channel_last(x, w, bias, activation):
@@ -95,3 +80,9 @@ def _taps_channel_last(x, w, bias, activation):
     if activation:
         y = F.silu(y, inplace=not grad)
     return y.transpose(1, 2)
+
+
+def conv(x, weight, bias, reverse=False):
+    """The ``conv`` of a backend without its own (``stm_fast.ops.backends``): ``causal_conv1d`` + SiLU, which
+    takes causal-conv1d's CUDA kernel where it works and suits the call."""
+    return causal_conv1d(x, weight, bias, reverse=reverse)

@@ -27,10 +27,11 @@ from typing import Optional, Tuple, Union
 import torch
 
 from ..runtime import compute_dtype
-from .common import bc_layout, check_scan_args
+from .common import FirstSteps, ScanCall, ScanOutput, around_bare_scan, bc_layout, check_scan_args
 
 __all__ = ["available", "selective_scan_fused", "build_info", "build_dir", "exp2_decays_into",
-           "causal_conv_silu", "ends_lsq_weights", "scan_differentiable_fused", "TrainScanFunction"]
+           "causal_conv_silu", "ends_lsq_weights", "scan_differentiable_fused", "TrainScanFunction", "scan", "check",
+           "conv"]
 
 _CSRC = Path(__file__).with_name("csrc")
 _SOURCES = (_CSRC / "selective_scan_cpu.cpp", _CSRC / "selective_scan_cpu_grad.cpp")  # one extension, two files
@@ -286,7 +287,7 @@ def causal_conv_silu(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch
 def ends_lsq_weights(d: torch.Tensor, abar: torch.Tensor, B: torch.Tensor, r: int, norm: bool = False) -> torch.Tensor:
     """STM's ``lsq`` (``norm``: ``lsq_norm``) weights of the ``ends`` plan, (S, batch, r) in scan order, from the
     first steps the kernel exported: d (n, S, batch, E), abar (n, S, batch, N, E), B (n, S, batch, N),
-    contiguous, n > r (eq. 11; twin of ``stm_fast.merge._lsq_from_first_steps``, which overwrites abar with
+    contiguous, n > r (eq. 11; twin of ``stm_fast.reduction.merge._lsq_from_first_steps``, which overwrites abar with
     the suffix products; this leaves it untouched)."""
     w = torch.empty(d.shape[1], d.shape[2], r, dtype=d.dtype)
     _module().ends_lsq_weights(d, abar, B, int(r), bool(norm), w)
@@ -337,3 +338,46 @@ def scan_differentiable_fused(u, delta, A, B, C, decay_scale=None, reverse=False
     y, last = TrainScanFunction.apply(rows(dta), rows(du), A.to(ct).contiguous(), rows(B.to(ct)), rows(C.to(ct)),
                                       reverse)
     return y.transpose(1, 2), last
+
+
+def check(device) -> None:
+    """Raise unless the kernel is built (or loads) and ``device`` is the CPU."""
+    if device.type != "cpu":
+        raise RuntimeError(f"it is a CPU kernel, not for {device}")
+    ok, reason = available()
+    if not ok:
+        raise RuntimeError(reason)
+
+
+def conv(x, weight, bias, reverse=False):
+    """The kernel's one-pass causal conv + SiLU (backward by index arithmetic) where it takes the call
+    (float32/64 channel-last rows, at most 8 taps, no gradient), else the torch conv."""
+    from .conv import causal_conv1d
+
+    grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias))
+    if grad or x.dtype not in (torch.float32, torch.float64) or x.dim() != 3 or x.stride(1) != 1 or weight.shape[-1] > 8:
+        return causal_conv1d(x, weight, bias, reverse=reverse)
+    return causal_conv_silu(x, weight.reshape(weight.shape[0], -1), bias, True, reverse)
+
+
+def _first_steps(call, n):
+    """(delta, Abar, B) buffers the kernel fills with the first n scan steps (B only for (batch, N, L))."""
+    batch, Dm, L = call.u.shape
+    N, n = call.A.shape[1], min(n, L)
+    new = lambda shape: torch.empty(shape, dtype=call.dtype)  # noqa: E731
+    return new((n, batch, Dm)), new((n, batch, N, Dm)), new((n, batch, N)) if call.B.dim() == 3 else None
+
+
+def scan(call: ScanCall) -> ScanOutput:
+    """A ``ScanCall`` on the compiled kernels: the inference kernel (first steps exported, reverse by index
+    arithmetic), or with gradients the training kernel (``TrainScanFunction``)."""
+    if call.grad:
+        if call.B.dim() != 3 or call.C.dim() != 3:
+            raise ValueError("the fused training scan takes B and C of layout (batch, N, L) only")
+        return around_bare_scan(call, lambda *a, **kw: scan_differentiable_fused(*a, **kw, reverse=call.reverse))
+    outs = _first_steps(call, call.first_steps) if call.first_steps and call.decay_scale is None else None
+    out = selective_scan_fused(call.u, call.delta, call.A, call.B, call.C, call.D, call.z, call.delta_bias,
+                               call.delta_softplus, call.last_state, decay_scale=call.decay_scale, first_steps=outs,
+                               reverse=call.reverse)  # the last state only when asked: a fresh buffer per call
+    y, last = out if call.last_state else (out, None)
+    return ScanOutput(y, last, None if outs is None else FirstSteps(*outs))

@@ -6,9 +6,10 @@ from __future__ import annotations
 
 import torch
 
-from .common import time_major_bc
+from .conv import conv  # noqa: F401  (this backend's conv: the torch one)
+from .common import ScanCall, ScanOutput, around_bare_scan, reversed_by_flipping, time_major_bc
 
-__all__ = ["scan_loop"]
+__all__ = ["scan_loop", "scan", "check", "conv"]
 
 
 def scan_loop(u, delta, A, B, C, decay_scale=None):
@@ -26,3 +27,16 @@ def scan_loop(u, delta, A, B, C, decay_scale=None):
         h = deltaA[:, :, i] * h + deltaB_u[:, :, i]
         ys.append(torch.einsum("bdn,bdn->bd", h, Ct[i]))
     return torch.stack(ys, dim=2), h
+
+
+def check(device) -> None:
+    """The loop runs on every device."""
+
+
+
+
+def scan(call: ScanCall) -> ScanOutput:
+    """A ``ScanCall`` through the per-step loop (a reverse call on flipped copies; no first steps)."""
+    if call.reverse:
+        return reversed_by_flipping(call, scan)
+    return around_bare_scan(call, scan_loop)

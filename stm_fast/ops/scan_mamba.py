@@ -14,10 +14,14 @@ float64 is refused (``stm_fast.ssm`` never chooses this backend for it).
 from __future__ import annotations
 
 import importlib
+import importlib.util
 
 import torch
 
-__all__ = ["selective_scan_mamba", "mamba_dtypes", "check_mamba", "KERNEL_DTYPES"]
+from .conv import conv  # noqa: F401  (this backend's conv: the torch one)
+from .common import ScanCall, ScanOutput, reversed_by_flipping
+
+__all__ = ["selective_scan_mamba", "mamba_dtypes", "check_mamba", "KERNEL_DTYPES", "scan", "check", "conv"]
 
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -64,3 +68,17 @@ def selective_scan_mamba(u, delta, A, B, C, D=None, z=None, delta_bias=None, del
                                   delta_softplus)
     y = (rest[0] if z is not None else out).to(dtype_in)
     return (y, x[:, :, -1, 1::2]) if return_last_state else y
+
+
+check = check_mamba
+
+
+
+
+def scan(call: ScanCall) -> ScanOutput:
+    """A ``ScanCall`` on mamba-ssm's kernel (a reverse call on flipped copies; no first steps)."""
+    if call.reverse:
+        return reversed_by_flipping(call, scan)
+    y, last = selective_scan_mamba(call.u, call.delta, call.A, call.B, call.C, call.D, call.z, call.delta_bias,
+                                   call.delta_softplus, True)
+    return ScanOutput(y, last)

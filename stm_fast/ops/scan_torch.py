@@ -21,9 +21,14 @@ import threading
 
 import torch
 
-from .common import LOG2E, FirstSteps, channel_last, time_major_bc
+from dataclasses import dataclass
 
-__all__ = ["scan_inference", "doubling_scan", "release_workspace", "CHUNK"]
+from .conv import conv  # noqa: F401  (this backend's conv: the torch one)
+from .common import LOG2E, FirstSteps, ScanCall, ScanOutput, around_bare_scan, channel_last, reversed_by_flipping, \
+    time_major_bc
+from .scan_autograd import scan_differentiable
+
+__all__ = ["scan", "check", "conv", "scan_inference", "doubling_scan", "release_workspace", "CHUNK"]
 
 CHUNK = 16  # time steps per chunk (the README's CPU-scan section: 16-32 alike, shorter chunks slower)
 
@@ -57,6 +62,17 @@ class _Workspace:
     @classmethod
     def clear(cls):
         cls._local.__dict__.pop("bufs", None)
+
+
+@dataclass
+class _Export:
+    """The first n steps' delta, Abar and B as the chunk loop fills them (its own buffers)."""
+
+    n: int
+    delta: torch.Tensor | None = None
+    Abar: torch.Tensor | None = None
+    B: torch.Tensor | None = None
+    filled: bool = False
 
 
 def release_workspace() -> None:
@@ -159,12 +175,13 @@ def _states_and_readout(dt, du, A, B, C, chunk, mode, first, like):
 
 
 def scan_inference(u, delta, A, B, C, chunk=CHUNK, mode="sequential", decay_scale=None, delta_bias=None,
-                   delta_softplus=False, D=None, z=None, first_steps: FirstSteps | None = None):
+                   delta_softplus=False, D=None, z=None, first_steps: _Export | None = None):
     """y (batch, D, L) = (C·h + D*u) * silu(z) and the last state (batch, D, N); inference only (writes
     into reused buffers). Arguments as ``stm_fast.ssm.selective_scan``, already in the compute dtype.
 
     ``mode``: ``sequential`` (one fused multiply-add per step; the default, fastest measured on CPU) or
-    ``doubling``. ``first_steps``: filled when its n fits the first chunk and there is no decay_scale.
+    ``doubling``. ``first_steps``: an ``_Export`` filled when its n fits the first chunk and there is no
+    decay_scale.
     """
     cl = channel_last(u) and channel_last(delta)
     dt, du = _steps_and_inputs(u, delta, delta_bias, delta_softplus, decay_scale, cl)
@@ -194,3 +211,27 @@ def doubling_scan(a, x, h):
             a[off:] = a[off:] * a[:-off]
         off *= 2
     return x
+
+
+def check(device) -> None:
+    """The torch backend runs on every device."""
+
+
+
+
+def scan(call: ScanCall) -> ScanOutput:
+    """A ``ScanCall`` on this backend: the chunked inference scan (first steps exported when they fit the
+    first chunk and there is no decay_scale), its differentiable twin when the inputs need gradients, a
+    reverse call on flipped copies."""
+    if call.reverse:
+        return reversed_by_flipping(call, scan)
+    if call.grad:
+        return around_bare_scan(call, scan_differentiable)
+    cast = lambda t: None if t is None else t.to(call.dtype)  # noqa: E731
+    u, delta, A, B, C, D, z, bias = (cast(t) for t in (call.u, call.delta, call.A, call.B, call.C, call.D, call.z,
+                                                        call.delta_bias))
+    export = _Export(call.first_steps) if call.first_steps else None
+    y, last = scan_inference(u, delta, A, B, C, decay_scale=cast(call.decay_scale), delta_bias=bias,
+                             delta_softplus=call.delta_softplus, D=D, z=z, first_steps=export)
+    first = FirstSteps(export.delta, export.Abar, export.B) if export is not None and export.filled else None
+    return ScanOutput(y.to(call.u.dtype), last, first)

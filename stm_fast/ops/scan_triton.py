@@ -14,6 +14,7 @@ arithmetic is exactly the recurrence.
 from __future__ import annotations
 
 import contextlib
+import os
 
 import torch
 import torch.nn.functional as F
@@ -21,9 +22,10 @@ import triton
 import triton.language as tl
 
 from ..runtime import compute_dtype
-from .common import bc_layout, channel_last
+from .conv import conv  # noqa: F401  (this backend's conv: the torch one)
+from .common import ScanCall, ScanOutput, bc_layout, channel_last, reversed_by_flipping
 
-__all__ = ["selective_scan_triton", "check_triton"]
+__all__ = ["selective_scan_triton", "check_triton", "scan", "check", "conv"]
 
 
 @triton.jit
@@ -147,3 +149,25 @@ def check_triton(device) -> None:
     """Raise unless the kernel compiles and runs on ``device`` (one 1 x 1 x 1 call)."""
     one = torch.ones(1, 1, 1, device=device)
     selective_scan_triton(one, one, -torch.ones(1, 1, device=device), one, one)
+
+
+def check(device) -> None:
+    """Raise unless this backend runs on ``device``: CUDA, or CPU tensors under ``TRITON_INTERPRET=1``."""
+    if device.type == "cpu":
+        if os.environ.get("TRITON_INTERPRET") != "1":
+            raise RuntimeError("on CPU tensors it runs only under TRITON_INTERPRET=1 (slow, for testing)")
+        return
+    if device.type != "cuda":
+        raise RuntimeError(f"it needs a CUDA device, not {device}")
+    check_triton(device)
+
+
+
+
+def scan(call: ScanCall) -> ScanOutput:
+    """A ``ScanCall`` on the Triton kernel (a reverse call on flipped copies; no first steps)."""
+    if call.reverse:
+        return reversed_by_flipping(call, scan)
+    y, last = selective_scan_triton(call.u, call.delta, call.A, call.B, call.C, call.D, call.z, call.delta_bias,
+                                    call.delta_softplus, True, decay_scale=call.decay_scale)
+    return ScanOutput(y, last if call.last_state else None)

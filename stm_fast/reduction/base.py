@@ -17,7 +17,7 @@ from typing import Any, Callable, ClassVar, Mapping
 import torch
 
 from ..runtime import compute_dtype
-from ..stats import LayerStats, StatsRequest
+from ..layer_stats import LayerStats, StatsRequest
 from .schedule import solve_schedule
 from .tokens import TokenState
 

@@ -247,6 +247,18 @@ def _joint_ends_weights(sts, r):
     return torch.linalg.solve(G + JOINT_RIDGE * diag[..., None, None] * eye, b[..., None])[..., 0]
 
 
+def _compiled_pair_weights(pair, r, variant):
+    """(forward, backward) lsq weights (batch, r) in scan order by a compiled kernel that takes each
+    direction's first steps as they are (no stacking copy), or None where none takes them."""
+    if r == 0 or variant not in ("lsq", "lsq_norm") or any(f.B is None for f in pair):
+        return None
+    kernel = compiled_ends_lsq([t for f in pair for t in (f.delta, f.Abar, f.B)])
+    if kernel is None:
+        return None
+    return tuple(kernel(f.delta[:, None], f.Abar[:, None], f.B[:, None].to(f.delta.dtype), r, variant == "lsq_norm")[0]
+                 for f in pair)
+
+
 def _one_side(stats, i, r, variant, clamp, first):
     """Weights (batch, r) of one side's direction (i = 0: forward, 1: backward), in its scan order."""
     direction = stats.forward if i == 0 else stats.backward
@@ -260,10 +272,12 @@ def ends_weights(stats, r_left, r_right, variant="lsq", clamp=1e-6):
     scan's exported first steps), when present, is used and consumed: its Abar buffer is overwritten."""
     if variant in _CONSTANT:
         return _filled(stats, r_left, _CONSTANT[variant]), _filled(stats, r_right, _CONSTANT[variant])
-    first = stats.first_steps
-    if first is not None and first[0].shape[0] <= max(r_left, r_right):
-        first = None
-    if r_left == r_right and r_left > 0:
+    enough = stats.first_pair is not None and stats.first_pair[0].delta.shape[0] > max(r_left, r_right)
+    compiled = _compiled_pair_weights(stats.first_pair, r_left, variant) if enough and r_left == r_right else None
+    first = stats.first_steps if enough and compiled is None else None
+    if compiled is not None:
+        left, right = compiled
+    elif r_left == r_right and r_left > 0:
         w = _stacked_ends_weights([stats.forward, stats.backward], r_left, variant, clamp, first)
         left, right = w[0], w[1]
     else:

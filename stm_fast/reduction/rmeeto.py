@@ -22,7 +22,7 @@ from types import MappingProxyType
 
 import torch
 
-from ..stats import StatsRequest
+from ..layer_stats import StatsRequest
 from .base import Method, register_flavour
 from .schedule import TOLERANCE, is_integer, rate_of, tokens_per_layer
 from .tokens import TokenState, gather_tokens, kept_from_mask

@@ -1,7 +1,7 @@
 """STM: BNNM merge plans (docs/conventions.md §3) with HSP weights (§4, eq. 11) from the layer just run.
 
 Reference twin: ``stm_ref.reduction.stm``. The batched plan indices, weights and merges are in
-``stm_fast.merge`` (twin of ``stm_ref.merge``); this module is STM's adapter to the layer loop.
+``stm_fast.reduction.merge`` (twin of ``stm_ref.merge``); this module is STM's adapter to the layer loop.
 """
 
 from __future__ import annotations
@@ -12,9 +12,9 @@ import torch
 
 from dataclasses import replace
 
-from ..merge import (CONSTANT_VARIANTS, TOKEN_WEIGHT_VARIANTS, ends_weights, merge_ends, merge_tokens, merged_sizes,
+from .merge import (CONSTANT_VARIANTS, TOKEN_WEIGHT_VARIANTS, ends_weights, merge_ends, merge_tokens, merged_sizes,
                      plan_index, size_weights, token_weights)
-from ..stats import StatsRequest
+from ..layer_stats import StatsRequest
 from .base import Method, register_method
 from .schedule import is_integer
 

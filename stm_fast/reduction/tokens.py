@@ -38,7 +38,7 @@ class TokenState:
         return TokenState(cls, shared, torch.gather(self.pos, 1, kept), torch.gather(size, 1, kept))
 
     def planned(self, plan) -> TokenState:
-        """The state after a plan that is the same for every image (``stm_fast.merge.PlanIndex``)."""
+        """The state after a plan that is the same for every image (``stm_fast.reduction.merge.PlanIndex``)."""
         return replace(self, cls=torch.full_like(self.cls, plan.new_cls), shared_cls=plan.new_cls,
                        pos=plan.take(self.pos), size=plan.take(self.size))
 
