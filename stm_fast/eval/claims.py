@@ -156,6 +156,13 @@ def claims(model_names, exps, labels, preds, fine, stm_options, achieved, depth)
     return records
 
 
+def _num(v, fmt):
+    """v in ``fmt``, without a sign on a rounded zero (-0.00)."""
+    if fmt.endswith("f"):
+        v = round(v, int(fmt[-2])) + 0.0
+    return f"{v:{fmt}}"
+
+
 def _fmt_p(p):
     return "< 1e-4" if p < 1e-4 else f"{p:.2g}"
 
@@ -177,8 +184,9 @@ def claims_text(records, n_models):
             line += f" (per model {per})"
         if r.get("finer"):
             f = r["finer"]
-            line += "; finer: " + ", ".join(f"{name} {f[k]['diff']:+.3g} [{f[k]['ci_low']:+.3g}, {f[k]['ci_high']:+.3g}]"
-                                            for k, name in (("agreement", "agreement"), ("kl", "KL"),
-                                                            ("cls_deviation", "class-token deviation")))
+            line += "; finer: " + ", ".join(
+                f"{name} {_num(f[k]['diff'], fmt)} [{_num(f[k]['ci_low'], fmt)}, {_num(f[k]['ci_high'], fmt)}]"
+                for k, name, fmt in (("agreement", "agreement", "+.2f"), ("kl", "KL", "+.1e"),
+                                     ("cls_deviation", "class-token deviation", "+.1e")))
         lines.append(line)
     return "\n".join(lines)
