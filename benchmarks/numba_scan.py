@@ -6,7 +6,7 @@ numba is not a dependency of this package (``pip install numba`` to run this). T
 fused kernel's loop nest as plain Python (per image and block of channels in parallel, per step: softplus,
 exp, the state update, the readout, D and the gate), compiled with ``parallel=True, fastmath=True`` for
 this CPU, on Vim's channel-last rows. Printed: numba's compile time, its largest difference to ``fused``,
-and both medians with the ratio from one interleaved run (its min-max: the run's own spread). The README's
+and both medians with the ratio from one interleaved run (its min-max: the run's own spread). docs/performance.md's
 choice of C++ over numba rests on these numbers.
 """
 

@@ -1,4 +1,4 @@
-"""stm_fast.bench on a small configuration: the rows carry what the README's table and --json promise."""
+"""stm_fast.bench on a small configuration: the rows carry what docs/performance.md's table and --json promise."""
 
 import json
 import statistics

@@ -66,7 +66,7 @@ def causal_conv1d(x, weight, bias=None, activation=True, reverse=False):
 
 def _taps_channel_last(x, w, bias, activation):
     """The same conv on channel-last memory, as K shifted multiply-adds over contiguous (batch, L, channels)
-    rows; the result keeps that layout. On CPU much faster than conv1d, which would first transpose x (README)."""
+    rows; the result keeps that layout. On CPU much faster than conv1d, which would first transpose x (docs/performance.md)."""
     xr = x.transpose(1, 2)
     K, L = w.shape[-1], xr.shape[1]
     wt = w.t().contiguous()  # (K, channels): tap k multiplies x_{t-K+1+k}

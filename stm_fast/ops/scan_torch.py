@@ -10,7 +10,7 @@ States are held as (batch, N, D) so every op runs along the contiguous channel a
 or D are row operations, and the readout over N is one small (1 x N) @ (N x D) product per (step, image).
 Inputs whose memory is channel-last (Vim's mixer) are read as (batch, L, D) rows without a transpose and
 y comes back in that layout; (batch, D, L)-contiguous inputs cost two transposing copies of freshly
-written data and get a contiguous y. The README's "CPU scan" section explains the measurements behind
+written data and get a contiguous y. docs/performance.md ("The torch backend") gives the measurements behind
 this shape.
 """
 
@@ -30,14 +30,14 @@ from .scan_autograd import scan_differentiable
 
 __all__ = ["scan", "check", "conv", "scan_inference", "doubling_scan", "release_workspace", "CHUNK"]
 
-CHUNK = 16  # time steps per chunk (the README's CPU-scan section: 16-32 alike, shorter chunks slower)
+CHUNK = 16  # time steps per chunk (docs/performance.md: 16-32 alike, shorter chunks slower)
 
 
 class _Workspace:
     """Per-thread scratch buffers, grown to the largest request and then sliced.
 
     A fresh multi-megabyte CPU buffer is page-faulted in on first touch (a large part of the scan's time
-    when allocated per call; README, CPU scan), and a sequence that shrinks layer by layer (token reduction)
+    when allocated per call; docs/performance.md), and a sequence that shrinks layer by layer (token reduction)
     then never reallocates. Only temporaries live here: everything returned to the caller is fresh. The
     buffers stay allocated between calls (about 5 * L * batch * D + 2 * 16 * batch * N * D floats);
     ``release_workspace()`` frees them. Other devices allocate per call (CUDA's caching allocator reuses).
