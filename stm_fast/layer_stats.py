@@ -113,7 +113,7 @@ class LayerStats:
 
     @functools.cached_property
     def first_steps(self):
-        if self.first_pair is None or None in self.first_pair:
+        if self.first_pair is None:
             return None
         f, b = self.first_pair
         B = None if f.B is None or b.B is None else torch.stack([f.B, b.B], 1)

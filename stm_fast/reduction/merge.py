@@ -189,16 +189,11 @@ def _stacked_ends_weights(sts, r, variant, clamp, first=None):
     P_j = Abar_{j+1} ... Abar_r. ``first``: the scan's own delta (n, sides, batch, E), Abar
     (n, sides, batch, N, E) and B (n, sides, batch, N) or None, of the first n > r steps
     (``LayerStats.first_steps``), reused (no exp; the Abar buffer is overwritten with P); without
-    them, delta and P are recomputed from the statistics. Where a compiled ``ends_lsq_weights`` takes the
-    first steps (``stm_fast.ssm.compiled_ends_lsq``: their device and layout), it forms the lsq weights in one
-    call (the same arithmetic).
+    them, delta and P are recomputed from the statistics. (A compiled kernel, where one takes the first
+    steps, is tried before: ``_compiled_pair_weights``.)
     """
     if variant == "lsq_joint":
         return _joint_ends_weights(sts, r)
-    kernel = compiled_ends_lsq(first) if first is not None and variant in ("lsq", "lsq_norm") else None
-    if kernel is not None:
-        d, a, Bh = first
-        return kernel(d, a, Bh.to(d.dtype), r, variant == "lsq_norm")
     if first is not None:  # step-major: (step, sides, batch, ...), so the slices below are contiguous
         d, a, Bh = first
         rows = a.unbind(0)
@@ -259,10 +254,12 @@ def _compiled_pair_weights(pair, r, variant):
                  for f in pair)
 
 
-def _one_side(stats, i, r, variant, clamp, first):
-    """Weights (batch, r) of one side's direction (i = 0: forward, 1: backward), in its scan order."""
+def _one_side(stats, i, r, variant, clamp, enough):
+    """Weights (batch, r) of one side's direction (i = 0: forward, 1: backward), in its scan order; with
+    ``enough`` first steps, that direction's own (as a one-side stack, no copy)."""
     direction = stats.forward if i == 0 else stats.backward
-    sub = None if first is None else tuple(None if t is None else t[:, i:i + 1] for t in first)
+    f = stats.first_pair[i] if enough else None
+    sub = None if f is None else (f.delta[:, None], f.Abar[:, None], None if f.B is None else f.B[:, None])
     return _stacked_ends_weights([direction], r, variant, clamp, sub)[0]
 
 
@@ -274,15 +271,15 @@ def ends_weights(stats, r_left, r_right, variant="lsq", clamp=1e-6):
         return _filled(stats, r_left, _CONSTANT[variant]), _filled(stats, r_right, _CONSTANT[variant])
     enough = stats.first_pair is not None and stats.first_pair[0].delta.shape[0] > max(r_left, r_right)
     compiled = _compiled_pair_weights(stats.first_pair, r_left, variant) if enough and r_left == r_right else None
-    first = stats.first_steps if enough and compiled is None else None
     if compiled is not None:
         left, right = compiled
     elif r_left == r_right and r_left > 0:
-        w = _stacked_ends_weights([stats.forward, stats.backward], r_left, variant, clamp, first)
+        w = _stacked_ends_weights([stats.forward, stats.backward], r_left, variant, clamp,
+                                  stats.first_steps if enough else None)
         left, right = w[0], w[1]
     else:
-        left = _one_side(stats, 0, r_left, variant, clamp, first) if r_left else _filled(stats, 0, 0.0)
-        right = _one_side(stats, 1, r_right, variant, clamp, first) if r_right else _filled(stats, 0, 0.0)
+        left = _one_side(stats, 0, r_left, variant, clamp, enough) if r_left else _filled(stats, 0, 0.0)
+        right = _one_side(stats, 1, r_right, variant, clamp, enough) if r_right else _filled(stats, 0, 0.0)
     return left, right.flip(-1)  # right-side tokens in position order are the backward scan's steps reversed
 
 
