@@ -30,6 +30,7 @@ from ..reduction import STM_DEFAULTS
 from .experiment import BASELINE, Experiment
 from .grid import late_start
 from .paired_stats import ALPHA, MARGIN, cluster_bootstrap, compare, holm
+from .predictions import correct
 
 __all__ = ["claims", "claims_text", "verdict", "claim_pairs"]
 
@@ -96,11 +97,6 @@ def verdict(diff, p_diff, p_equiv, model_diffs=(), alpha=ALPHA, margin=MARGIN) -
     return "inconclusive"
 
 
-def _correct(preds, labels, names, e):
-    valid = labels >= 0
-    return np.stack([preds[e.key(m)][valid] == labels[valid] for m in names]), valid
-
-
 def _finer(names, a, b, labels, preds, fine):
     """Descriptive pooled differences (a - b) of the finer measures, each with its cluster-bootstrap 95% CI."""
     valid = labels >= 0
@@ -121,8 +117,8 @@ def _finer(names, a, b, labels, preds, fine):
 
 def _record(claim, a, b, names, labels, preds, fine):
     """The claim's pooled statistics and each model's (p-values not yet adjusted)."""
-    ca, valid = _correct(preds, labels, names, a)
-    cb, _ = _correct(preds, labels, names, b)
+    ca, _ = correct(preds, labels, names, a)
+    cb, _ = correct(preds, labels, names, b)
     rec = {"claim": claim, "rate": a.point, "a": a.label, "b": b.label, **compare(ca, cb)}
     rec["models"] = [{"model": m, **{k: v for k, v in compare(ca[i:i + 1], cb[i:i + 1]).items()
                                      if k in ("diff", "ci_low", "ci_high", "p_diff", "p_equiv")}}

@@ -18,7 +18,14 @@ import os
 import numpy as np
 import torch
 
-__all__ = ["PredictionStore"]
+__all__ = ["PredictionStore", "correct"]
+
+
+def correct(preds, labels, names, e):
+    """(models, valid images) bool: whether each model's top-1 under experiment ``e`` is the label, on the
+    images that were read (label >= 0), one row per model of ``names``; and the valid mask."""
+    valid = labels >= 0
+    return np.stack([preds[e.key(m)][valid] == labels[valid] for m in names]), valid
 
 
 def _name(key):

@@ -16,6 +16,7 @@ from .errors import NoImagesError
 from .experiment import BASELINE, Experiment
 from .figures import plot_accuracy_vs_flops, plot_hsp_deviation, weights_text
 from .paired_stats import agreement, cluster_bootstrap, image_differences
+from .predictions import correct
 from .report import write_outputs
 
 __all__ = ["finish"]
@@ -40,13 +41,10 @@ def _gather(progress, keys, rank, world):
     return counts, sorted(bad)
 
 
-def _vs_baseline(names, e, labels, preds):
-    """Pooled over the models: agreement with the baseline's predictions (%) and the difference of top-1 to
-    it with its cluster-bootstrap 95% interval (descriptive: the table's column)."""
-    valid = labels >= 0
-    a = np.stack([preds[e.key(n)][valid] == labels[valid] for n in names])
-    b = np.stack([preds[BASELINE.key(n)][valid] == labels[valid] for n in names])
-    d = image_differences(a, b)
+def _pooled_difference(names, a, b, labels, preds):
+    """The difference of top-1 of experiment a to b pooled over the models, with its cluster-bootstrap 95%
+    interval (descriptive: the table's Δ column and the ablation panel)."""
+    d = image_differences(correct(preds, labels, names, a)[0], correct(preds, labels, names, b)[0])
     low, high, _ = cluster_bootstrap(d) if d.size else (None, None, None)
     return {"diff": float(d.mean()) if d.size else None, "ci_low": low, "ci_high": high}
 
@@ -71,19 +69,14 @@ def _record(name, model, e, plan, count, bad, skipped, agree, vs_base, fine):
 
 def _summaries(run, names, labels, preds):
     """(pooled vs-baseline stats by (label, point), STM ablations against the plain average)."""
-    pooled = {(e.label, json.dumps(e.point)): _vs_baseline(names, e, labels, preds) for e in run.exps}
+    pooled = {(e.label, json.dumps(e.point)): _pooled_difference(names, e, BASELINE, labels, preds) for e in run.exps}
     ablations = []
     present = set(run.exps)
     for e in run.exps:
         avg = e.with_options(weights="avg")
         if e.method != "stm" or e == avg or avg not in present or not isinstance(e.point, float):
             continue
-        valid = labels >= 0
-        a = np.stack([preds[e.key(n)][valid] == labels[valid] for n in names])
-        b = np.stack([preds[avg.key(n)][valid] == labels[valid] for n in names])
-        d = image_differences(a, b)
-        low, high, _ = cluster_bootstrap(d)
-        ablations.append({"variant": e.label, "rate": e.point, "diff": float(d.mean()), "ci_low": low, "ci_high": high})
+        ablations.append({"variant": e.label, "rate": e.point, **_pooled_difference(names, e, avg, labels, preds)})
     return pooled, ablations
 
 
@@ -98,7 +91,7 @@ def finish(run, skipped, weights=None):
     valid = labels >= 0
     records = [{**_record(name, model, e, run.plans[e.key(name)], counts[e.key(name)], bad, skipped,
                           agreement(preds[e.key(name)], preds[BASELINE.key(name)], valid),
-                          _vs_baseline([name], e, labels, preds), fine[e.key(name)]),
+                          _pooled_difference([name], e, BASELINE, labels, preds), fine[e.key(name)]),
                 "self_check": run.self_check}
                for name, model in run.models for e in run.exps]
     names = [name for name, _ in run.models]
