@@ -109,3 +109,25 @@ def test_a_models_training_step_has_the_torch_backends_gradients():
         grads[backend] = [p.grad.clone() for p in m.parameters()]
     for a, b in zip(grads["fused"], grads["torch"]):
         assert torch.allclose(a, b, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("reverse", [False, True])
+def test_grouped_B_and_C_with_gradients_go_through_the_torch_twin(reverse):
+    """The training kernel takes (batch, N, L) B and C only; the fused backend runs other layouts (grouped
+    (batch, G, N, L) here) through the differentiable torch scan, forward and backward, with the torch
+    backend's values (as before the fused backend was differentiable, when gradients always went to torch)."""
+    from stm_fast import ssm
+
+    g = torch.Generator().manual_seed(5)
+    u = torch.randn(2, 4, 9, dtype=torch.float64, generator=g, requires_grad=True)
+    delta = torch.randn(2, 4, 9, dtype=torch.float64, generator=g, requires_grad=True)
+    A = (-torch.rand(4, 3, dtype=torch.float64, generator=g) - 0.1).requires_grad_()
+    B = torch.randn(2, 2, 3, 9, dtype=torch.float64, generator=g, requires_grad=True)
+    C = torch.randn(2, 2, 3, 9, dtype=torch.float64, generator=g, requires_grad=True)
+    outs = {}
+    for backend in ("fused", "torch"):
+        y = ssm.selective_scan(u, delta, A, B, C, delta_softplus=True, backend=backend, reverse=reverse)
+        outs[backend] = (y, torch.autograd.grad(y.square().sum(), (u, delta, A, B, C)))
+    torch.testing.assert_close(outs["fused"][0], outs["torch"][0], rtol=1e-12, atol=1e-12)
+    for a, b in zip(outs["fused"][1], outs["torch"][1]):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)

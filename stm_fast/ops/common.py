@@ -85,6 +85,11 @@ class ScanCall:
     grad: bool = False
     dtype: torch.dtype = torch.float32
 
+    def tensors(self):
+        """(u, delta, A, B, C, D, z, delta_bias, decay_scale), each in the compute dtype (None stays None)."""
+        return tuple(None if t is None else t.to(self.dtype) for t in (
+            self.u, self.delta, self.A, self.B, self.C, self.D, self.z, self.delta_bias, self.decay_scale))
+
 
 @dataclass(frozen=True)
 class ScanOutput:
@@ -110,9 +115,7 @@ def reversed_by_flipping(call: ScanCall, scan: Callable[[ScanCall], ScanOutput])
 def around_bare_scan(call: ScanCall, bare: Callable) -> ScanOutput:
     """A call through a scan of (u, delta, A, B, C, decay_scale) -> (C.h, last state), the paths without a
     fused epilogue (training, the loop floor): bias and softplus before, the D*u skip and z gate after."""
-    cast = lambda t: None if t is None else t.to(call.dtype)  # noqa: E731
-    u, delta, A, B, C, D, z, bias, scale = (cast(t) for t in (call.u, call.delta, call.A, call.B, call.C, call.D,
-                                                                call.z, call.delta_bias, call.decay_scale))
+    u, delta, A, B, C, D, z, bias, scale = call.tensors()
     if bias is not None:
         delta = delta + bias[None, :, None]
     if call.delta_softplus:

@@ -27,7 +27,8 @@ from typing import Optional, Tuple, Union
 import torch
 
 from ..runtime import compute_dtype
-from .common import FirstSteps, ScanCall, ScanOutput, around_bare_scan, bc_layout, check_scan_args
+from .common import FirstSteps, ScanCall, ScanOutput, around_bare_scan, bc_layout, check_scan_args, reversed_by_flipping
+from .scan_autograd import scan_differentiable
 
 __all__ = ["available", "selective_scan_fused", "build_info", "build_dir", "exp2_decays_into",
            "causal_conv_silu", "ends_lsq_weights", "scan_differentiable_fused", "TrainScanFunction", "scan", "check",
@@ -370,10 +371,11 @@ def _first_steps(call, n):
 
 def scan(call: ScanCall) -> ScanOutput:
     """A ``ScanCall`` on the compiled kernels: the inference kernel (first steps exported, reverse by index
-    arithmetic), or with gradients the training kernel (``TrainScanFunction``)."""
+    arithmetic), or with gradients the training kernel (``TrainScanFunction``; B and C of other layouts than
+    (batch, N, L) through the torch twin ``scan_autograd``, as before this backend was differentiable)."""
+    if call.grad and (call.B.dim() != 3 or call.C.dim() != 3):  # the training kernel takes (batch, N, L) only
+        return reversed_by_flipping(call, scan) if call.reverse else around_bare_scan(call, scan_differentiable)
     if call.grad:
-        if call.B.dim() != 3 or call.C.dim() != 3:
-            raise ValueError("the fused training scan takes B and C of layout (batch, N, L) only")
         return around_bare_scan(call, lambda *a, **kw: scan_differentiable_fused(*a, **kw, reverse=call.reverse))
     outs = _first_steps(call, call.first_steps) if call.first_steps and call.decay_scale is None else None
     out = selective_scan_fused(call.u, call.delta, call.A, call.B, call.C, call.D, call.z, call.delta_bias,

@@ -18,10 +18,9 @@ from __future__ import annotations
 
 import math
 import threading
+from dataclasses import dataclass
 
 import torch
-
-from dataclasses import dataclass
 
 from .conv import conv  # noqa: F401  (this backend's conv: the torch one)
 from .common import LOG2E, FirstSteps, ScanCall, ScanOutput, around_bare_scan, channel_last, reversed_by_flipping, \
@@ -217,8 +216,6 @@ def check(device) -> None:
     """The torch backend runs on every device."""
 
 
-
-
 def scan(call: ScanCall) -> ScanOutput:
     """A ``ScanCall`` on this backend: the chunked inference scan (first steps exported when they fit the
     first chunk and there is no decay_scale), its differentiable twin when the inputs need gradients, a
@@ -227,11 +224,9 @@ def scan(call: ScanCall) -> ScanOutput:
         return reversed_by_flipping(call, scan)
     if call.grad:
         return around_bare_scan(call, scan_differentiable)
-    cast = lambda t: None if t is None else t.to(call.dtype)  # noqa: E731
-    u, delta, A, B, C, D, z, bias = (cast(t) for t in (call.u, call.delta, call.A, call.B, call.C, call.D, call.z,
-                                                        call.delta_bias))
+    u, delta, A, B, C, D, z, bias, scale = call.tensors()
     export = _Export(call.first_steps) if call.first_steps else None
-    y, last = scan_inference(u, delta, A, B, C, decay_scale=cast(call.decay_scale), delta_bias=bias,
+    y, last = scan_inference(u, delta, A, B, C, decay_scale=scale, delta_bias=bias,
                              delta_softplus=call.delta_softplus, D=D, z=z, first_steps=export)
     first = FirstSteps(export.delta, export.Abar, export.B) if export is not None and export.filled else None
     return ScanOutput(y.to(call.u.dtype), last, first)
