@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
+from typing import Callable
 
 import numpy as np
 import torch
@@ -29,6 +30,7 @@ PAPER_GEOMETRY_CONFIG = dict(img_size=28, patch_size=2, channels=1, embed_dim=32
 SEEDS = (0, 1, 2)
 DATA_DIR = os.path.join(os.path.dirname(__file__), "data")
 INK = 2  # of 16: a pixel above this is ink (the bounding box of ``fill_frame``)
+JITTER = 0.6  # source pixels: how far paper-geometry's training moves each edge of the frame
 
 
 def fill_frame(images, size: int, jitter: float = 0.0, rng=None) -> torch.Tensor:
@@ -66,20 +68,32 @@ def load_split(testbed_name: str = "digits"):
     """(x_train, y_train, x_test, y_test) of a testbed: float32 images (n, 1, s, s) in [-1, 1] and int64
     labels; the training images unaugmented."""
     x_tr, x_te, y_tr, y_te = raw_split()
+    prepare = testbed(testbed_name).prepare
     y = lambda a: torch.as_tensor(a, dtype=torch.long)  # noqa: E731
-    if testbed_name == "paper-geometry":
-        size = PAPER_GEOMETRY_CONFIG["img_size"]
-        return fill_frame(x_tr, size), y(y_tr), fill_frame(x_te, size), y(y_te)
-    t = lambda a: torch.as_tensor((a.astype(np.float32) / 16.0 - 0.5) / 0.5)[:, None]  # noqa: E731
-    return t(x_tr), y(y_tr), t(x_te), y(y_te)
+    return prepare(x_tr), y(y_tr), prepare(x_te), y(y_te)
 
 
-def _shift(x, rng):
-    """Shift each image by up to one pixel in each direction, zero (= -1 after scaling) fill."""
+def _scaled(images):
+    """The 8x8 digits as they are, scaled to [-1, 1]: (n, 1, 8, 8)."""
+    return torch.as_tensor((np.asarray(images).astype(np.float32) / 16.0 - 0.5) / 0.5)[:, None]
+
+
+def _framed(images):
+    return fill_frame(images, PAPER_GEOMETRY_CONFIG["img_size"])
+
+
+def _shifted(x_raw, idx, x_ready, rng):
+    """A digits training batch: each prepared image shifted by up to one pixel each way, -1 (zero) fill."""
+    x = x_ready[idx]
     n = x.shape[0]
     padded = F.pad(x, (1, 1, 1, 1), value=-1.0)
     dy, dx = rng.integers(0, 3, n), rng.integers(0, 3, n)
     return torch.stack([padded[i, :, dy[i]:dy[i] + 8, dx[i]:dx[i] + 8] for i in range(n)])
+
+
+def _jittered(x_raw, idx, x_ready, rng):
+    """A paper-geometry training batch: the frame of each raw digit re-cut with its edges jittered."""
+    return fill_frame(x_raw[idx.numpy()], PAPER_GEOMETRY_CONFIG["img_size"], JITTER, rng)
 
 
 @dataclass(frozen=True)
@@ -89,6 +103,8 @@ class Testbed:
     name: str
     config: dict
     file_stem: str  # shipped checkpoints: data/<file_stem>_seed<S>.pth
+    prepare: Callable  # raw 8x8 digits (n, 8, 8) -> the model's images (n, 1, s, s) in [-1, 1]
+    augment: Callable  # (raw images, batch indices, prepared images, rng) -> a training batch
     recipe: dict = field(default_factory=dict)  # train_tiny's defaults for this testbed
 
     def checkpoint_path(self, seed: int) -> str:
@@ -98,12 +114,6 @@ class Testbed:
         """How the eval names a shipped model: digits-seed0, paper-geometry-seed1 ..."""
         return f"{self.name}-seed{seed}"
 
-    def augment(self, x_raw, idx, x_ready, rng):
-        """A training batch: the digits testbed shifts the scaled images, paper-geometry jitters the frame."""
-        if self.name == "paper-geometry":
-            return fill_frame(x_raw[idx.numpy()], self.config["img_size"], self.recipe["jitter"], rng)
-        return _shift(x_ready[idx], rng)
-
     def create_model(self, checkpoint=None, dtype=None):
         from .models import create_model
 
@@ -111,10 +121,10 @@ class Testbed:
 
 
 TESTBEDS = {
-    "digits": Testbed("digits", DIGITS_CONFIG, "vim_digits",
+    "digits": Testbed("digits", DIGITS_CONFIG, "vim_digits", _scaled, _shifted,
                       dict(epochs=30, lr=3e-3, batch=32, warmup=0, threads=1, backend="torch")),
-    "paper-geometry": Testbed("paper-geometry", PAPER_GEOMETRY_CONFIG, "vim_paper_geometry",
-                              dict(epochs=40, lr=2e-3, batch=32, warmup=2, threads=2, backend="fused", jitter=0.6)),
+    "paper-geometry": Testbed("paper-geometry", PAPER_GEOMETRY_CONFIG, "vim_paper_geometry", _framed, _jittered,
+                              dict(epochs=40, lr=2e-3, batch=32, warmup=2, threads=2, backend="fused")),
 }
 
 

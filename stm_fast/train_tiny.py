@@ -112,11 +112,11 @@ def _save(bed, model, seed, recipe, out, half, x_te, y_te, seconds):
     """Write the checkpoint (float16 weights with ``half``); the recorded accuracy is that of what is written."""
     model.eval()
     model.set_scan_backend(None)
-    acc32 = evaluate(model, x_te, y_te)
+    acc = acc32 = evaluate(model, x_te, y_te)
     state = {k: v.half() if half and v.is_floating_point() else v for k, v in model.state_dict().items()}
-    if half:
+    if half:  # the file holds the rounded weights: record their accuracy
         model.load_state_dict({k: v.float() for k, v in state.items()})
-    acc = evaluate(model, x_te, y_te)
+        acc = evaluate(model, x_te, y_te)
     meta = {"seed": seed, "testbed": bed.name, **{k: recipe[k] for k in ("epochs", "batch", "lr", "warmup")},
             "test_accuracy": acc, "test_accuracy_float32": acc32, "weights": "float16" if half else "float32",
             "train_seconds": round(seconds, 1), "torch": str(torch.__version__),
