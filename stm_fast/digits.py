@@ -22,11 +22,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-__all__ = ["DIGITS_CONFIG", "PAPER_GEOMETRY_CONFIG", "Testbed", "TESTBEDS", "testbed", "load_split",
+__all__ = ["DIGITS_CONFIG", "PAPER_GEOMETRY_CONFIG", "FASHION_MNIST_CONFIG", "load_test_split", "Testbed", "TESTBEDS", "testbed", "load_split",
            "fill_frame", "shipped_checkpoints", "checkpoint_path", "create_digits_model", "SEEDS"]
 
 DIGITS_CONFIG = dict(img_size=8, patch_size=1, channels=1, embed_dim=16, depth=8, d_state=16, num_classes=10)
 PAPER_GEOMETRY_CONFIG = dict(img_size=28, patch_size=2, channels=1, embed_dim=32, depth=24, d_state=16, num_classes=10)
+FASHION_MNIST_CONFIG = dict(img_size=28, patch_size=2, channels=1, embed_dim=16, depth=24, d_state=16, num_classes=10)
+FASHION_SEEDS = (0, 1, 2, 3, 4)
 SEEDS = (0, 1, 2)
 DATA_DIR = os.path.join(os.path.dirname(__file__), "data")
 INK = 2  # of 16: a pixel above this is ink (the bounding box of ``fill_frame``)
@@ -64,13 +66,30 @@ def raw_split():
     return train_test_split(d.images, d.target, test_size=360, stratify=d.target, random_state=0)
 
 
-def load_split(testbed_name: str = "digits"):
+def _digits_train(data_dir=None):
+    x_tr, _, y_tr, _ = raw_split()
+    return x_tr, torch.as_tensor(y_tr, dtype=torch.long)
+
+
+def _digits_test():
+    _, x_te, _, y_te = raw_split()
+    return x_te, torch.as_tensor(y_te, dtype=torch.long)
+
+
+def load_split(testbed_name: str = "digits", data_dir: str | None = None):
     """(x_train, y_train, x_test, y_test) of a testbed: float32 images (n, 1, s, s) in [-1, 1] and int64
-    labels; the training images unaugmented."""
-    x_tr, x_te, y_tr, y_te = raw_split()
-    prepare = testbed(testbed_name).prepare
-    y = lambda a: torch.as_tensor(a, dtype=torch.long)  # noqa: E731
-    return prepare(x_tr), y(y_tr), prepare(x_te), y(y_te)
+    labels; the training images unaugmented. ``data_dir``: where a testbed that ships only its test images
+    (fashion-mnist) finds its training files."""
+    bed = testbed(testbed_name)
+    raw_tr, y_tr = bed.read_train(data_dir)
+    return (bed.prepare(raw_tr), y_tr, *load_test_split(testbed_name))
+
+
+def load_test_split(testbed_name: str = "digits"):
+    """(x_test, y_test) of a testbed, prepared as in ``load_split``; what the embedded eval scores."""
+    bed = testbed(testbed_name)
+    raw_te, y_te = bed.read_test()
+    return bed.prepare(raw_te), y_te
 
 
 def _scaled(images):
@@ -96,6 +115,34 @@ def _jittered(x_raw, idx, x_ready, rng):
     return fill_frame(x_raw[idx.numpy()], PAPER_GEOMETRY_CONFIG["img_size"], JITTER, rng)
 
 
+def _fashion_train(data_dir=None):
+    from .fashion_mnist import DEBIAN_DIR, read_split
+
+    return read_split(True, data_dir or DEBIAN_DIR)
+
+
+def _fashion_test():
+    from .fashion_mnist import read_split
+
+    return read_split(False)
+
+
+def _pixels(images):
+    """Fashion-MNIST's uint8 28 x 28 photos scaled to [-1, 1]: (n, 1, 28, 28) float32."""
+    return torch.as_tensor(images).float()[:, None] / 127.5 - 1.0
+
+
+def _flipped_shifted(x_raw, idx, x_ready, rng):
+    """A fashion-mnist training batch: each image mirrored left-right with probability 1/2 and shifted by up
+    to one pixel each way (background fill)."""
+    x = x_ready[idx]
+    flip = torch.as_tensor(rng.random(len(x)) < 0.5)
+    x = torch.where(flip[:, None, None, None], x.flip(3), x)
+    padded = F.pad(x, (1, 1, 1, 1), value=-1.0)
+    dy, dx = rng.integers(0, 3, len(x)), rng.integers(0, 3, len(x))
+    return torch.stack([padded[i, :, dy[i]:dy[i] + 28, dx[i]:dx[i] + 28] for i in range(len(x))])
+
+
 @dataclass(frozen=True)
 class Testbed:
     """One embedded testbed: its model, data, shipped seeds and training recipe (``stm_fast.train_tiny``)."""
@@ -103,9 +150,12 @@ class Testbed:
     name: str
     config: dict
     file_stem: str  # shipped checkpoints: data/<file_stem>_seed<S>.pth
-    prepare: Callable  # raw 8x8 digits (n, 8, 8) -> the model's images (n, 1, s, s) in [-1, 1]
+    prepare: Callable  # raw images (n, h, w) -> the model's images (n, 1, s, s) in [-1, 1]
     augment: Callable  # (raw images, batch indices, prepared images, rng) -> a training batch
     recipe: dict = field(default_factory=dict)  # train_tiny's defaults for this testbed
+    read_train: Callable = _digits_train  # (data_dir or None) -> (raw training images, int64 labels)
+    read_test: Callable = _digits_test  # () -> (raw test images, int64 labels)
+    seeds: tuple = SEEDS  # the shipped models' seeds
 
     def checkpoint_path(self, seed: int) -> str:
         return os.path.join(DATA_DIR, f"{self.file_stem}_seed{seed}.pth")
@@ -125,6 +175,9 @@ TESTBEDS = {
                       dict(epochs=30, lr=3e-3, batch=32, warmup=0, threads=1, backend="torch")),
     "paper-geometry": Testbed("paper-geometry", PAPER_GEOMETRY_CONFIG, "vim_paper_geometry", _framed, _jittered,
                               dict(epochs=40, lr=2e-3, batch=32, warmup=2, threads=2, backend="fused")),
+    "fashion-mnist": Testbed("fashion-mnist", FASHION_MNIST_CONFIG, "vim_fashion_mnist", _pixels, _flipped_shifted,
+                             dict(epochs=4, lr=2e-3, batch=32, warmup=0.25, threads=1, backend="fused"),
+                             read_train=_fashion_train, read_test=_fashion_test, seeds=FASHION_SEEDS),
 }
 
 
@@ -140,12 +193,13 @@ def checkpoint_path(seed, testbed_name: str = "digits"):
 
 def shipped_checkpoints(testbed_name: str = "digits"):
     """Paths of a testbed's shipped models, one per seed; a clear error if the package data is missing."""
-    paths = [checkpoint_path(s, testbed_name) for s in SEEDS]
+    bed = testbed(testbed_name)
+    paths = [bed.checkpoint_path(s) for s in bed.seeds]
     missing = [p for p in paths if not os.path.exists(p)]
     if missing:
         raise FileNotFoundError(
             f"the embedded {testbed_name} models are missing ({', '.join(missing)}): reinstall the package, or recreate "
-            f"them with `python -m stm_fast.train_tiny --testbed {testbed_name} --seed S` for S in {SEEDS}")
+            f"them with `python -m stm_fast.train_tiny --testbed {testbed_name} --seed S` for S in {bed.seeds}")
     return paths
 
 
