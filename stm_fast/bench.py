@@ -3,8 +3,13 @@
 Protocol: random weights and inputs (speed does not depend on them), the model in eval mode under
 ``torch.inference_mode``; every configuration (baseline, method x rate) is warmed up, then timed in
 interleaved rounds (round r times each configuration once, so drifts of the machine hit all of them
-alike); the median over rounds is reported. CUDA is synchronised around each timed forward; TF32 is
-left at PyTorch's default and reported. speedup = baseline median / configuration median (same run);
+alike); the median over rounds is reported. ``--protocol`` picks the settings: ``house`` (one forward per
+configuration and round, fp32) or ``rmeeto``, the field's anchor (R-MeeTo's ``throughput()``, behind Vim's
+published figures: batch 128, ``model.half()`` under fp16 autocast, 100 warm-up forwards, 30 back-to-back
+forwards timed as one block with CUDA events). TF32 is left at PyTorch's defaults (matmul off, cuDNN
+convolutions on) and both flags are reported in every row, with the protocol, dtype and the scan backends
+that actually ran (the automatic choice is made per call: a method whose call needs what the first choice
+lacks, such as ToP's decay scales, gets the next backend that takes it). speedup = baseline median / configuration median (same run);
 ideal_speedup = baseline GFLOPs / configuration GFLOPs under the ``full`` convention (both scan
 directions, what actually runs); realized_over_ideal = speedup / ideal_speedup. speedup_per_round (the table's "rounds' speedups",
 min-max) is baseline time / configuration time within each round: how much the machine moved during
@@ -39,16 +44,17 @@ from .registry import MODEL_CONFIGS
 from .selfcheck import SelfCheckFailed, describe_check, self_check
 from .floor import forward_floor, linear_pass_seconds
 from .ops.backends import names as backend_names
-from .ssm import BackendUnavailable, resolve_backend
+from .ssm import BackendUnavailable, backends_used, resolve_backend
 from .runtime import (AMP_DTYPES, HelpFormatter, atomic_write_json, autocast, check_device, flush_denormals,
-                      non_negative_int, pick_device, positive_int, synchronize)
+                      non_negative_int, pick_device, positive_int, synchronize, tf32_settings)
 
 __all__ = ["run_bench", "main", "build_parser", "table"]
 
 
-def _configurations(model, methods, rates, name, backends):
-    """[(backend, method, rate, Reduction)] to time, each backend's baseline first; infeasible ones are
-    skipped with a line."""
+def _configurations(model, x, methods, rates, name, backends, device, dtype):
+    """[(backend, method, rate, Reduction)] to time, each backend's baseline first; infeasible ones, and those
+    a forced backend cannot run (e.g. ToP's decay scales on a kernel without them), are skipped with a line.
+    ``backends``: {label: the backend forced, or None for the automatic choice, made per call}."""
     reductions = [("none", 0.0, make_reduction(model, "none"))]
     for m in methods:
         for r in rates:
@@ -56,84 +62,138 @@ def _configurations(model, methods, rates, name, backends):
                 reductions.append((m, r, make_reduction(model, m, rate=r)))
             except ValueError as e:
                 print(f"skip {name} {m} {r}: {e}", file=sys.stderr)
-    return [(b, *c) for b in backends for c in reductions]
+    configs = []
+    for label, forced in backends.items():
+        for m, r, reduction in reductions:
+            try:
+                model.set_scan_backend(forced)
+                with reduced(model, reduction):
+                    _timed_forward(model, x[:1], device, dtype)
+            except BackendUnavailable as e:
+                print(f"skip {name} {label} {m} {r}: {e}", file=sys.stderr)
+                continue
+            configs.append((label, m, r, reduction))
+    return configs
 
 
-def _timed_forward(model, x, device, dtype):
-    """One forward of the model as it is (its installed reduction), timed with the device synchronised."""
+PROTOCOLS = {
+    # this package's own: 7 interleaved rounds of one forward each, median, fp32 unless --dtype says otherwise
+    "house": dict(batch_size=None, dtype="fp32", half=False, warmup=2, rounds=7, per_round=1),
+    # R-MeeTo's throughput() (also behind Vim's published figures): batch 128, model.half() under fp16
+    # autocast, 100 warm-up forwards, then 30 back-to-back forwards timed as one block (CUDA events on CUDA);
+    # here every configuration's block is repeated in 3 interleaved rounds, so the run shows its own spread
+    "rmeeto": dict(batch_size=128, dtype="fp16", half=True, warmup=100, rounds=3, per_round=30),
+}
+
+
+def _timed_forward(model, x, device, dtype, n=1):
+    """Seconds per forward of the model as it is (its installed reduction) over ``n`` back-to-back forwards,
+    timed as one block: CUDA events on CUDA, the clock with the device synchronised elsewhere."""
     with torch.inference_mode(), autocast(device, dtype):
-        synchronize(device)
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            synchronize(device)
+            start.record()
+            for _ in range(n):
+                model(x)
+            end.record()
+            end.synchronize()
+            return start.elapsed_time(end) / 1e3 / n
         t0 = time.perf_counter()
-        model(x)
-        synchronize(device)
-        return time.perf_counter() - t0
+        for _ in range(n):
+            model(x)
+        return (time.perf_counter() - t0) / n
 
 
-def _interleaved_times(model, x, configs, device, dtype, rounds, warmup, progress, name, floor_pass=None):
-    """{config index: [seconds per round]}: every configuration warmed up, then timed once per round; with
-    ``floor_pass`` (a function returning seconds) also its time in every round, under the key "floor"."""
-    def forward(backend, reduction):
-        model.set_scan_backend(backend)
+def _interleaved_times(model, x, configs, forced, device, dtype, rounds, warmup, progress, name, floor_pass=None,
+                       per_round=1):
+    """({config index: [seconds per round]}, {config index: the scan backends that ran}): every configuration
+    warmed up, then timed once per round; with ``floor_pass`` (a function returning seconds) also its time in
+    every round, under the key "floor". ``forced``: {backend label: the backend to force, None = automatic};
+    ``per_round``: back-to-back forwards timed as one block per configuration and round."""
+    def forward(backend, reduction, n=1):
+        model.set_scan_backend(forced[backend])
         with reduced(model, reduction):
-            return _timed_forward(model, x, device, dtype)
+            return _timed_forward(model, x, device, dtype, n)
 
-    for backend, _, _, reduction in configs:
-        for _ in range(warmup):
-            forward(backend, reduction)
+    ran = {}
+    for i, (backend, _, _, reduction) in enumerate(configs):
+        with backends_used() as used:
+            forward(backend, reduction, max(warmup, 1))
+        ran[i] = "+".join(sorted(used))
     times = {i: [] for i in range(len(configs))}
     if floor_pass:
         floor_pass()
         times["floor"] = []
     for r in range(rounds):
         for i, (backend, _, _, reduction) in enumerate(configs):
-            times[i].append(forward(backend, reduction))
+            times[i].append(forward(backend, reduction, per_round))
         if floor_pass:
             times["floor"].append(floor_pass())
         if progress:
             print(f"{name}: round {r + 1}/{rounds}", file=sys.stderr)
-    return times
+    return times, ran
 
 
 def _backends(backends, device):
-    """The backends to time, resolved (None: the automatic choice); BackendUnavailable names one that cannot run."""
-    names = [resolve_backend(b, device, torch.float32) for b in (backends or [None])]
-    return list(dict.fromkeys(names))
+    """{label: backend to force} of the backends to time; no ``backends``: the automatic choice, made per call
+    (a method's call may need what the first choice lacks), labelled by the choice for a plain float32 scan.
+    BackendUnavailable names a forced one that cannot run here."""
+    if not backends:
+        return {resolve_backend(None, device, torch.float32): None}
+    return {b: b for b in dict.fromkeys(resolve_backend(b, device, torch.float32) for b in backends)}
 
 
-def _self_checks(model, x, device, backends, progress):
-    """{backend: self-check record} for each backend timed (SelfCheckFailed stops the bench)."""
+def _self_checks(model, x, device, backends, precision, progress):
+    """{backend label: self-check record} for each backend timed (SelfCheckFailed stops the bench)."""
     checks = {}
-    for b in backends:
-        checks[b] = self_check(model.set_scan_backend(b), x[:2], device, random_weights=True)
+    for label, forced in backends.items():
+        checks[label] = self_check(model.set_scan_backend(forced), x[:2], device, random_weights=True, precision=precision)
         if progress:
-            print(describe_check(checks[b]), file=sys.stderr)
+            print(describe_check(checks[label]), file=sys.stderr)
     return checks
 
 
+def _settings(protocol, device, batch_size, dtype, rounds, warmup):
+    """The protocol's settings with the explicitly given ones (not None) on top; batch 8 on CPU, 256 on CUDA
+    where neither says."""
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"unknown protocol {protocol!r}; choose one of {', '.join(PROTOCOLS)}")
+    given = dict(batch_size=batch_size, dtype=dtype, rounds=rounds, warmup=warmup)
+    out = {**PROTOCOLS[protocol], **{k: v for k, v in given.items() if v is not None}, "protocol": protocol}
+    out["batch_size"] = out["batch_size"] or (256 if device.type == "cuda" else 8)
+    return out
+
+
 def run_bench(model_names=("vim_tiny",), methods=("stm", "tome", "top", "evit"), rates=(0.15, 0.2, 0.3, 0.4),
-              device=None, batch_size=None, dtype="fp32", rounds=7, warmup=2, progress=True, overrides=None,
-              check=True, backends=None):
+              device=None, batch_size=None, dtype=None, rounds=None, warmup=None, progress=True, overrides=None,
+              check=True, backends=None, protocol="house"):
     """Rows of the benchmark table (see the module docstring); ``overrides`` go to ``create_model``; ``check``:
     run ``stm_fast.selfcheck.self_check`` on each model and backend first (SelfCheckFailed stops the bench);
-    ``backends``: scan backends to time in the same interleaved rounds (None: the automatic choice)."""
+    ``backends``: scan backends to time in the same interleaved rounds (None: the automatic choice, per call);
+    ``protocol``: a preset of ``PROTOCOLS`` whose settings the other arguments, where given, replace."""
     device = pick_device(device)
-    batch_size = batch_size or (256 if device.type == "cuda" else 8)
+    st = _settings(protocol, device, batch_size, dtype, rounds, warmup)
     backends = _backends(backends, device)
     rows = []
     for name in model_names:
         torch.manual_seed(0)
         model = create_model(name, device=device, **(overrides or {}))
-        x = torch.randn(batch_size, model.cfg.channels, model.cfg.img_size, model.cfg.img_size, device=device)
-        checks = _self_checks(model, x, device, backends, progress) if check else {}
-        configs = _configurations(model, methods, rates, name, backends)
-        floor_pass = (lambda: linear_pass_seconds(model, batch_size)) if device.type == "cpu" and dtype == "fp32" else None
-        times = _interleaved_times(model, x, configs, device, dtype, rounds, warmup, progress, name, floor_pass)
-        floor = forward_floor(model, batch_size, times.pop("floor")) if floor_pass else None
-        rows += _rows(model, x, name, configs, times, checks, floor, dtype, device, rounds)
+        model = model.half() if st["half"] else model
+        x = torch.randn(st["batch_size"], model.cfg.channels, model.cfg.img_size, model.cfg.img_size, device=device,
+                        dtype=torch.float16 if st["half"] else torch.float32)
+        checks = _self_checks(model, x, device, backends, st["dtype"], progress) if check else {}
+        configs = _configurations(model, x, methods, rates, name, backends, device, st["dtype"])
+        floor_pass = ((lambda: linear_pass_seconds(model, st["batch_size"]))
+                      if device.type == "cpu" and st["dtype"] == "fp32" and not st["half"] else None)
+        times, ran = _interleaved_times(model, x, configs, backends, device, st["dtype"], st["rounds"], st["warmup"],
+                                        progress, name, floor_pass, st["per_round"])
+        floor = forward_floor(model, st["batch_size"], times.pop("floor")) if floor_pass else None
+        rows += _rows(model, x, name, configs, times, checks, floor, device, st, backends, ran)
     return rows
 
 
-def _rows(model, x, name, configs, times, checks, floor, dtype, device, rounds):
+def _rows(model, x, name, configs, times, checks, floor, device, st, forced, ran):
     """One row per configuration: speedups against the same backend's baseline, ratios to the other backends'
     same configuration, and for baselines the ratio to the floor."""
     base_flops = flops(model.cfg, convention="full", reduction=None)["total"]
@@ -145,12 +205,14 @@ def _rows(model, x, name, configs, times, checks, floor, dtype, device, rounds):
         med, b_times = statistics.median(times[i]), times[base[backend]]
         step_ms = step_share = None
         if reduction.active:
-            model.set_scan_backend(backend)
-            step_ms, step_share = _step_cost(model, x, reduction, device, dtype, rounds)
+            model.set_scan_backend(forced[backend])
+            step_ms, step_share = _step_cost(model, x, reduction, device, st["dtype"], st["rounds"])
         ideal = base_flops / flops(model.cfg, convention="full", reduction=reduction)["total"]
         others = {o: [t / s for t, s in zip(times[same[(o, method, rate)]], times[i])] for o in base if o != backend}
-        rows.append({"model": name, "backend": backend, "method": method, "rate": rate,
-                     "achieved_rate": reduction.rate, "batch_size": batch_size, "dtype": dtype,
+        rows.append({"model": name, "backend": backend, "backends_ran": ran[i], "method": method, "rate": rate,
+                     "achieved_rate": reduction.rate, "batch_size": batch_size, "dtype": st["dtype"],
+                     "protocol": st["protocol"], "half_model": st["half"], "warmup": st["warmup"],
+                     "rounds": st["rounds"], "forwards_per_round": st["per_round"],
                      "device": _device_name(device), "images_per_s": batch_size / med,
                      "speedup": statistics.median(b_times) / med, "ideal_speedup": ideal,
                      "realized_over_ideal": statistics.median(b_times) / med / ideal, "median_s": med,
@@ -161,7 +223,7 @@ def _rows(model, x, name, configs, times, checks, floor, dtype, device, rounds):
                      "self_check": checks.get(backend), "floor": floor if method == "none" else None,
                      "over_floor": (statistics.median(t / f for t, f in zip(times[i], floor["floor_per_round"]))
                                     if floor and method == "none" else None),
-                     "tf32": bool(torch.backends.cuda.matmul.allow_tf32) if device.type == "cuda" else None})
+                     "tf32": tf32_settings() if device.type == "cuda" else None})
     return rows
 
 
@@ -208,7 +270,10 @@ def table(rows):
     if not rows:
         return "\n".join(out)
     first = rows[0]
-    notes = [f"batch {first['batch_size']}, {first['dtype']}, {first['device']}"]
+    tf32 = first.get("tf32")
+    notes = [f"protocol {first.get('protocol', 'house')}: batch {first['batch_size']}, {first['dtype']}"
+             f"{' (model.half())' if first.get('half_model') else ''}, {first['device']}"
+             + (f", TF32 matmul {'on' if tf32['matmul'] else 'off'}, cuDNN {'on' if tf32['cudnn'] else 'off'}" if tf32 else "")]
     notes += [line for r in rows if r["method"] == "none" for line in _baseline_notes(r)]
     return "\n".join(out) + "\n\n" + "\n".join(notes)
 
@@ -248,11 +313,18 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--methods", nargs="+", default=methods, choices=methods, metavar="METHOD",
                     help="reduction methods, any of: " + ", ".join(methods) + " (the baseline is always timed)")
     ap.add_argument("--rates", nargs="+", type=float, default=[0.15, 0.2, 0.3, 0.4], help="fractions (0.2 = 20%%)")
-    ap.add_argument("--batch-size", type=positive_int, help="images per forward (default: 8 on CPU, 256 on CUDA)")
-    ap.add_argument("--dtype", default="fp32", choices=list(AMP_DTYPES), help="autocast precision")
-    ap.add_argument("--rounds", type=positive_int, default=7,
-                    help="interleaved timed rounds (medians); 5 proved too few on a noisy 2-core machine")
-    ap.add_argument("--warmup", type=non_negative_int, default=2, help="untimed forwards per configuration before the rounds")
+    ap.add_argument("--protocol", default="house", choices=list(PROTOCOLS),
+                    help="settings preset: house (7 interleaved rounds of one forward, fp32, batch 8 on CPU / 256 on "
+                         "CUDA, 2 warm-up forwards) or rmeeto (R-MeeTo's throughput(), behind Vim's published figures: "
+                         "batch 128, model.half() under fp16 autocast, 100 warm-up forwards, blocks of 30 forwards "
+                         "timed with CUDA events, 3 interleaved rounds); the options below replace its settings")
+    ap.add_argument("--batch-size", type=positive_int, help="images per forward (default: the protocol's)")
+    ap.add_argument("--dtype", default=None, choices=list(AMP_DTYPES), help="autocast precision (default: the protocol's)")
+    ap.add_argument("--rounds", type=positive_int, default=None,
+                    help="interleaved timed rounds (medians; default: the protocol's); 5 proved too few on a noisy "
+                         "2-core machine")
+    ap.add_argument("--warmup", type=non_negative_int, default=None,
+                    help="untimed forwards per configuration before the rounds (default: the protocol's)")
     ap.add_argument("--backend", nargs="+", choices=[b for b in backend_names() if b != "loop"], metavar="NAME",
                     help="scan backends to time in the same interleaved rounds, any of: " +
                          ", ".join(b for b in backend_names() if b != "loop") + " (default: the automatic choice)")
@@ -284,7 +356,8 @@ def main(argv=None):
     try:
         with flush_denormals():  # as stm_fast.eval: subnormal decays would time the FPU, not the method
             rows = run_bench(args.model, args.methods, args.rates, args.device, args.batch_size, args.dtype, args.rounds,
-                             args.warmup, overrides=overrides, check=not args.no_self_check, backends=args.backend)
+                             args.warmup, overrides=overrides, check=not args.no_self_check, backends=args.backend,
+                             protocol=args.protocol)
     except SelfCheckFailed as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -36,10 +36,32 @@ class DirectionStats:
     read only the requested positions, so a merge step touches a handful of tokens, not the sequence.
     """
 
-    def __init__(self, delta_raw, bias, B, C, A, y, reverse=False, u=None):
-        self.delta_raw, self.bias, self.B, self.C, self.A, self.y = delta_raw, bias, B, C, A, y
-        self.reverse, self.u = reverse, u
+    def __init__(self, delta_raw, bias, B, C, A, y, reverse=False, u=None, dtype=None):
+        self.delta_raw, self.bias, self.A = delta_raw, bias, A
+        self.B, self.C = (t if dtype is None or t is None else t.to(dtype) for t in (B, C))  # (batch, N, L): small
+        self._y, self._u, self.dtype = y, u, dtype
+        self.reverse = reverse
         self.L = delta_raw.shape[-1]
+
+    def in_dtype(self, dtype) -> DirectionStats:
+        """The same statistics read in ``dtype``: B and C converted now, y and u when read, the step
+        softplus(delta + bias) in the bias's dtype as always (under autocast the projections are bf16/fp16;
+        the reductions compute in float32, docs/conventions.md §10)."""
+        return DirectionStats(self.delta_raw, self.bias.to(dtype), self.B, self.C, self.A.to(dtype), self._y,
+                              self.reverse, self._u, dtype)
+
+    def _read(self, t):
+        return t if t is None or self.dtype is None else t.to(self.dtype)
+
+    @property
+    def y(self):
+        """The SSM output (batch, E, L), in the statistics' dtype."""
+        return self._read(self._y)
+
+    @property
+    def u(self):
+        """The scan input (batch, E, L), or None, in the statistics' dtype."""
+        return self._read(self._u)
 
     def _first(self, t, n):
         """The first n scan steps of a (..., L) array, in scan order."""
@@ -110,6 +132,14 @@ class LayerStats:
 
     def direction(self, forward: bool) -> DirectionStats:
         return self.forward if forward else self.backward
+
+    def in_dtype(self, dtype) -> LayerStats:
+        """These statistics read in ``dtype`` (itself if they already are: bias, B and C in it)."""
+        f = self.forward
+        if f.bias.dtype == dtype and f.B.dtype == dtype and f.C.dtype == dtype and (f._y is None or f._y.dtype == dtype):
+            return self
+        out = None if self.output is None else self.output.to(dtype)
+        return LayerStats(self.forward.in_dtype(dtype), self.backward.in_dtype(dtype), self.first_pair, out)
 
     @functools.cached_property
     def first_steps(self):

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["HelpFormatter", "AMP_DTYPES", "compute_dtype", "pick_device", "check_device", "positive_int", "non_negative_int", "autocast", "synchronize", "flush_denormals",
+__all__ = ["HelpFormatter", "AMP_DTYPES", "compute_dtype", "pick_device", "check_device", "positive_int", "non_negative_int", "autocast", "synchronize", "flush_denormals", "tf32_settings", "tf32_off",
            "atomic_write", "atomic_write_json"]
 
 AMP_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}  # command-line name -> autocast dtype
@@ -60,6 +60,23 @@ def autocast(device: torch.device, precision: str = "fp32"):
     if dtype is None:
         return contextlib.nullcontext()
     return torch.autocast(device.type, dtype=dtype)
+
+
+def tf32_settings() -> dict:
+    """Whether CUDA float32 matrix products (``matmul``) and cuDNN convolutions (``cudnn``) may run in TF32
+    (a 10-bit mantissa). PyTorch's defaults: matmul off, cuDNN on, so an fp32 patch embedding runs in TF32."""
+    return {"matmul": bool(torch.backends.cuda.matmul.allow_tf32), "cudnn": bool(torch.backends.cudnn.allow_tf32)}
+
+
+@contextlib.contextmanager
+def tf32_off():
+    """Within the block, CUDA matrix products and cuDNN convolutions run in full float32; restored after."""
+    before = tf32_settings()
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = False, False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before["matmul"], before["cudnn"]
 
 
 def synchronize(device: torch.device) -> None:

@@ -14,6 +14,7 @@ forces a backend; one that cannot run the call is a ``BackendUnavailable`` error
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 
@@ -25,7 +26,7 @@ from .ops.probe import probe, say_once
 from .runtime import compute_dtype
 
 __all__ = ["selective_scan", "scan_steps", "causal_conv", "available_backends", "resolve_backend",
-           "BackendUnavailable", "compiled_ends_lsq", "FirstSteps", "ScanOutput"]
+           "BackendUnavailable", "compiled_ends_lsq", "backends_used", "FirstSteps", "ScanOutput"]
 
 
 class BackendUnavailable(RuntimeError):
@@ -111,9 +112,26 @@ def scan_steps(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplu
     ct = compute_dtype(u, delta, A, B, C)
     grad = _needs_grad(u, delta, A, B, C, D, z, delta_bias, decay_scale)
     b = backend_record(resolve_backend(backend, u.device, ct, grad, decay_scale is not None))
+    for seen in _RECORDERS:
+        seen.add(b.name)
     call = ScanCall(u, delta, A, B, C, D, z, delta_bias, bool(delta_softplus), decay_scale, bool(reverse),
                     int(first_steps) if b.first_steps and decay_scale is None else 0, bool(return_last_state), grad, ct)
     return b.load().scan(call)
+
+
+_RECORDERS: list[set] = []  # open ``backends_used`` blocks
+
+
+@contextlib.contextmanager
+def backends_used():
+    """Within the block, the names of the scan backends that actually ran are collected in the set it yields
+    (what a run records: the automatic choice can differ by call, e.g. for a ``decay_scale``)."""
+    seen: set = set()
+    _RECORDERS.append(seen)
+    try:
+        yield seen
+    finally:
+        _RECORDERS.remove(seen)
 
 
 def selective_scan(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,

@@ -98,3 +98,18 @@ def test_a_backend_that_cannot_run_is_refused_before_any_work(capsys):
     with pytest.raises(SystemExit) as e:
         bench.main(["--backend", "mamba_ssm", "--device", "cpu"])
     assert e.value.code == 2 and "scan backend 'mamba_ssm' cannot run on cpu" in capsys.readouterr().err
+
+
+def test_the_rmeeto_protocol_runs_half_models_in_blocks_and_says_so():
+    """--protocol rmeeto: model.half() under fp16 autocast, blocks of 30 forwards, every row naming the protocol,
+    dtype, TF32 settings (None off CUDA) and the backends that ran; given options replace the preset's."""
+    rows = bench.run_bench(["vim_tiny"], methods=["stm"], rates=[0.2], batch_size=2, rounds=1, warmup=1,
+                           progress=False, overrides=dict(SMALL, depth=2), device="cpu", protocol="rmeeto")
+    for r in rows:
+        assert r["protocol"] == "rmeeto" and r["dtype"] == "fp16" and r["half_model"] is True
+        assert r["forwards_per_round"] == 30 and r["batch_size"] == 2 and r["warmup"] == 1
+        assert r["tf32"] is None and r["backends_ran"]
+        assert r["self_check"]["precision"] == "fp16" and r["self_check"]["amp_backend"]
+    assert "protocol rmeeto: batch 2, fp16 (model.half())" in bench.table(rows)
+    with pytest.raises(ValueError, match="unknown protocol 'tome'"):
+        bench.run_bench(["vim_tiny"], protocol="tome", device="cpu")

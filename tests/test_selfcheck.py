@@ -61,3 +61,74 @@ def test_the_check_measures_the_backend_against_the_torch_backend(monkeypatch):
     monkeypatch.setattr(scan_loop, "scan_loop", lambda *a, **k: (lambda y, h: (y * 1.01, h))(*real(*a, **k)))
     with pytest.raises(SelfCheckFailed, match="scan backend 'loop' on cpu gives outputs"):
         self_check(m, x, torch.device("cpu"), random_weights=True)
+
+
+def _tf32(t):
+    """float32 values rounded to TF32's 10-bit mantissa (round to nearest), as cuDNN's TF32 convolutions read them."""
+    bits = t.contiguous().view(torch.int32)
+    return ((bits + 0x1000) & ~0x1FFF).view(torch.float32)
+
+
+@pytest.fixture
+def tf32_convolutions(monkeypatch):
+    """float32 convolutions behave as cuDNN's on a GPU: inputs and weights rounded to TF32 while
+    ``torch.backends.cudnn.allow_tf32`` is on (PyTorch's default), exact when it is off; float64 untouched."""
+    import torch.nn.functional as F
+
+    real = F.conv2d
+
+    def conv2d(x, w, *args, **kwargs):
+        if torch.backends.cudnn.allow_tf32 and x.dtype == torch.float32:
+            x, w = _tf32(x), _tf32(w)
+        return real(x, w, *args, **kwargs)
+
+    monkeypatch.setattr(F, "conv2d", conv2d)
+    assert torch.backends.cudnn.allow_tf32, "PyTorch's default, which the emulation stands for"
+
+
+def _digits_model_and_images():
+    from stm_fast import digits
+
+    x, _ = digits.load_test_split("digits")
+    return digits.testbed("digits").create_model(digits.shipped_checkpoints("digits")[0]), x[:4]
+
+
+def test_tf32_convolutions_pass_the_check_of_a_correct_model(tf32_convolutions):
+    """With TF32 convolutions emulated, a correct model passes (the float32 part runs with TF32 off), and the
+    same emulation is large enough to fail a check that leaves TF32 on (the check before this design)."""
+    from stm_fast import selfcheck
+
+    model, x = _digits_model_and_images()
+    record = self_check(model, x, torch.device("cpu"))
+    assert record["max_rel_error"] <= record["worst_allowed"]
+    assert torch.backends.cudnn.allow_tf32, "the check restores the TF32 settings"
+    # the check before: the device's float32 run with TF32 on, against the CPU float32 torch backend's error
+    reductions = selfcheck._reductions(model)
+    want = selfcheck._reference(model, x, reductions)
+    on_device, _ = selfcheck._errors(model, x, torch.device("cpu"), reductions, want, "loop")
+    with selfcheck.tf32_off():
+        base, _ = selfcheck._errors(model, x, torch.device("cpu"), reductions, want, "torch")
+    worst, allowed = selfcheck._verdict(on_device, base, selfcheck.TOLERANCE)
+    assert on_device[worst] > allowed[worst], "the emulated TF32 error would have failed the old check"
+
+
+def test_tf32_convolutions_do_not_hide_a_broken_backend(tf32_convolutions, broken_loop):
+    """A backend 1% off still fails under emulated TF32 (the float32 part)."""
+    model, x = _digits_model_and_images()
+    with pytest.raises(SelfCheckFailed, match="scan backend 'loop' on cpu gives outputs"):
+        self_check(model, x, torch.device("cpu"))
+
+
+def test_the_run_precision_is_checked_against_the_same_precision_torch_backend(tf32_convolutions, monkeypatch):
+    """Under bf16 autocast a correct backend passes against the torch backend under the same autocast (and
+    the record names the backends that ran and the precision); a backend 25% off only under autocast fails (bf16
+    itself moves these outputs by ~3e-2, so the allowance there is coarse: the float32 part is the tight one)."""
+    model, x = _digits_model_and_images()
+    record = self_check(model.set_scan_backend("loop"), x, torch.device("cpu"), precision="bf16")
+    assert record["precision"] == "bf16" and record["amp_backend"] == "loop" and record["backend"] == "loop"
+    assert record["amp_max_rel_error"] <= record["amp_worst_allowed"]
+    real = scan_loop.scan_loop
+    wrong = lambda *a, **k: (lambda y, h: (y * (1.25 if torch.is_autocast_enabled("cpu") else 1.0), h))(*real(*a, **k))  # noqa: E731
+    monkeypatch.setattr(scan_loop, "scan_loop", wrong)
+    with pytest.raises(SelfCheckFailed, match=r"relative, bf16"):
+        self_check(model, x, torch.device("cpu"), precision="bf16")

@@ -14,7 +14,7 @@ from ..models import OVERRIDES, list_models, parse_overrides
 from ..reduction import STM_DEFAULTS, check_rate, list_methods
 from ..digits import TESTBEDS
 from ..registry import ALIASES, MODEL_CONFIGS, canonical_name, describe
-from ..runtime import AMP_DTYPES, HelpFormatter, non_negative_int, positive_int
+from ..runtime import AMP_DTYPES, HelpFormatter, non_negative_int, pick_device, positive_int
 from .errors import NoImagesError, RunError
 from .grid import DEFAULT_RATES, METHOD_GROUPS
 from .imagenet import DataError
@@ -78,9 +78,14 @@ def _method_options(ap):
 def _run_options(ap):
     g = ap.add_argument_group("how it runs")
     g.add_argument("--batch-size", type=positive_int, default=None, help="images per batch (default: 128, 360 for the embedded default)")
-    g.add_argument("--workers", type=non_negative_int, default=0, help="DataLoader worker processes decoding images")
+    g.add_argument("--workers", type=non_negative_int, default=None,
+                   help="DataLoader worker processes decoding images (default: none for an embedded testbed, whose images "
+                        "are in memory; for --data min(8, CPU cores) on CUDA, min(4, cores // 2) (at least 1) on the CPU)")
     g.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
-    g.add_argument("--dtype", default="fp32", choices=list(AMP_DTYPES), help="autocast precision")
+    g.add_argument("--dtype", default=None, choices=list(AMP_DTYPES),
+                   help="autocast precision (default: fp16 on CUDA, as hustvl/Vim's own evaluation runs, fp32 elsewhere; "
+                        "--dtype fp32 on CUDA runs full float32, with the run's TF32 settings recorded). Reductions "
+                        "always compute in float32")
     g.add_argument("--on-bad-image", default="skip", choices=["skip", "error"],
                    help="an unreadable image is excluded and listed (skip) or stops the run (error)")
     g.add_argument("--out", help="output folder (default: runs/<date-time>); reuse it to resume a run of the same inputs, "
@@ -182,6 +187,23 @@ def _paper(args, model):
     return mode, canonical_name(model) if args.checkpoint else "vim_tiny"
 
 
+def _on_cuda(args) -> bool:
+    try:
+        return pick_device(args.device).type == "cuda"
+    except RuntimeError:  # an unknown device name is refused later, with its own line
+        return False
+
+
+def _workers(args) -> int:
+    """``--workers``, or its default: none for in-memory testbed images, else by device and core count."""
+    if args.workers is not None:
+        return args.workers
+    if args.data is None:
+        return 0
+    cores = os.cpu_count() or 1
+    return min(8, cores) if _on_cuda(args) else max(1, min(4, cores // 2))
+
+
 def parse_args(argv=None) -> EvalConfig | None:
     """The checked ``EvalConfig`` of a command line (None for ``--list``); a ``RunError`` names a bad option."""
     args = build_parser().parse_args(argv)
@@ -202,8 +224,8 @@ def parse_args(argv=None) -> EvalConfig | None:
         methods=tuple(args.methods), rates=tuple(args.rates), schedule=_schedule(args.schedule), paper=paper,
         paper_model=paper_model, stm_options={"sides": args.stm_sides, "positions": args.stm_positions,
                                               "weights": args.stm_weights, "start_layer": args.stm_start_layer},
-        batch_size=args.batch_size or (128 if args.data else 360), workers=args.workers, device=args.device,
-        dtype=args.dtype, on_bad_image=args.on_bad_image,
+        batch_size=args.batch_size or (128 if args.data else 360), workers=_workers(args), device=args.device,
+        dtype=args.dtype or ("fp16" if _on_cuda(args) else "fp32"), on_bad_image=args.on_bad_image,
         out=args.out or os.path.join("runs", datetime.datetime.now().strftime("%Y%m%d-%H%M%S")), restart=args.restart,
         quiet=args.quiet, figures=args.figures, no_self_check=args.no_self_check)
 

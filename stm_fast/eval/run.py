@@ -158,7 +158,7 @@ def _self_check(args, models, dataset, device, rank):
     if x is None:
         return None
     try:
-        record = self_check(models[0][1], x, device)
+        record = self_check(models[0][1], x, device, precision=args.dtype)
     except SelfCheckFailed as e:
         raise RunError(str(e)) from None
     if rank == 0 and not args.quiet:
@@ -191,7 +191,8 @@ def _evaluate(args):
     try:
         shard = list(range(rank, len(dataset), world))
         loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, shard), batch_size=args.batch_size,
-                                             shuffle=False, num_workers=args.workers, collate_fn=collate_skip_bad)
+                                             shuffle=False, num_workers=args.workers, collate_fn=collate_skip_bad,
+                                             pin_memory=device.type == "cuda")
         run = _Run(args, models, exps, plans, device, rank, world,
                    Progress(os.path.join(args.out, f"progress.rank{rank}.json")), PredictionStore(args.out, rank, len(shard)),
                    check, data_name(args))

@@ -156,15 +156,23 @@ class ReductionPass:
 
     def layer_inputs(self, i: int):
         k = self._k(i)
-        return self.impl.decay_scales(self.tokens), (self.impl.stats_request(k) if k else None)
+        with torch.autocast(self.tokens.pos.device.type, enabled=False):  # decay scales in float32 under AMP too
+            scales = self.impl.decay_scales(self.tokens)
+        return scales, (self.impl.stats_request(k) if k else None)
 
     def reduces_after(self, i: int) -> bool:
         return self._k(i) > 0
 
     def reduce(self, i: int, x: torch.Tensor, stats: LayerStats | None) -> torch.Tensor:
-        args, hook = (i, self._k(i), x, self.tokens, stats), self.reduction.step_hook
-        x, self.tokens = self.impl.step(*args) if hook is None else hook(self.impl.step, args)
-        return x
+        """The step after layer i, computed in float32 (float64 for a float64 model) whatever the forward's
+        autocast: under AMP, matrix products would otherwise run in bf16/fp16, changing STM's weights and
+        breaking near-ties in similarity-based selections (docs/conventions.md §10). Returns x's dtype."""
+        ct = compute_dtype(x)
+        with torch.autocast(x.device.type, enabled=False):
+            stats = None if stats is None else stats.in_dtype(ct)
+            args, hook = (i, self._k(i), x.to(ct), self.tokens, stats), self.reduction.step_hook
+            out, self.tokens = self.impl.step(*args) if hook is None else hook(self.impl.step, args)
+        return out.to(x.dtype)
 
     def class_rows(self, x: torch.Tensor) -> torch.Tensor:
         return self.tokens.class_rows(x)
