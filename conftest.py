@@ -23,6 +23,15 @@ settings.register_profile(
     print_blob=True,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much],
 )
+settings.register_profile(  # benchmarks/gpu_check.sh: a lent GPU machine's few minutes (JIT compiles included)
+    "gpu",
+    derandomize=True,
+    deadline=None,
+    database=None,
+    max_examples=8,
+    print_blob=True,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much],
+)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 

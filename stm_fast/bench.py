@@ -167,11 +167,13 @@ def _settings(protocol, device, batch_size, dtype, rounds, warmup):
 
 def run_bench(model_names=("vim_tiny",), methods=("stm", "tome", "top", "evit"), rates=(0.15, 0.2, 0.3, 0.4),
               device=None, batch_size=None, dtype=None, rounds=None, warmup=None, progress=True, overrides=None,
-              check=True, backends=None, protocol="house"):
+              check=True, backends=None, protocol="house", on_rows=None):
     """Rows of the benchmark table (see the module docstring); ``overrides`` go to ``create_model``; ``check``:
     run ``stm_fast.selfcheck.self_check`` on each model and backend first (SelfCheckFailed stops the bench);
     ``backends``: scan backends to time in the same interleaved rounds (None: the automatic choice, per call);
-    ``protocol``: a preset of ``PROTOCOLS`` whose settings the other arguments, where given, replace."""
+    ``protocol``: a preset of ``PROTOCOLS`` whose settings the other arguments, where given, replace;
+    ``on_rows(rows)``: called with the rows so far after every model (the CLI writes --json then, so a run
+    cut short keeps what it measured)."""
     device = pick_device(device)
     st = _settings(protocol, device, batch_size, dtype, rounds, warmup)
     backends = _backends(backends, device)
@@ -190,6 +192,8 @@ def run_bench(model_names=("vim_tiny",), methods=("stm", "tome", "top", "evit"),
                                         progress, name, floor_pass, st["per_round"])
         floor = forward_floor(model, st["batch_size"], times.pop("floor")) if floor_pass else None
         rows += _rows(model, x, name, configs, times, checks, floor, device, st, backends, ran)
+        if on_rows is not None:
+            on_rows(rows)
     return rows
 
 
@@ -357,13 +361,12 @@ def main(argv=None):
         with flush_denormals():  # as stm_fast.eval: subnormal decays would time the FPU, not the method
             rows = run_bench(args.model, args.methods, args.rates, args.device, args.batch_size, args.dtype, args.rounds,
                              args.warmup, overrides=overrides, check=not args.no_self_check, backends=args.backend,
-                             protocol=args.protocol)
+                             protocol=args.protocol,
+                             on_rows=(lambda rows: atomic_write_json(args.json, rows, indent=1)) if args.json else None)
     except SelfCheckFailed as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(table(rows))
-    if args.json:
-        atomic_write_json(args.json, rows, indent=1)
     return 0
 
 

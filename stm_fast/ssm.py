@@ -25,7 +25,7 @@ from .ops.common import FirstSteps, ScanCall, ScanOutput, check_scan_args
 from .ops.probe import probe, say_once
 from .runtime import compute_dtype
 
-__all__ = ["selective_scan", "scan_steps", "causal_conv", "available_backends", "resolve_backend",
+__all__ = ["selective_scan", "scan_steps", "causal_conv", "available_backends", "backend_status", "resolve_backend",
            "BackendUnavailable", "compiled_ends_lsq", "backends_used", "FirstSteps", "ScanOutput"]
 
 
@@ -48,6 +48,12 @@ def _works(b, device) -> tuple[bool, str]:
 def _installed(b) -> bool:
     """Whether a failure of ``b`` is worth a line: what it requires is installed (or it requires nothing)."""
     return not b.requires or any(importlib.util.find_spec(m) is not None for m in b.requires)
+
+
+def backend_status(device="cpu") -> list[tuple[str, bool, str]]:
+    """[(name, works, why not)] of every backend on ``device``, in the table's order (the kernels probed)."""
+    device = torch.device(device)
+    return [(b.name, *_works(b, device)) for b in BACKENDS]
 
 
 def available_backends(device="cpu") -> list[str]:
