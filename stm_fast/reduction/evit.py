@@ -4,6 +4,10 @@ Importance = |class-token hidden attention| (eq. 5: the class token's row of alp
 direction for tokens left of it and the backward direction for those right of it) averaged over
 channels. To remove k tokens, the k+1 least important are fused into one token by importance-weighted
 average, which sits at the position of the most important of them (order kept). Default layers as ToP.
+
+Host syncs: one a step, reading the batch's smallest and largest class index, which bound the attention
+computed. Bounds fixed by the schedule would do without it, but the other shapes they give change the
+order of the channel sums and so the importances' last bits (docs/peers.md).
 """
 
 from __future__ import annotations
@@ -59,10 +63,11 @@ def class_attention(stats, cls):
 
     stats: the layer's ``LayerStats``; cls: (batch,) indices. Returns (batch, L); 0 at cls. Each direction
     reads only the positions on its side of the class tokens (positions up to max(cls) forward, from
-    min(cls) backward): half the work of a masked whole-sequence computation.
+    min(cls) backward): half the work of a masked whole-sequence computation. Reading those two bounds is
+    the method's one host sync (the module docstring says why it stays).
     """
     batch, L = cls.shape[0], stats.forward.L
-    lo, hi = int(cls.min()), int(cls.max())
+    lo, hi = torch.stack(cls.aminmax()).tolist()  # both bounds in one read: int() of each would sync twice
     out = torch.zeros(batch, L, dtype=stats.forward.bias.dtype, device=cls.device)
     if hi > 0:
         row, pos = _left_attention(stats.forward, cls, hi)
@@ -103,5 +108,5 @@ class EViT(PruningMethod):
         x[rows, host] = fused
         keep = torch.ones(batch, L, dtype=torch.bool, device=x.device)
         keep.scatter_(1, pruned[:, :-1], False)
-        kept = kept_from_mask(keep)
+        kept = kept_from_mask(keep, L - k)
         return gather_tokens(x, kept), tokens.kept(kept)

@@ -239,7 +239,9 @@ def _joint_ends_weights(sts, r):
     G = torch.einsum("sbje,sbke->sbjk", uj * dq[:, :, None], uj * dq[:, :, None]) * (Bq * Bq).sum(-1)[..., None, None]
     diag = torch.diagonal(G, dim1=-2, dim2=-1).mean(-1).clamp_min(torch.finfo(G.dtype).tiny)
     eye = torch.eye(r, dtype=G.dtype, device=G.device)
-    return torch.linalg.solve(G + JOINT_RIDGE * diag[..., None, None] * eye, b[..., None])[..., 0]
+    # solve_ex: solve without its error check, which reads LAPACK's info back from the device (a host sync); the
+    # ridge keeps the system regular unless G is 0, where the weights come out non-finite instead of an error
+    return torch.linalg.solve_ex(G + JOINT_RIDGE * diag[..., None, None] * eye, b[..., None])[0][..., 0]
 
 
 def _compiled_pair_weights(pair, r, variant):

@@ -72,7 +72,7 @@ class MTR(PruningMethod):
         x = _merge_into(x, sources, dst)
         keep = torch.ones(batch, L, dtype=torch.bool, device=x.device)
         keep.scatter_(1, sources, False)
-        kept = kept_from_mask(keep)  # ascending: the original order restored
+        kept = kept_from_mask(keep, L - k)  # ascending: the original order restored
         return gather_tokens(x, kept), tokens.kept(kept)
 
 

@@ -105,8 +105,8 @@ class RMeeTo(Method):
         if self.options["mode"] == "merge":
             xr, size = ToMe._merge(xr, size, src, torch.gather(node_idx, 1, src))
         keep = torch.ones(batch, L - 1, dtype=torch.bool, device=x.device)
-        keep.scatter_(1, torch.arange(0, L - 1, 2, device=x.device)[src], False)
-        kept = kept_from_mask(keep)
+        keep.scatter_(1, 2 * src, False)
+        kept = kept_from_mask(keep, L - 1 - k)
         new_c = int(c * (L - k) // L)  # the released proportional rule, not the exact place
         return _insert(gather_tokens(xr, kept), x[:, c:c + 1], new_c), _state(tokens, rest, kept, size, new_c)
 

@@ -13,9 +13,10 @@ __all__ = ["TokenState", "gather_tokens", "kept_from_mask"]
 class TokenState:
     """Where the tokens of the current stream came from, per image (docs/conventions.md §5).
 
-    ``cls`` (batch,): the class token's index now; ``shared_cls``: that index as an int while it is the
-    same for every image (then reading it is a slice, not a gather), else None; ``pos`` (batch, L): each
-    token's original position; ``size`` (batch, L): how many original tokens each token stands for.
+    ``cls`` (batch,): the class token's index now; ``shared_cls``: that index as an int when the host knows,
+    without reading ``cls``, that it is the same for every image (then reading it is a slice, not a
+    gather), else None; ``pos`` (batch, L): each token's original position; ``size`` (batch, L): how many
+    original tokens each token stands for.
     """
 
     cls: torch.Tensor
@@ -31,11 +32,12 @@ class TokenState:
 
     def kept(self, kept: torch.Tensor, size: torch.Tensor | None = None) -> TokenState:
         """The state after keeping the ascending per-image indices ``kept`` (batch, K), the class token among
-        them; ``size``: the sizes before keeping, when the step changed them (merges add sizes up)."""
+        them; ``size``: the sizes before keeping, when the step changed them (merges add sizes up). Where
+        the class token lands depends on the image, and finding out whether it is the same everywhere would
+        be a host sync: ``shared_cls`` is None."""
         cls = (kept < self.cls[:, None]).sum(dim=1)
-        shared = int(cls[0]) if bool((cls == cls[0]).all()) else None
         size = self.size if size is None else size
-        return TokenState(cls, shared, torch.gather(self.pos, 1, kept), torch.gather(size, 1, kept))
+        return TokenState(cls, None, torch.gather(self.pos, 1, kept), torch.gather(size, 1, kept))
 
     def planned(self, plan) -> TokenState:
         """The state after a plan that is the same for every image (``stm_fast.reduction.merge.PlanIndex``)."""
@@ -57,6 +59,12 @@ def gather_tokens(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     return x.reshape(batch * L, C).index_select(0, flat).view(batch, idx.shape[1], C)
 
 
-def kept_from_mask(mask: torch.Tensor) -> torch.Tensor:
-    """Ascending kept indices (batch, K) from a (batch, L) mask with the same count per image."""
-    return torch.nonzero(mask, as_tuple=False)[:, 1].view(mask.shape[0], -1)
+def kept_from_mask(mask: torch.Tensor, count: int) -> torch.Tensor:
+    """Ascending indices (batch, count) of the True entries of a (batch, L) mask holding ``count`` of them in
+    every image. Each entry's rank among its kind (True first) places it: a permutation built by a cumsum
+    and one scatter, where ``nonzero`` would have to read its result's size back from the device."""
+    batch, L = mask.shape
+    at = torch.arange(L, device=mask.device).expand(batch, L)
+    rank = mask.cumsum(dim=1)  # True entries up to and including each entry
+    slot = torch.where(mask, rank - 1, at - rank + count)
+    return torch.empty_like(slot).scatter_(1, slot, at)[:, :count]

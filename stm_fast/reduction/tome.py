@@ -54,18 +54,21 @@ class ToMe(Method):
         dev = x.device
         metric = x / x.norm(dim=-1, keepdim=True).clamp_min(1e-12)  # x is the float32/64 residual stream
         scores = metric[:, 0::2] @ metric[:, 1::2].transpose(1, 2)  # (batch, La, Lb): even sources, odd destinations
-        cls, rows = tokens.cls, torch.arange(batch, device=dev)
-        even = cls % 2 == 0
+        cls = tokens.cls[:, None]
+        even, half = cls % 2 == 0, cls // 2
         neg = torch.finfo(scores.dtype).min
-        scores[rows[even], cls[even] // 2, :] = neg  # the class token is never a source ...
-        scores[rows[~even], :, cls[~even] // 2] = neg  # ... nor a destination
+        # masks rather than boolean indexing, which reads the number of images it selects back from the device
+        source = (torch.arange(scores.shape[1], device=dev) == half) & even  # (batch, La)
+        dest = (torch.arange(scores.shape[2], device=dev) == half) & ~even  # (batch, Lb)
+        scores.masked_fill_(source[:, :, None], neg)  # the class token is never a source ...
+        scores.masked_fill_(dest[:, None, :], neg)  # ... nor a destination
         node_max, node_idx = scores.max(dim=-1)  # best destination of each even token
         src = node_max.argsort(dim=-1, descending=True)[:, :k]  # (batch, k) indices into the even positions
         dst = torch.gather(node_idx, 1, src)  # indices into the odd positions
         x, size = self._merge(x, tokens.size, src, dst)
         keep = torch.ones(batch, L, dtype=torch.bool, device=dev)
-        keep.scatter_(1, torch.arange(0, L, 2, device=dev)[src], False)
-        kept = kept_from_mask(keep)
+        keep.scatter_(1, 2 * src, False)
+        kept = kept_from_mask(keep, L - k)
         return gather_tokens(x, kept), tokens.kept(kept, size)
 
     @staticmethod

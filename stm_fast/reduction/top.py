@@ -31,8 +31,8 @@ class ToP(PruningMethod):
         if not self.options["align"]:
             return None
         pos = tokens.pos
-        if pos.shape[1] == 0 or bool((pos[:, -1] == pos.shape[1] - 1).all()):
-            return None  # nothing pruned yet: plain decay
+        if pos.shape[1] in (0, self.cfg.num_tokens):
+            return None  # nothing pruned yet: plain decay (decided from the shape; reading pos would sync)
         gap = (pos[:, 1:] - pos[:, :-1]).to(torch.float32)
         one = torch.ones_like(gap[:, :1])
         return torch.cat([one, gap], dim=1), torch.cat([gap, one], dim=1)
