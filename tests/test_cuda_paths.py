@@ -238,7 +238,9 @@ TTIR = textwrap.dedent("""
     from triton.compiler import ASTSource
     from triton.compiler.compiler import make_backend
     from stm_fast.ops.scan_triton import _selective_scan_fwd as k
-    const = {"HAS_D": True, "HAS_Z": True, "HAS_SCALE": True, "BLOCK_D": 32, "BLOCK_N": 16}
+    import triton.language as tl
+    const = {"HAS_D": True, "HAS_Z": True, "HAS_BIAS": True, "SOFTPLUS": True, "HAS_SCALE": True, "REVERSE": True,
+             "STORE_LAST": True, "ACC": tl.float32, "BLOCK_D": 32, "BLOCK_N": 16}
     sig = {n: ("*fp32" if n.endswith("_ptr") else "constexpr" if n in const else "i32") for n in k.arg_names}
     src = ASTSource(fn=k, signature=sig, constexprs={(k.arg_names.index(n),): v for n, v in const.items()})
     target = GPUTarget("cuda", 90, 32)

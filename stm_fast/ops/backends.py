@@ -54,7 +54,7 @@ class Backend:
 BACKENDS = (
     Backend("mamba_ssm", "stm_fast.ops.scan_mamba", ("cuda",), ("cuda",), (_F32, _F16, _BF16), False, False, False,
             "flip", requires=("selective_scan_cuda", "mamba_ssm"), note="CUDA and `pip install .[cuda]`"),
-    Backend("triton", "stm_fast.ops.scan_triton", ("cuda", "cpu"), ("cuda",), (_F32, _F64), False, True, False, "flip",
+    Backend("triton", "stm_fast.ops.scan_triton", ("cuda", "cpu"), ("cuda",), (_F32, _F64), False, True, False, "index",
             requires=("triton",), probe_env=("TRITON_INTERPRET",), note="CUDA, or CPU under TRITON_INTERPRET=1"),
     Backend("fused", "stm_fast.ops.scan_fused", ("cpu",), ("cpu",), (_F32, _F64), True, True, True, "index",
             weights_kernel=True, note="a C++ compiler (built on first use)"),
