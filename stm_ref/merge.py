@@ -33,12 +33,13 @@ __all__ = [
     "NORMALISED_VARIANTS",
     "CONSTANT_VARIANTS",
     "joint_weights",
+    "noise_row",
 ]
 
 DIRECTIONS = ("forward", "backward")
-TOKEN_WEIGHT_VARIANTS = ("lsq", "mean", "decay", "lsq_norm", "avg", "drop", "size", "lsq_joint")
-NORMALISED_VARIANTS = ("lsq_norm", "avg", "size")  # merged as a weighted average, not eq. 11's sum
-CONSTANT_VARIANTS = ("avg", "drop", "size")  # weights that read no layer statistics
+TOKEN_WEIGHT_VARIANTS = ("lsq", "mean", "decay", "lsq_norm", "avg", "drop", "size", "lsq_joint", "noise")
+NORMALISED_VARIANTS = ("lsq_norm", "avg", "size", "noise")  # merged as a weighted average, not eq. 11's sum
+CONSTANT_VARIANTS = ("avg", "drop", "size", "noise")  # weights that read no layer statistics
 JOINT_RIDGE = 1e-9  # lsq_joint: ridge on its normal equations, relative to their mean diagonal
 
 
@@ -247,6 +248,8 @@ def token_weights(Abar, Bbar, plan, direction="forward", variant="lsq", Bbar_est
     * ``decay``: mean over (d, s) of P_{j->q}.
     * ``lsq_norm``: ``lsq`` clamped to [0, 1] (``merge_tokens`` then normalises).
     * ``avg``: 1 for every token (``merge_tokens`` then averages). ``drop``: 0 for every token.
+    * ``noise``: 1 for every token, as ``avg``; the merged token is then replaced by noise of its own scale
+      (``noise_row``): the positive control of HSP's claims, which destroys what the merge carries.
     * ``size``: size_j / size_q, ToMe's size-weighted average (``merge_tokens`` normalises); ``size`` (L,)
       holds how many original tokens each token stands for.
     * ``lsq_joint``: the weights of one target's group fitted together to the hidden-state error at the
@@ -287,7 +290,14 @@ def _scalar_weight(variant, P, Bj, Bq, clamp, sizes):
         if sizes is None:
             raise ValueError("token_weights: the size variant needs the tokens' sizes (size=...)")
         return float(sizes[0]) / float(sizes[1])
-    return 1.0 if variant == "avg" else 0.0  # drop
+    return 1.0 if variant in ("avg", "noise") else 0.0  # drop
+
+
+def noise_row(L: int, q: int, C: int) -> np.ndarray:
+    """The positive control's noise for the token at index q of a length-L sequence: C standard normal
+    values seeded by (L, q), scaled to a root mean square of 1 (the fast path draws the same values)."""
+    v = np.random.default_rng([L, q]).standard_normal(C)
+    return v / np.sqrt(np.mean(v * v))
 
 
 def joint_weights(Abar, Bbar, u, plan, direction="forward"):
@@ -316,7 +326,8 @@ def merge_tokens(x, plan, weights, variant="lsq"):
 
     ``lsq``, ``mean``, ``decay``: x*_q = x_q + sum_j w_j x_j (eq. 11's sum).
     ``lsq_norm``, ``avg``, ``size``: x*_q = (x_q + sum_j w_j x_j) / (1 + sum_j w_j).
-    ``drop``: x*_q = x_q (reduced tokens vanish). Every reduced token needs a weight in ``weights``.
+    ``drop``: x*_q = x_q (reduced tokens vanish). ``noise``: as ``avg``, then every x*_q that received a
+    merge replaced by ``noise_row`` scaled to its root mean square. Every reduced token needs a weight.
     """
     if variant not in TOKEN_WEIGHT_VARIANTS:
         raise ValueError(f"merge_tokens: variant must be one of {TOKEN_WEIGHT_VARIANTS}, got {variant!r}")
@@ -329,7 +340,13 @@ def merge_tokens(x, plan, weights, variant="lsq"):
             acc[int(q)] += w * x[int(j)]
             mass[int(q)] += w
     normalise = variant in NORMALISED_VARIANTS
-    return np.stack([acc[int(k)] / mass[int(k)] if normalise else acc[int(k)] for k in plan.kept])
+    out = np.stack([acc[int(k)] / mass[int(k)] if normalise else acc[int(k)] for k in plan.kept])
+    if variant == "noise":  # every token that received a merge becomes noise of its own root mean square
+        kept = [int(k) for k in plan.kept]
+        for q in sorted({int(q) for q in plan.target}):
+            i = kept.index(q)
+            out[i] = noise_row(x.shape[0], q, x.shape[1]) * np.sqrt(np.mean(out[i] * out[i]))
+    return out
 
 
 def removal_loss(Abar, Bbar, u, j, direction="forward"):

@@ -10,7 +10,7 @@ from PIL import Image
 
 import stm_fast
 from stm_fast.eval import cli
-from stm_fast.eval.claims import claims, verdict
+from stm_fast.eval.claims import claims, combine_networks, verdict
 from stm_fast.eval.experiment import BASELINE, Experiment, describe
 from stm_fast.eval.paper import TABLE2_GFLOPS, flops_consistent, table2_schedule
 
@@ -30,29 +30,81 @@ def _synthetic(n=200, models=("m0", "m1")):
     return exps, labels, preds, fine
 
 
-def test_claims_have_pooled_and_per_model_verdicts_holm_adjusted():
+def test_claims_have_network_and_method_verdicts_holm_adjusted_within_their_family():
     exps, labels, preds, fine = _synthetic()
     found = claims(["m0", "m1"], exps, labels, preds, fine, STM, {e: 0.2 for e in exps}, depth=4)
     by = {r["claim"]: r for r in found}
     assert set(by) == {"HSP vs plain average", "HSP vs drop", "both sides vs one side", "STM vs tome"}
+    assert [by[c]["family"] for c in ("HSP vs plain average", "HSP vs drop", "both sides vs one side", "STM vs tome")] \
+        == ["HSP weights", "HSP weights", "sides", "peer: tome"]
     avg = by["HSP vs plain average"]
     assert avg["diff"] == 50 and avg["n_images"] == 200 and avg["n_models"] == 2 and avg["verdict"] == "supported"
-    assert [m["diff"] for m in avg["models"]] == [50, 50] and all(m["verdict"] == "supported" for m in avg["models"])
-    assert by["HSP vs drop"]["diff"] == 0 and by["HSP vs drop"]["verdict"] == "equivalent"
-    # Holm over the 8 pooled tests: each adjusted p is at least its raw p, and at most 8 times it
-    for r in found:
-        assert r["p_diff"] <= r["p_diff_holm"] <= min(1, 8 * r["p_diff"]) + 1e-12
+    assert [m["diff"] for m in avg["per_model"]] == [50, 50] and all(m["verdict"] == "supported" for m in avg["per_model"])
+    assert avg["method"]["n_seeds"] == 2 and avg["method"]["verdict"] == "inconclusive", "no spread: no t-test"
+    # STM loses nothing here, so the margin (10% of its loss) is 0 and no equivalence can be shown
+    assert by["HSP vs drop"]["diff"] == 0 and by["HSP vs drop"]["margin"] == 0 and by["HSP vs drop"]["verdict"] == "inconclusive"
+    # Holm within the HSP family (2 claims x 2 tests per network): at least the raw p, at most 4 times it
+    for m in avg["per_model"] + by["HSP vs drop"]["per_model"]:
+        assert m["p_diff"] <= m["p_diff_holm"] <= min(1, 4 * m["p_diff"]) + 1e-12
     assert by["STM vs tome"]["a"] == "stm (both sides, lsq weights)" and by["STM vs tome"]["b"] == "tome"
     assert "finer" in avg and "finer" not in by["STM vs tome"], "finer measures for STM-vs-STM claims"
 
 
+def test_adding_method_groups_leaves_every_existing_claims_verdict_unchanged():
+    """Families are fixed by a claim's kind: adding peers (evit, mtr) and their claims to the run changes no
+    other claim's adjusted p-values or verdicts."""
+    exps, labels, preds, fine = _synthetic()
+    names = ["m0", "m1"]
+    before = {r["claim"]: r for r in claims(names, exps, labels, preds, fine, STM, {e: 0.2 for e in exps}, depth=4)}
+    more = exps + [Experiment.of("evit", 0.2), Experiment.of("mtr", 0.2)]
+    rng = np.random.default_rng(0)
+    for e in more[len(exps):]:
+        for m in names:
+            preds[e.key(m)] = np.where(rng.random(len(labels)) < 0.7, labels, -5)
+            fine[e.key(m)] = (np.zeros(len(labels)), np.zeros(len(labels)))
+    after = {r["claim"]: r for r in claims(names, more, labels, preds, fine, STM, {e: 0.2 for e in more}, depth=4)}
+    assert set(after) == set(before) | {"STM vs evit", "STM vs mtr"}
+    for c, r in before.items():
+        keep = lambda rec: (rec["verdict"], rec["method"], [(m["p_diff_holm"], m["p_equiv_holm"], m["verdict"])  # noqa: E731
+                                                            for m in rec["per_model"]])
+        assert keep(after[c]) == keep(r), c
+
+
+def _hsp_case(noise_right, n=2000):
+    """One network: the baseline right everywhere, STM (lsq) and drop right on 80% (the same images), the
+    noise control right on ``noise_right`` of them: a 20-point loss, so a 2-point margin."""
+    stm = Experiment.of("stm", 0.2, None, STM)
+    exps = [BASELINE, stm, stm.with_options(weights="drop"), stm.with_options(weights="noise")]
+    labels = np.arange(n) % 10
+    hit = np.arange(n) < 0.8 * n
+    noise = np.arange(n) < noise_right * n
+    per = [labels, np.where(hit, labels, -5), np.where(hit, labels, -5), np.where(noise, labels, -5)]
+    preds = {e.key("m0"): p for e, p in zip(exps, per)}
+    fine = {e.key("m0"): (np.ones(n) * (e != BASELINE), np.ones(n)) for e in exps}
+    return {r["claim"]: r for r in claims(["m0"], exps, labels, preds, fine, STM, {e: 0.2 for e in exps}, depth=4)}
+
+
+def test_an_equivalence_the_noise_control_cannot_beat_is_not_testable():
+    """HSP equals drop on every image (exactly equivalent within the 2-point margin): with the noise control
+    just as good, merging cannot be told from destroying the merged tokens, so the verdict is 'not testable
+    here'; with the noise control 30 points worse, 'equivalent' stands."""
+    same = _hsp_case(noise_right=0.8)["HSP vs drop"]
+    assert same["margin"] == pytest.approx(2.0) and same["per_model"][0]["p_equiv"] < 0.05
+    assert same["control"] == {"b": "stm (both sides, noise weights)", "diff": 0.0, "testable": False}
+    assert same["verdict"] == "not testable here" and same["per_model"][0]["verdict"] == "not testable here"
+    worse = _hsp_case(noise_right=0.5)["HSP vs drop"]
+    assert worse["control"]["testable"] and worse["verdict"] == "equivalent"
+    assert worse["recovered"]["top1"] == 0.0, "HSP recovers none of drop's 20-point loss"
+
+
 def test_verdict_rules():
-    assert verdict(2.0, 0.01, 0.9, [1.0, 3.0]) == "supported"
-    assert verdict(-2.0, 0.01, 0.9, [-1.0, -3.0]) == "contradicted"
-    assert verdict(2.0, 0.01, 0.9, [3.0, -0.5]) == "models disagree"
-    assert verdict(0.1, 0.8, 0.01, [0.2, -0.3]) == "equivalent"
-    assert verdict(0.1, 0.8, 0.01, [1.5, -0.3]) == "inconclusive", "a model outside the margin blocks equivalence"
-    assert verdict(0.5, 0.2, 0.2, []) == "inconclusive"
+    assert verdict(2.0, 0.01, 0.9) == "supported" and verdict(-2.0, 0.01, 0.9) == "contradicted"
+    assert verdict(0.1, 0.8, 0.01) == "equivalent" and verdict(0.5, 0.2, 0.2) == "inconclusive"
+    assert verdict(None, None, None) == "inconclusive"
+    assert combine_networks(["supported"] * 3) == "supported"
+    assert combine_networks(["supported", "inconclusive", "supported"]) == "inconclusive", "every network must reject"
+    assert combine_networks(["supported", "contradicted"]) == "networks disagree"
+    assert combine_networks(["equivalent", "not testable here"]) == "inconclusive"
 
 
 def test_the_default_stm_configuration_is_named_fully():
@@ -136,7 +188,7 @@ def test_eval_records_and_claims_and_the_figures(tmp_path):
     found = json.load(open(os.path.join(out, "claims.json")))
     assert {c["claim"] for c in found} == {"HSP vs plain average", "HSP vs drop", "HSP vs size-weighted average",
                                            "joint fit vs HSP", "both sides vs one side", "STM vs mtr"}
-    assert all(c["n_models"] == 3 and len(c["models"]) == 3 for c in found)
+    assert all(c["n_models"] == 3 and len(c["per_model"]) == 3 and c["method"]["n_seeds"] == 3 for c in found)
     table = open(os.path.join(out, "table.md")).read()
     rows = [line.split(" | ") for line in table.splitlines() if " | 20% | " in line]
     means = [float(row[3].strip("*").split(" ")[0]) for row in rows]

@@ -287,3 +287,18 @@ def test_first_steps_are_asked_only_of_a_backend_whose_record_returns_them(monke
         with stm_fast.reduced(m, "stm", schedule=[4]):
             loop = m(x)
             torch.testing.assert_close(loop, m.set_scan_backend("torch")(x), rtol=1e-10, atol=1e-12)
+
+
+def test_the_bench_runs_every_default_method_with_mamba_ssm_as_the_automatic_choice(fake_mamba):
+    """With mamba_ssm the automatic choice (as on CUDA), every default bench method runs: the choice is made per
+    call, so ToP's decay scales, which mamba_ssm's kernel lacks, go to the next backend that takes them."""
+    from stm_fast import bench
+
+    default = next(a.default for a in bench.build_parser()._actions if a.dest == "methods")  # the CLI's methods
+    rows = bench.run_bench(["vim_tiny"], default, rates=[0.3], batch_size=2, rounds=1, warmup=1, progress=False,
+                           device="cpu", overrides=dict(img_size=16, patch_size=4, embed_dim=16, depth=6, d_state=4,
+                                                        num_classes=5))
+    assert {r["method"] for r in rows} == {"none", *default} and len(default) >= 5
+    assert all(r["backend"] == "mamba_ssm" for r in rows)
+    assert {r["backends_ran"] for r in rows if r["method"] == "top"} == {"mamba_ssm+torch"}
+    assert fake_mamba.calls

@@ -75,12 +75,14 @@ def test_merge_tokens_matches_reference(variant, case):
     assert pidx.kept[pidx.new_cls] == cls
 
 
-@pytest.mark.parametrize("variant", ref.TOKEN_WEIGHT_VARIANTS)
+@pytest.mark.parametrize("variant", [v for v in ref.TOKEN_WEIGHT_VARIANTS if v != "noise"])
 @settings(max_examples=12)
 @given(case=cases())
 def test_merging_the_stream_sum_equals_merging_both_streams(variant, case):
     """The reducers merge x = residual + mixer output once (stm_fast.reduce): with the weights fixed, every
-    variant is linear in the tokens, so merge(residual) + merge(hidden) = merge(residual + hidden) (docs/conventions.md §3)."""
+    merge variant is linear in the tokens, so merge(residual) + merge(hidden) = merge(residual + hidden)
+    (docs/conventions.md §3). The noise control is not a merge (it replaces the merged token of the sum,
+    as the reference's STM step does: test_noise_control_replaces_the_merged_tokens_of_the_sum)."""
     L, cls, rl, rr, positions, _, rng = case
     pidx = fast.plan_index(L, cls, rl, rr, positions)
     residual, hidden = (torch.as_tensor(rng.standard_normal((2, L, 5))) for _ in range(2))
@@ -88,6 +90,26 @@ def test_merging_the_stream_sum_equals_merging_both_streams(variant, case):
     both = fast.merge_tokens(residual, pidx, w, variant) + fast.merge_tokens(hidden, pidx, w, variant)
     once = fast.merge_tokens(residual + hidden, pidx, w, variant)
     torch.testing.assert_close(once, both, rtol=1e-12, atol=1e-12)
+
+
+@settings(max_examples=12)
+@given(case=cases())
+def test_noise_control_replaces_the_merged_tokens_of_the_sum(case):
+    """weights='noise' = the plain average of the stream sum, then each token that received a merge replaced
+    by its seeded noise row times its own root mean square (the other tokens untouched)."""
+    L, cls, rl, rr, positions, _, rng = case
+    pidx, plan = fast.plan_index(L, cls, rl, rr, positions), ref.merge_plan(L, cls, rl, rr, positions)
+    x = torch.as_tensor(rng.standard_normal((2, L, 5)))
+    ones = torch.ones(2, len(pidx.reduced), dtype=x.dtype)
+    noised, avg = fast.merge_tokens(x, pidx, ones, "noise"), fast.merge_tokens(x, pidx, ones, "avg")
+    kept = plan.kept.tolist()
+    targets = {int(q) for q in plan.target}
+    for i, k in enumerate(kept):
+        if k in targets:
+            rms = avg[:, i].pow(2).mean(-1, keepdim=True).sqrt()
+            torch.testing.assert_close(noised[:, i], torch.as_tensor(ref.noise_row(L, k, 5)) * rms)
+        else:
+            assert torch.equal(noised[:, i], avg[:, i])
 
 
 def test_plan_index_is_cached_and_matches_plan():

@@ -82,6 +82,8 @@ def test_every_method_matches_reference_with_overlapping_patches(method, schedul
     (10, [2, 1, 1], dict(sides="right", positions="uniform", weights="size")),
     (17, [6, 4, 0], dict(weights="lsq_joint")),  # 3 and 2 per side: the joint fit is a 3x3 / 2x2 solve
     (17, [0, 3, 2], dict(sides="left", weights="lsq_joint")),
+    (17, [4, 2, 2], dict(weights="noise")),  # the positive control: merged tokens replaced by seeded noise
+    (10, [2, 1, 1], dict(sides="right", positions="uniform", weights="noise")),
 ])
 def test_stm_matches_reference(tokens, schedule, options):
     err = _check("stm", tokens, schedule, **options)

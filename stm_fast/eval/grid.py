@@ -9,8 +9,9 @@ __all__ = ["DEFAULT_RATES", "METHOD_GROUPS", "FLAVOUR_GROUPS", "STM_WEIGHT_VARIA
            "unique", "late_start"]
 
 DEFAULT_RATES = (0.15, 0.2, 0.3, 0.4)
-# the HSP ablations beside the default lsq: plain and size-weighted averages, dropping, the joint fit, the rest
-STM_WEIGHT_VARIANTS = ("avg", "drop", "size", "lsq_joint", "mean", "decay", "lsq_norm")
+# the HSP ablations beside the default lsq: plain and size-weighted averages, dropping, the joint fit, the rest,
+# and the positive control (merged tokens replaced by noise of their scale: what no merge rule can beat)
+STM_WEIGHT_VARIANTS = ("avg", "drop", "size", "lsq_joint", "noise", "mean", "decay", "lsq_norm")
 METHOD_GROUPS = ("none", "stm", "stm-oneside", "stm-weights", "stm-controls", "tome", "top", "evit", "mtr",
                  "tome-rmeeto", "top-released", "peers-matched")  # none: the baseline alone
 FLAVOUR_GROUPS = {"tome-rmeeto": ("tome", "rmeeto"), "top-released": ("top", "released")}
@@ -24,12 +25,13 @@ def late_start(depth: int) -> int:
 
 def _stm_controls(rate, schedule, stm_options, cfg):
     """HSP against the plain average where merged tokens sit nearer the class token: uniform positions, and
-    merges in the second half only (dropped, with a note, where that cannot reach the rate)."""
+    merges in the second half only, each with its noise control (dropped, with a note, where that cannot
+    reach the rate)."""
     uniform = {**stm_options, "positions": "uniform"}
     late = {**stm_options, "start_layer": late_start(cfg.depth)}
     out, notes = [], []
     for opts in (uniform, late):
-        pair = [Experiment.of("stm", rate, schedule, {**opts, "weights": w}) for w in ("lsq", "avg")]
+        pair = [Experiment.of("stm", rate, schedule, {**opts, "weights": w}) for w in ("lsq", "avg", "noise")]
         try:
             make_reduction(cfg, "stm", rate=None if schedule is not None else rate, schedule=schedule, **opts)
             out += pair

@@ -18,10 +18,20 @@ For per-image correctness ``a``, ``b`` of shape (models, images) (0/1; one model
   multiplies by the family size). With one model this is the two-sided binomial sign test on the
   discordant images, McNemar's exact test (``scipy.stats.binomtest``, which the tests compare with).
   Values off that lattice fall back to ``permutation_test`` with 9,999 random sign patterns;
-* an **equivalence test** (TOST) with margin ``MARGIN`` = 1 point: the two one-sided nulls diff <= -1 and
-  diff >= +1, each rejected by the bootstrap distribution (p = (k + 1) / (B + 1), k the replicates beyond
-  the margin); p_equiv is the larger of the two. At 5% it is the same as the 90% interval lying within
-  (-1, +1);
+* an **exact equivalence test** for one network (``exact_equivalence_test``): with one model a paired
+  image is +100, 0 or -100 points, so (N+, N-) of n images is trinomial and diff = 100 (p+ - p-). Each of
+  the two one-sided nulls (diff >= +margin, diff <= -margin) is tested with the exact unconditional test
+  of the statistic N+ - N-: its p-value is the largest tail probability over the nuisance parameter p- on
+  the null's boundary p+ - p- = margin / 100 (a grid of 121 values, log- and linearly spaced), so the
+  size at the margin is at most alpha for every discordance rate, however few images disagree;
+  p_equiv is the larger of the two one-sided p-values. Several networks are combined by intersection-
+  union (``claims.py``): equivalent for these networks only if each network's own test rejects. The
+  percentile bootstrap TOST used before this test floored at 1/(B+1) when no image disagreed and
+  rejected 8-12% of the time at a true difference equal to the margin (tests/test_paired_stats.py
+  simulates both);
+* a **seed-level t-test** (``seed_level``): one difference per independently trained network, a
+  t-interval, a two-sided t-test of no difference and two one-sided t-tests of equivalence; the level at
+  which claims about the method, not these networks, are decided;
 * ``holm``: Holm's step-down adjustment of a family of p-values (scipy provides BH/BY only).
 
 The verdict of a claim (``claims.py``) is decided by the tests, Holm-adjusted over the run's family; the
@@ -30,18 +40,20 @@ intervals describe the size and are not adjusted.
 
 from __future__ import annotations
 
+import functools
 import warnings
 
 import numpy as np
 from scipy import stats
 
-__all__ = ["image_differences", "cluster_bootstrap", "sign_flip_test", "equivalence_test", "holm", "compare",
-           "agreement", "SEED", "RESAMPLES", "PERMUTATIONS", "MARGIN", "ALPHA"]
+__all__ = ["image_differences", "cluster_bootstrap", "sign_flip_test", "exact_equivalence_test", "seed_level", "holm",
+           "compare", "agreement", "SEED", "RESAMPLES", "PERMUTATIONS", "MARGIN", "RELATIVE_MARGIN", "ALPHA"]
 
 SEED = 0
 RESAMPLES = 9999
 PERMUTATIONS = 9999
-MARGIN = 1.0  # points: the equivalence margin
+MARGIN = 1.0  # points: the secondary, absolute equivalence margin
+RELATIVE_MARGIN = 0.10  # the primary margin: a tenth of the reduction's own top-1 loss (docs/eval.md)
 ALPHA = 0.05
 _EXACT_SIGNS = 16  # up to this many nonzero images, every sign pattern is enumerated
 
@@ -76,10 +88,8 @@ def _sum(x, axis=-1):
     return np.sum(x, axis=axis)
 
 
-def _lattice(nz):
-    """(integer magnitudes |d| / unit, signs) when the d's are integer multiples of one unit (the smallest
-    |d|), else None."""
-    unit = np.abs(nz).min()
+def _lattice(nz, unit):
+    """The d's as integer multiples of ``unit`` (100 / the number of models), or None when they are not."""
     k = nz / unit
     ki = np.rint(k)
     if np.abs(k - ki).max() > 1e-9 or np.abs(ki).max() > 10_000:
@@ -101,13 +111,14 @@ def _exact_sign_flip(k) -> float:
     return float(min(1.0, dist[values >= s_obs].sum()))
 
 
-def sign_flip_test(d, seed: int = SEED, n_resamples: int = PERMUTATIONS) -> float:
-    """Two-sided p-value of the sign-flip permutation test of mean(d) = 0 (see the module docstring)."""
+def sign_flip_test(d, seed: int = SEED, n_resamples: int = PERMUTATIONS, n_models: int = 1) -> float:
+    """Two-sided p-value of the sign-flip permutation test of mean(d) = 0 (see the module docstring); the d's
+    of ``n_models`` models are multiples of 100 / n_models points."""
     nz = np.asarray(d, dtype=np.float64)
     nz = nz[nz != 0]  # a zero flips to itself: dropping them leaves the null distribution of the sum unchanged
     if nz.size == 0:
         return 1.0
-    k = _lattice(nz)
+    k = _lattice(nz, 100.0 / n_models)
     if k is not None:
         return _exact_sign_flip(k)
     res = stats.permutation_test((nz,), _sum, permutation_type="samples", vectorized=True,
@@ -116,14 +127,71 @@ def sign_flip_test(d, seed: int = SEED, n_resamples: int = PERMUTATIONS) -> floa
     return float(min(1.0, res.pvalue))
 
 
-def equivalence_test(distribution, margin: float = MARGIN) -> float:
-    """TOST p-value from a bootstrap distribution of the difference: max over the two one-sided nulls."""
-    dist = np.asarray(distribution, dtype=np.float64)
-    if dist.size == 0:
+NUISANCE_GAMMA = 1e-3  # Berger-Boos: the nuisance is searched over its 1 - gamma interval; gamma is added to p
+
+
+def _tail_at_most(n, z, margin, delta, q):
+    """P(Z <= z), Z = (N+ - N- - n margin) / sqrt(max(N+ + N-, 1)), for (N+, N-, rest) ~ Multinomial(n; q +
+    delta, q, 1 - 2q - delta), for each q of the array ``q``: the discordant count D ~ Binomial(n, 2q +
+    delta) and, given D, N+ ~ Binomial(D, (q + delta) / (2q + delta)); the D within 12 standard deviations
+    of their mean are summed (the rest is below 1e-30)."""
+    rate = 2 * q + delta
+    mean, sd = n * rate, np.sqrt(n * rate * (1 - rate)) + 1
+    lo, hi = np.maximum(0, np.floor(mean - 12 * sd)).min(), np.minimum(n, np.ceil(mean + 12 * sd)).max()
+    d = np.arange(int(lo), int(hi) + 1)[None, :]
+    k = np.floor((z * np.sqrt(np.maximum(d, 1)) + n * margin + d) / 2 + 1e-9)  # the largest N+ with Z <= z
+    pi = ((q + delta) / rate)[:, None]
+    return (stats.binom.pmf(d, n, rate[:, None]) * stats.binom.cdf(k, d, pi)).sum(axis=1)
+
+
+def _one_sided_at_margin(n, n_plus, n_minus, delta) -> float:
+    """Exact unconditional p-value (Berger-Boos) of the null p+ - p- >= delta against p+ - p- < delta: the
+    largest P(Z <= z_obs) over the nuisance p- within the 1 - gamma Clopper-Pearson interval of the
+    discordance rate, on the null's boundary and two lines inside it, plus gamma."""
+    if delta >= 1:
+        return 0.0
+    z = (n_plus - n_minus - n * delta) / np.sqrt(max(n_plus + n_minus, 1))
+    ci = stats.binomtest(n_plus + n_minus, n).proportion_ci(1 - NUISANCE_GAMMA, method="exact")
+    worst = 0.0
+    for shift in (1.0, 1.25, 1.5):  # Z is not monotone in N- everywhere: look inside the null too
+        dl = delta * shift
+        top = (1 - dl) / 2
+        q_lo, q_hi = max(0.0, (ci.low - dl) / 2), min(top, (ci.high - dl) / 2)
+        if dl >= 1 or q_hi < q_lo:
+            continue
+        q = np.unique(np.concatenate([np.linspace(q_lo, q_hi, 33), np.geomspace(max(q_lo, 1e-9), max(q_hi, 1e-9), 16)]))
+        worst = max(worst, float(_tail_at_most(n, z, delta, dl, q).max()))
+    return float(min(1.0, worst + NUISANCE_GAMMA))
+
+
+@functools.lru_cache(maxsize=65536)
+def exact_equivalence_test(n_plus: int, n_minus: int, n: int, margin: float = MARGIN) -> float:
+    """TOST p-value that |100 (p+ - p-)| < margin (points) for one network's paired correctness: n_plus images
+    right only in a, n_minus right only in b, of n (see the module docstring). 1 for a margin of 0."""
+    if n == 0 or margin <= 0:
         return 1.0
-    below = (np.sum(dist <= -margin) + 1) / (dist.size + 1)
-    above = (np.sum(dist >= margin) + 1) / (dist.size + 1)
-    return float(max(below, above))
+    delta = margin / 100.0
+    upper = _one_sided_at_margin(n, n_plus, n_minus, delta)  # null: diff >= +margin
+    lower = _one_sided_at_margin(n, n_minus, n_plus, delta)  # null: diff <= -margin, by symmetry
+    return max(upper, lower)
+
+
+def seed_level(diffs, margin: float = MARGIN, confidence: float = 0.95) -> dict:
+    """Claims about the method: one difference per independently trained network (points). The mean, its
+    t-interval, the two-sided t-test of no difference and the TOST p-value of |mean| < margin (two one-sided
+    t-tests); p-values None with fewer than two networks or no spread (no variance, no t)."""
+    d = np.asarray(diffs, dtype=np.float64)
+    out = {"diff": float(d.mean()) if d.size else None, "ci_low": None, "ci_high": None, "p_diff": None,
+           "p_equiv": None, "n_seeds": int(d.size)}
+    if d.size < 2 or np.all(d == d[0]):
+        return out
+    se, df = float(d.std(ddof=1) / np.sqrt(d.size)), d.size - 1
+    low, high = stats.t.interval(confidence, df, loc=d.mean(), scale=se)
+    p_upper = stats.t.cdf((d.mean() - margin) / se, df)  # null: mean >= +margin
+    p_lower = stats.t.sf((d.mean() + margin) / se, df)  # null: mean <= -margin
+    out.update(ci_low=float(low), ci_high=float(high), p_diff=float(stats.ttest_1samp(d, 0.0).pvalue),
+               p_equiv=float(max(p_upper, p_lower)) if margin > 0 else 1.0)
+    return out
 
 
 def holm(pvalues) -> np.ndarray:
@@ -141,18 +209,25 @@ def holm(pvalues) -> np.ndarray:
 
 
 def compare(a, b, seed: int = SEED, n_resamples: int = RESAMPLES, margin: float = MARGIN) -> dict:
-    """The paired statistics of a vs b (module docstring): diff, ci_low/high (95%), ci90_low/high, p_diff,
-    p_equiv, n_images, n_models, discordant (images where some model disagrees)."""
-    d = image_differences(a, b)
-    n_models = np.atleast_2d(np.asarray(a)).shape[0]
+    """The paired statistics of a vs b, (models, images) 0/1 arrays: the pooled difference with its cluster-
+    bootstrap 95% interval (descriptive), the exact sign-flip test of no difference clustered by image
+    (``p_diff``), each network's exact McNemar and equivalence p-values (``per_model``), n_images,
+    n_models, discordant (images where some model disagrees)."""
+    a2, b2 = np.atleast_2d(np.asarray(a)), np.atleast_2d(np.asarray(b))
+    d = image_differences(a2, b2)
+    n_models = a2.shape[0]
+    out = {"diff": None, "ci_low": None, "ci_high": None, "p_diff": None, "n_images": int(d.size),
+           "n_models": int(n_models), "discordant": int(np.sum(d != 0)), "per_model": []}
     if d.size == 0:
-        return {"diff": None, "ci_low": None, "ci_high": None, "ci90_low": None, "ci90_high": None, "p_diff": None,
-                "p_equiv": None, "n_images": 0, "n_models": n_models, "discordant": 0}
-    low, high, dist = cluster_bootstrap(d, 0.95, seed, n_resamples)
-    low90, high90 = (float(q) for q in np.percentile(dist, [5, 95]))
-    return {"diff": float(d.mean()), "ci_low": low, "ci_high": high, "ci90_low": low90, "ci90_high": high90,
-            "p_diff": sign_flip_test(d, seed), "p_equiv": equivalence_test(dist, margin), "n_images": int(d.size),
-            "n_models": int(n_models), "discordant": int(np.sum(d != 0))}
+        return out
+    low, high, _ = cluster_bootstrap(d, 0.95, seed, n_resamples)
+    out.update(diff=float(d.mean()), ci_low=low, ci_high=high, p_diff=sign_flip_test(d, seed, n_models=n_models))
+    for m in range(n_models):
+        plus, minus = int(np.sum(a2[m] > b2[m])), int(np.sum(a2[m] < b2[m]))
+        out["per_model"].append({"diff": 100.0 * (plus - minus) / d.size, "n_plus": plus, "n_minus": minus,
+                                 "p_diff": sign_flip_test(image_differences(a2[m:m + 1], b2[m:m + 1])),
+                                 "p_equiv": exact_equivalence_test(plus, minus, int(d.size), float(margin))})
+    return out
 
 
 def agreement(pred, reference, valid) -> float | None:

@@ -13,9 +13,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from functools import lru_cache
 
+import numpy as np
 import torch
 
-from stm_ref.merge import CONSTANT_VARIANTS, JOINT_RIDGE, NORMALISED_VARIANTS, TOKEN_WEIGHT_VARIANTS, merge_plan
+from stm_ref.merge import CONSTANT_VARIANTS, JOINT_RIDGE, NORMALISED_VARIANTS, TOKEN_WEIGHT_VARIANTS, merge_plan, noise_row
 
 from ..ops.common import LOG2E
 from ..ssm import compiled_ends_lsq
@@ -110,7 +111,28 @@ def _filled(stats, R, value):
     return torch.full((f.delta_raw.shape[0], R), value, dtype=f.bias.dtype, device=f.delta_raw.device)
 
 
-_CONSTANT = {"avg": 1.0, "drop": 0.0}  # weight variants that need no statistics
+_CONSTANT = {"avg": 1.0, "drop": 0.0, "noise": 1.0}  # weight variants that need no statistics
+_NOISE_CACHE: dict = {}
+
+
+def _noise_rows(L, targets, C, dtype, device):
+    """``stm_ref.merge.noise_row`` of each input index in ``targets`` (a tuple), as a (len, C) tensor (cached)."""
+    key = (L, targets, C, dtype, str(device))
+    if key not in _NOISE_CACHE:
+        rows = np.stack([noise_row(L, q, C) for q in targets])
+        _NOISE_CACHE[key] = torch.as_tensor(rows, dtype=dtype, device=device)
+    return _NOISE_CACHE[key]
+
+
+def _replace_by_noise(out, L, targets, slots):
+    """The noise control: rows ``slots`` of out (batch, K, C), the merged tokens of input indices ``targets``,
+    replaced in place by their noise rows scaled to each row's own root mean square."""
+    if not len(slots):
+        return out
+    rows = out[:, list(slots)]
+    scale = rows.pow(2).mean(dim=-1, keepdim=True).sqrt()
+    out[:, list(slots)] = _noise_rows(L, tuple(targets), out.shape[-1], out.dtype, out.device) * scale
+    return out
 
 
 def _decay_products(A2, S):
@@ -316,6 +338,9 @@ def merge_ends(x, r_left, r_right, w_left, w_right, variant="lsq", inplace=False
             tgt.add_(torch.bmm(w[:, None, :], src))
             if variant in NORMALISED_VARIANTS:
                 tgt.div_((1 + w.sum(1))[:, None, None])
+    if variant == "noise":
+        ends = [(q, k) for r, q, k in ((r_left, r_left, 0), (r_right, L - 1 - r_right, out.shape[1] - 1)) if r]
+        _replace_by_noise(out, L, [q for q, _ in ends], [k for _, k in ends])
     return out
 
 
@@ -340,6 +365,9 @@ def merge_tokens(x, plan, weights, variant="lsq", inplace=False):
     if variant in NORMALISED_VARIANTS:
         mass = torch.ones(x.shape[0], len(plan.kept), dtype=x.dtype, device=x.device).index_add_(1, plan.target_k, w)
         out = out / mass[..., None]
+    if variant == "noise":  # the control only: reading the plan's targets on the host is no method's cost
+        pairs = sorted(set(zip(plan.target.cpu().tolist(), plan.target_k.cpu().tolist())))
+        _replace_by_noise(out, x.shape[1], [q for q, _ in pairs], [k for _, k in pairs])
     return out
 
 

@@ -22,9 +22,24 @@ def stm_step(k, hidden, residual, state, stats, options):
         Abar, Bbar = euler(stats[direction])
         weights.update(merge.token_weights(Abar, Bbar, plan, direction, variant, u=stats[direction]["u"].T,
                                            size=state["size"]))
-    hidden = merge.merge_tokens(hidden, plan, weights, variant)
-    residual = merge.merge_tokens(residual, plan, weights, variant)
+    each = "avg" if variant == "noise" else variant  # noise replaces the sum of both streams, below
+    hidden = merge.merge_tokens(hidden, plan, weights, each)
+    residual = merge.merge_tokens(residual, plan, weights, each)
+    if variant == "noise":
+        hidden, residual = _noised(hidden, residual, plan, L)
     return hidden, residual, _merged_state(state, plan, variant)
+
+
+def _noised(hidden, residual, plan, L):
+    """The noise control: each token that received a merge, in the stream the next layer adds up (hidden +
+    residual), replaced by ``merge.noise_row`` of the same root mean square."""
+    kept = [int(k) for k in plan.kept]
+    for q in sorted({int(q) for q in plan.target}):
+        i = kept.index(q)
+        total = hidden[i] + residual[i]
+        residual[i] = merge.noise_row(L, q, total.shape[0]) * np.sqrt(np.mean(total * total))
+        hidden[i] = 0.0
+    return hidden, residual
 
 
 def _merged_state(state, plan, variant):
