@@ -197,6 +197,7 @@ def _record(claim, a, b, names, labels, preds, fine, present):
     rec["method"] = seed_level([m["diff"] for m in rec["per_model"]], margin)
     if a.method == "stm" and b.method == "stm":
         rec["finer"] = _finer(names, a, b, labels, preds, fine)
+    if rec["family"] in ("HSP weights", "positions"):  # claims about what a merge keeps: their controls
         rec["control"] = _control(names, a, labels, preds, margin, present)
         drop = a.with_options(weights="drop")
         rec["recovered"] = _recovered(names, a, drop, labels, preds, fine) if drop in present and drop != a else None
