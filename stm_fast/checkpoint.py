@@ -20,6 +20,43 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be loaded into the requested model; the message names the problem and the fix."""
 
 
+_PREFIXES = ("module.", "_orig_mod.")  # DDP's wrapper, torch.compile's OptimizedModule (in either order)
+
+
+def _is_safetensors(path):
+    """A .safetensors file, by name or by its header (8-byte little-endian length, then a JSON object)."""
+    if path.lower().endswith(".safetensors"):
+        return True
+    with open(path, "rb") as f:
+        head = f.read(9)
+    return len(head) == 9 and head[8:9] == b"{" and 0 < int.from_bytes(head[:8], "little") < 100_000_000
+
+
+def _safetensors_load(path):
+    """The tensors of a .safetensors file, through the safetensors package when it is installed."""
+    try:
+        from safetensors.torch import load_file
+    except ImportError:
+        raise CheckpointError(f"{path} is a safetensors file and the safetensors package is not installed: "
+                              f"pip install safetensors") from None
+    try:
+        return load_file(path, device="cpu")
+    except Exception as e:  # noqa: BLE001 - SafetensorError, OSError, ValueError ...
+        first = next((ln.strip() for ln in str(e).splitlines() if ln.strip()), type(e).__name__)
+        raise CheckpointError(f"{path} is not a readable safetensors file (truncated download or not written by "
+                              f"safetensors; download it again): {first[:200]}") from None
+
+
+def _strip_prefixes(sd):
+    """Remove the wrappers' key prefixes (``module.``, ``_orig_mod.``) shared by every key, repeatedly."""
+    while sd:
+        prefix = next((p for p in _PREFIXES if all(k.startswith(p) for k in sd)), None)
+        if prefix is None:
+            break
+        sd = {k[len(prefix):]: v for k, v in sd.items()}
+    return sd
+
+
 def _torch_load(path):
     # Official Vim checkpoints also hold training `args` (an argparse.Namespace); allow exactly that
     # class on top of tensors and containers. weights_only=True never runs code from the file.
@@ -79,10 +116,19 @@ def _entry(obj, path, key, ema):
     return obj[key]
 
 
+def _read_torch(path):
+    try:
+        return _torch_load(path)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile, OSError, LookupError, ValueError,
+            TypeError, AttributeError) as e:
+        raise (_refused_code(path, str(e)) or CheckpointError(_unreadable(path, str(e)))) from None
+
+
 def read_state_dict(path, key=None, ema=False):
     """The state dict stored in ``path``: a bare state dict, or the entry ``key`` (default ``model``,
-    or ``model_ema`` with ``ema=True``) of a checkpoint dict. A ``module.`` prefix (DDP) is removed.
-    Tensors holding NaN or inf are refused (a model that computes nothing meaningful)."""
+    or ``model_ema`` with ``ema=True``) of a checkpoint dict, or the tensors of a ``.safetensors`` file (read by
+    the safetensors package where it is installed). ``module.`` (DDP) and ``_orig_mod.`` (``torch.compile``)
+    prefixes are removed. Tensors holding NaN or inf are refused (a model that computes nothing meaningful)."""
     path = os.fspath(path)
     if not os.path.exists(path):
         raise CheckpointError(f"checkpoint file not found: {path}")
@@ -90,11 +136,7 @@ def read_state_dict(path, key=None, ema=False):
         raise CheckpointError(f"checkpoint path is a directory, expected a .pth file: {path}")
     if os.path.getsize(path) == 0:
         raise CheckpointError(f"checkpoint file is empty: {path}")
-    try:
-        obj = _torch_load(path)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile, OSError, LookupError, ValueError,
-            TypeError, AttributeError) as e:
-        raise (_refused_code(path, str(e)) or CheckpointError(_unreadable(path, str(e)))) from None
+    obj = _safetensors_load(path) if _is_safetensors(path) else _read_torch(path)
     if not isinstance(obj, dict):
         raise CheckpointError(f"{path} holds a {type(obj).__name__}, expected a state dict or a dict with a 'model' entry")
     sd = _entry(obj, path, key, ema)
@@ -105,9 +147,7 @@ def read_state_dict(path, key=None, ema=False):
     if nonfinite:
         raise CheckpointError(f"{path}: {len(nonfinite)} tensor(s) hold NaN or inf ({', '.join(nonfinite[:5])}): the "
                               f"file is damaged or from a diverged training run; use another checkpoint")
-    if sd and all(k.startswith("module.") for k in sd):
-        sd = {k[len("module."):]: v for k, v in sd.items()}
-    return sd
+    return _strip_prefixes(sd)
 
 
 def describe_state_dict(sd):

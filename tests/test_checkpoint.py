@@ -496,3 +496,77 @@ def test_vim_tiny_full_size_round_trip(tmp_path):
     assert a.shape == (2, 1000)
     assert torch.isfinite(a).all()
     assert torch.equal(a, b)
+
+
+# ---------------------------------------------------------------- 7. torch.compile prefixes and safetensors files
+
+
+@pytest.mark.parametrize("prefix", ["_orig_mod.", "module._orig_mod.", "_orig_mod.module."])
+@pytest.mark.parametrize("wrap", [True, False], ids=["model_entry", "bare"])
+def test_round_trip_torch_compile_prefix(src, tmp_path, prefix, wrap):
+    """A state dict saved from ``torch.compile(model)`` (keys ``_orig_mod.*``), alone or with DDP's ``module.``."""
+    sd = {prefix + k: v for k, v in src.state_dict().items()}
+    f = tmp_path / "compiled.pth"
+    torch.save({"model": sd} if wrap else sd, f)
+    assert_same_logits(src, tiny(f, seed=7))
+
+
+def test_a_key_prefix_not_shared_by_every_key_is_kept(src, tmp_path):
+    """Only a prefix on every key is a wrapper's: one stray ``_orig_mod.`` key is reported, not stripped."""
+    sd = dict(src.state_dict())
+    sd["_orig_mod.extra"] = torch.zeros(1)
+    f = tmp_path / "stray.pth"
+    torch.save(sd, f)
+    with pytest.raises(CheckpointError, match=r"unexpected key\(s\) in the file: _orig_mod.extra"):
+        tiny(f)
+
+
+def _write_safetensors(sd, path):
+    """A .safetensors file written by hand (8-byte little-endian header length, JSON header, raw data), so a
+    test can make one without the safetensors package."""
+    import json
+    header, blobs, offset = {}, [], 0
+    names = {torch.float32: "F32", torch.float64: "F64", torch.int64: "I64"}
+    for k, v in sd.items():
+        data = v.detach().contiguous().numpy().tobytes()
+        header[k] = {"dtype": names[v.dtype], "shape": list(v.shape), "data_offsets": [offset, offset + len(data)]}
+        blobs.append(data)
+        offset += len(data)
+    text = json.dumps(header).encode()
+    path.write_bytes(len(text).to_bytes(8, "little") + text + b"".join(blobs))
+
+
+@pytest.mark.parametrize("name", ["model.safetensors", "renamed.pth"])
+def test_safetensors_file_loads_with_the_package(src, tmp_path, name):
+    """Through the safetensors package (recent torch.load reads ``*.safetensors`` names itself, but not a
+    safetensors file saved as .pth, which is recognised by its header)."""
+    pytest.importorskip("safetensors", reason="the safetensors package is not installed (pip install safetensors)")
+    f = tmp_path / name
+    _write_safetensors(src.state_dict(), f)
+    assert_same_logits(src, tiny(f, seed=7))
+
+
+def test_truncated_safetensors_file_says_so(src, tmp_path):
+    pytest.importorskip("safetensors", reason="the safetensors package is not installed (pip install safetensors)")
+    f = tmp_path / "model.safetensors"
+    _write_safetensors(src.state_dict(), f)
+    f.write_bytes(f.read_bytes()[:-100])
+    with pytest.raises(CheckpointError, match="not a readable safetensors file") as ei:
+        tiny(f)
+    assert "\n" not in str(ei.value)
+
+
+@pytest.mark.parametrize("name", ["model.safetensors", "renamed.pth"])
+def test_safetensors_file_without_the_package_names_the_install(src, tmp_path, monkeypatch, name):
+    """Without the package (its import made to fail): one line naming ``pip install safetensors``, not a
+    "truncated download"; a safetensors file saved as .pth is recognised by its header."""
+    import sys
+
+    monkeypatch.setitem(sys.modules, "safetensors", None)
+    monkeypatch.setitem(sys.modules, "safetensors.torch", None)
+    f = tmp_path / name
+    _write_safetensors(src.state_dict(), f)
+    with pytest.raises(CheckpointError) as ei:
+        tiny(f)
+    msg = str(ei.value)
+    assert "\n" not in msg and msg.endswith("pip install safetensors") and "truncated" not in msg, msg

@@ -8,13 +8,14 @@ the fast case; any strides are accepted.
 
 The extension is compiled with ``torch.utils.cpp_extension.load`` for this host's ATen CPU capability
 (``torch.backends.cpu.get_cpu_capability()``: AVX512, AVX2, else generic code) and cached under
-``$STM_FUSED_BUILD_DIR`` or ``$XDG_CACHE_HOME/stm_fast`` (default ``~/.cache/stm_fast``), in a directory
-keyed by torch version, capability and a hash of the source and flags. ``available()`` never raises.
+``$STM_FUSED_BUILD_DIR``, ``$STM_CACHE_DIR`` or ``$XDG_CACHE_HOME/stm_fast`` (default ``~/.cache/stm_fast``),
+in an entry keyed by a hash of the sources (all of ``csrc/``) and the build inputs, not the checkout's path;
+a cached library is loaded only if it matches the size and SHA-256 its build recorded (``ops.build``), and
+is rebuilt (or refused, with one line) otherwise. ``available()`` never raises.
 """
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import shlex
@@ -27,6 +28,7 @@ from typing import Optional, Tuple, Union
 import torch
 
 from ..runtime import compute_dtype
+from . import build as _cache
 from .common import FirstSteps, ScanCall, ScanOutput, around_bare_scan, bc_layout, check_scan_args, reversed_by_flipping
 from .scan_autograd import scan_differentiable
 
@@ -34,9 +36,8 @@ __all__ = ["available", "selective_scan_fused", "build_info", "build_dir", "exp2
            "causal_conv_silu", "ends_lsq_weights", "scan_differentiable_fused", "TrainScanFunction", "scan", "check",
            "conv"]
 
-_CSRC = Path(__file__).with_name("csrc")
-_SOURCES = (_CSRC / "selective_scan_cpu.cpp", _CSRC / "selective_scan_cpu_grad.cpp")  # one extension, two files
-_HEADERS = (_CSRC / "vec_math.h",)
+_CSRC = Path(__file__).with_name("csrc")  # every file in it (the .cpp files: one extension; vec_math.h) is keyed
+_LDFLAGS = ["-fopenmp"]
 _lock = threading.Lock()
 _state: dict = {}  # "module", "reason": set once by available()
 
@@ -68,17 +69,20 @@ def _flags(capability: str) -> list:
     return ["-O3", "-fopenmp", "-ffp-contract=fast", "-fno-math-errno"] + cap_flags
 
 
-def build_dir(capability: Optional[str] = None) -> Path:
-    """The cache directory of this torch version, CPU capability, source and flags."""
+def _inputs(capability: Optional[str] = None, sources: Optional[dict] = None) -> dict:
     cap = capability or _capability()
-    text = b"".join(f.read_bytes() for f in _SOURCES + _HEADERS)
-    digest = hashlib.sha256(text + " ".join(_flags(cap)).encode()).hexdigest()[:12]
-    root = os.environ.get("STM_FUSED_BUILD_DIR")
-    if not root:
-        cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-        root = os.path.join(cache, "stm_fast")
-    python = f"py{sys.version_info[0]}{sys.version_info[1]}"  # the module is built against this CPython's ABI
-    return Path(root) / f"scan_fused-torch{torch.__version__}-{python}-{cap}-{digest}".replace("+", "_")
+    sources = _cache.read_sources(_CSRC) if sources is None else sources
+    return _cache.key_inputs(sources, cap, _flags(cap), _LDFLAGS)
+
+
+def build_dir(capability: Optional[str] = None) -> Path:
+    """The cache entry of these sources (all of ``csrc/``), this torch and CPython, the capability and flags."""
+    return _cache.entry_dir(_inputs(capability))
+
+
+def _library_name(entry: Path) -> str:
+    """The extension's name: also its operators' namespace (torch.ops.<name>), so one per entry."""
+    return "stm_scan_fused_" + entry.name.rsplit("-", 1)[-1]
 
 
 def _cpp_extension():
@@ -102,18 +106,60 @@ def _missing_tool() -> Optional[str]:
     return None
 
 
-def _build():
-    """Compile (or load from the cache) the extension; raises on any failure."""
-    cap = _capability()
-    path = build_dir(cap)
-    path.mkdir(parents=True, exist_ok=True)
-    name = "stm_scan_fused_" + path.name.rsplit("-", 1)[-1]
-    if not (path / f"{name}.so").exists():  # the first use pays a compile; say so rather than seem to hang
-        print(f"stm_fast: building the fused CPU scan kernel for {cap} in {path} (once; about half a minute)",
-              file=sys.stderr)
-    _cpp_extension().load(name=name, sources=[str(f) for f in _SOURCES], extra_cflags=_flags(cap), extra_ldflags=["-fopenmp"],
-                          build_directory=str(path), verbose=False, is_python_module=False)
+class _Unavailable(RuntimeError):
+    """A reason, already one line with its fix, why the kernel cannot be loaded or built here."""
+
+
+def _load_cached(lib: Path, name: str):
+    """The operators of a checked cached library; None (and why) if it does not load."""
+    try:
+        torch.ops.load_library(str(lib))
+        return getattr(torch.ops, name), ""
+    except (OSError, RuntimeError, AttributeError) as exc:
+        first = next((ln.strip() for ln in str(exc).splitlines() if ln.strip()), type(exc).__name__)
+        return None, f"does not load: {first[:100]}"
+
+
+def _compile(entry: Path, name: str, sources: dict, inputs: dict, cap: str):
+    """Build the entry afresh from ``sources`` (under its lock), load it, then record it in its manifest."""
+    cpp = _cache.fresh_entry(entry, sources)
+    _cpp_extension().load(name=name, sources=cpp, extra_cflags=_flags(cap), extra_ldflags=_LDFLAGS,
+                          build_directory=str(entry), verbose=False, is_python_module=False)
+    _cache.write_manifest(entry, f"{name}.so", inputs)
     return getattr(torch.ops, name)  # the library registers its operators in a namespace of this name
+
+
+def _build():
+    """Load the cached kernel if its library matches its manifest, else compile it; raises on any failure."""
+    cap = _capability()
+    sources = _cache.read_sources(_CSRC)
+    inputs = _inputs(cap, sources)
+    entry = _cache.entry_dir(inputs)
+    name = _library_name(entry)
+    lib, damage = _cache.check_entry(entry, f"{name}.so")
+    failed = ""  # why a library that matches its manifest does not load (then it is rebuilt)
+    if lib is not None:
+        module, failed = _load_cached(lib, name)
+        if module is not None:
+            return module
+    missing = _missing_tool()
+    if missing:
+        damage = failed or damage
+        raise _Unavailable(f"cached kernel damaged ({damage}); to rebuild it: {missing}" if damage else missing)
+    with _cache.entry_lock(entry):
+        lib, damage = _cache.check_entry(entry, f"{name}.so")  # another process may have built it meanwhile
+        if lib is not None and not failed:
+            module, failed = _load_cached(lib, name)
+            if module is not None:
+                return module
+        damage = failed or damage
+        if damage:
+            print(f"stm_fast: the cached fused scan kernel in {entry} is damaged ({damage}); rebuilding it "
+                  f"(about half a minute; if this repeats, delete {entry})", file=sys.stderr)
+        else:  # the first use pays a compile; say so rather than seem to hang
+            print(f"stm_fast: building the fused CPU scan kernel for {cap} in {entry} (once; about half a minute)",
+                  file=sys.stderr)
+        return _compile(entry, name, sources, inputs, cap)
 
 
 def _one_line(exc: BaseException) -> str:
@@ -131,13 +177,14 @@ def available() -> Tuple[bool, str]:
     Builds on the first call (a minute or so with a cold cache), then caches the answer; never raises."""
     with _lock:
         if "reason" not in _state:
-            module, reason = None, _missing_tool()
-            if reason is None:
-                try:
-                    module = _build()
-                    reason = f"built for {module.build_info()}"
-                except Exception as exc:  # compiler errors, missing headers, unwritable cache...
-                    reason = _one_line(exc)
+            module, reason = None, None
+            try:
+                module = _build()
+                reason = f"built for {module.build_info()}"
+            except _Unavailable as exc:  # no compiler (and no valid cached kernel): its own line
+                reason = str(exc)
+            except Exception as exc:  # compiler errors, missing headers, unwritable cache...
+                reason = _one_line(exc)
             _state.update(module=module, reason=reason)
         return _state["module"] is not None, _state["reason"]
 
