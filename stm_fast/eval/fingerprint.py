@@ -1,8 +1,10 @@
 """What determines the numbers of an eval run, recorded in ``run.json``: a resumed run must have the same.
 
 The fingerprint holds the checkpoint's size, modification time and SHA-256 (the shipped digits models'
-SHA-256 for the embedded default), the image list (count and a SHA-256 of the sorted relative names and
-sizes), the label file's and the devkit's SHA-256, the model options, the batch size, the limit, the
+SHA-256 for the embedded default), the image list (count and a SHA-256 of the sorted relative names,
+sizes and labels), for an embedded testbed a SHA-256 of its test split's tensors (an image folder's content
+is checked per image instead, as each file is read: ``imagenet.content_digest``, stored beside the
+predictions), the label file's and the devkit's SHA-256, the model options, the batch size, the limit, the
 precision, the scan backend and device type, and the code version (the package version and a SHA-256 of
 its Python sources). Paths are recorded too, but only as information: moving the same files elsewhere
 does not change the fingerprint.
@@ -18,7 +20,7 @@ import torch
 from .. import digits
 from ..ssm import resolve_backend
 
-__all__ = ["run_fingerprint", "file_digest", "code_version", "describe_difference"]
+__all__ = ["run_fingerprint", "file_digest", "code_version", "describe_difference", "model_count"]
 
 _PACKAGE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -51,9 +53,10 @@ def code_version() -> str:
 
 
 def _images(dataset):
-    """(count, SHA-256 of the sorted (name relative to the data folder, size) list) of the images evaluated."""
+    """(count, SHA-256 of the sorted (name relative to the data folder, size, label) list) of the images
+    evaluated."""
     samples = getattr(dataset, "samples", None)
-    if samples is None:  # an embedded testbed's test split: fixed by the package (and named by the testbed)
+    if samples is None:  # an embedded testbed's test split: its content is "image_content"
         return {"count": len(dataset), "digest": "sklearn-digits-test"}
     root = os.path.commonpath([p for p, _ in samples]) if len(samples) > 1 else os.path.dirname(samples[0][0])
     rows = sorted(f"{os.path.relpath(p, root)}\t{os.path.getsize(p)}\t{label}" for p, label in samples)
@@ -75,6 +78,7 @@ def run_fingerprint(args, dataset, device) -> dict:
     return {
         "model": args.model if args.checkpoint else args.testbed, "ema": args.ema, "overrides": args.overrides,
         "checkpoint": _checkpoint(args), "images": _images(dataset),
+        "image_content": dataset.content_digest() if hasattr(dataset, "content_digest") else None,
         "labels": file_digest(args.labels) if args.labels else None, "devkit": file_digest(devkit) if devkit else None,
         "limit": args.limit, "batch_size": args.batch_size, "dtype": args.dtype,
         "backend": resolve_backend(None, device), "device": device.type, "torch": torch.__version__,
@@ -82,7 +86,14 @@ def run_fingerprint(args, dataset, device) -> dict:
     }
 
 
+def model_count(fingerprint) -> int:
+    """How many models the run of ``fingerprint`` evaluates (an embedded testbed: one per shipped checkpoint)."""
+    checkpoint = fingerprint["checkpoint"]
+    return len(checkpoint[fingerprint["model"]]) if fingerprint["model"] in checkpoint else 1
+
+
 _NAMES = {"checkpoint": "the checkpoint file's content", "images": "the image list (names, sizes or labels)",
+          "image_content": "the test split's image content",
           "labels": "the label file", "devkit": "the devkit", "code": "the package's code", "backend": "the scan backend",
           "torch": "the torch version"}
 

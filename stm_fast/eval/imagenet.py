@@ -8,6 +8,8 @@ Layouts:
 
 Only regular files are read: a FIFO, a device or a broken link with an image name is skipped and
 listed (``skipped``), never opened. An image that cannot be decoded is excluded and reported per batch.
+Each file's bytes are read once, hashed (``content_digest``) and decoded from memory: the digest travels
+with the image, so a resumed run can tell an image whose content changed under the same name and size.
 Images are converted to 8-bit RGB (``to_rgb``): 16-bit and 32-bit integer greyscale (modes I;16, I) is
 scaled by 1/257 (65535 -> 255), floating-point greyscale (mode F) in [0, 1] by 255 and in [0, 255] kept;
 other values are reported as unreadable rather than clipped into a different picture.
@@ -15,6 +17,8 @@ other values are reported as unreadable rather than clipped into a different pic
 
 from __future__ import annotations
 
+import hashlib
+import io
 import os
 import stat
 
@@ -23,7 +27,8 @@ import torch
 
 from .labels import SYNSET_INDEX, SYNSETS, DataError, read_labels
 
-__all__ = ["SYNSETS", "eval_transform", "ImageNetVal", "collate_skip_bad", "DataError", "IMAGE_EXTENSIONS", "to_rgb"]
+__all__ = ["SYNSETS", "eval_transform", "ImageNetVal", "collate_skip_bad", "DataError", "IMAGE_EXTENSIONS", "to_rgb",
+           "content_digest"]
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 
@@ -38,6 +43,12 @@ def eval_transform(img_size=224, crop_pct=0.875):
         transforms.ToTensor(),
         transforms.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
     ])
+
+
+def content_digest(data: bytes) -> int:
+    """A non-zero int64 digest of a file's bytes (BLAKE2b, 8 bytes); 0 means 'not recorded' where it is stored."""
+    value = int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "little", signed=True)
+    return value or 1
 
 
 def _is_image(name):
@@ -131,22 +142,32 @@ class ImageNetVal(torch.utils.data.Dataset):
         return len(self.samples)
 
     def __getitem__(self, i):
+        """(image or None, label, i, error message or None, (path, content digest of the file's bytes))."""
         from PIL import Image
 
         path, label = self.samples[i]
         try:
-            with Image.open(path) as im:
+            with open(path, "rb") as f:
+                data = f.read()
+        except OSError as e:  # unreadable: its digest says so, so that a file readable later counts as changed
+            unreadable = content_digest(b"\0unreadable " + str(e.errno).encode())
+            return None, label, i, f"{path}: {type(e).__name__}: {str(e)[:120]}", (path, unreadable)
+        digest = content_digest(data)
+        try:
+            with Image.open(io.BytesIO(data)) as im:
                 x = self.transform(to_rgb(im))
         except Exception as e:  # noqa: BLE001 - any decoding failure is a bad image, reported not raised
-            return None, label, i, f"{path}: {type(e).__name__}: {str(e)[:120]}"
-        return x, label, i, None
+            return None, label, i, f"{path}: {type(e).__name__}: {str(e)[:120]}", (path, digest)
+        return x, label, i, None, (path, digest)
 
 
 def collate_skip_bad(batch):
-    """Stack the good images; return (images or None, labels, indices, [bad messages])."""
+    """Stack the good images; return (images or None, labels, indices, [bad messages], [(index, path, content
+    digest)] of every image of the batch that carries a digest, the unreadable ones included)."""
     good = [b for b in batch if b[0] is not None]
     bad = [b[3] for b in batch if b[0] is None]
+    digests = [(b[2], *b[4]) for b in batch if len(b) > 4]
     if not good:
-        return None, torch.empty(0, dtype=torch.long), torch.empty(0, dtype=torch.long), bad
+        return None, torch.empty(0, dtype=torch.long), torch.empty(0, dtype=torch.long), bad, digests
     return (torch.stack([b[0] for b in good]), torch.as_tensor([b[1] for b in good]),
-            torch.as_tensor([b[2] for b in good]), bad)
+            torch.as_tensor([b[2] for b in good]), bad, digests)

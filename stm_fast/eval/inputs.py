@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 
+import numpy as np
 import torch
 
 from .. import digits
@@ -40,10 +42,20 @@ def load_models(args, device):
 
 
 class _TensorData(torch.utils.data.Dataset):
-    """In-memory images and labels with the (image, label, index, error) items ``ImageNetVal`` yields."""
+    """In-memory images and labels with the (image, label, index, error) items of ``ImageNetVal`` (whose files'
+    content digests are checked per image; this split's content is in the run's fingerprint instead)."""
 
     def __init__(self, x, y):
         self.x, self.y = x, y
+
+    def content_digest(self) -> str:
+        """SHA-256 of the images' and the labels' bytes (dtype and shape included)."""
+        h = hashlib.sha256()
+        for t in (self.x, self.y):
+            a = np.ascontiguousarray(t.numpy() if torch.is_tensor(t) else np.asarray(t))
+            h.update(f"{a.dtype.str}{a.shape}".encode())
+            h.update(a.tobytes())
+        return h.hexdigest()
 
     def __len__(self):
         return len(self.x)

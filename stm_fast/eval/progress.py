@@ -6,22 +6,33 @@ atomically after every batch. A rerun into the same folder resumes only a run of
 (else a clear refusal naming what changed, with ``--restart`` to discard the old files), and merges its
 experiments with those already there, so finished rows are never dropped. A lock file keeps two runs from
 writing one folder at once. Every file read back is checked; a corrupt or foreign one is a clear error.
+
+Faults of the disk are one line and never block a resume: ``RunFolder.open`` refuses a run whose files
+clearly do not fit the free space or the file-size limit before it writes them; ``disk_faults`` turns a
+write that fails for lack of space or a file-size limit into one line naming the file and the fix (the
+temporary files of this process are removed); ``Progress`` drops the counts of configurations whose
+predictions are missing or damaged, so that a rerun recomputes them.
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import json
 import os
+import re
+import resource
 import shutil
+import sys
 
 from ..runtime import atomic_write_json
 from .errors import RunError
 from .experiment import Experiment
-from .fingerprint import describe_difference
+from .fingerprint import describe_difference, model_count
+from .predictions import stored_bytes, unbacked
 
-__all__ = ["Progress", "check_out_path", "RunFolder", "OUTPUT_FILES"]
+__all__ = ["Progress", "check_out_path", "RunFolder", "OUTPUT_FILES", "disk_faults", "write_json", "check_space"]
 
 OUTPUT_FILES = ("run.json", "results.json", "results.csv", "table.md", "accuracy_vs_flops.png", "claims.json")
 _FIX = "choose another --out, or pass --restart to discard what it holds"
@@ -35,6 +46,89 @@ def _read_json(path, what):
         raise RunError(f"{path} is not a readable {what} ({type(e).__name__}: {str(e)[:80]}): {_FIX}") from None
 
 
+_DISK_FULL = {errno.ENOSPC: "no space left on the device", errno.EDQUOT: "the disk quota is exceeded"}
+_RESUME = "rerun with the same --out to resume (finished batches are kept)"
+
+
+def _disk_message(e, out, what):
+    where = re.sub(rf"\.tmp{os.getpid()}(\.png)?$", "", str(e.filename)) if e.filename else what or f"into --out {out}"
+    if e.errno == errno.EFBIG:
+        return (f"file too large writing {where}: this process's file-size limit (ulimit -f) or the file system's "
+                f"was reached; raise the limit (ulimit -f unlimited), then {_RESUME}")
+    return f"{_DISK_FULL[e.errno]} writing {where}: free space on that disk, then {_RESUME}"
+
+
+def _remove_temporaries(out):
+    """This process's temporary files (``<name>.tmp<pid>``, ``<name>.tmp<pid>.png``) in ``out`` and its predictions."""
+    tag = f".tmp{os.getpid()}"
+    for folder in (out, os.path.join(out, "predictions")):
+        try:
+            names = os.listdir(folder)
+        except OSError:
+            continue
+        for n in names:
+            if n.endswith(tag) or f"{tag}." in n:
+                with contextlib.suppress(OSError):
+                    os.remove(os.path.join(folder, n))
+
+
+@contextlib.contextmanager
+def disk_faults(out, what=None):
+    """Within the block, an OSError of a full disk or quota (ENOSPC, EDQUOT) or of a file-size limit (EFBIG) is a
+    RunError of one line naming what was written (the error's file, else ``what``, else ``out``) and the fix;
+    this process's temporary files are removed first. Other errors pass unchanged."""
+    try:
+        yield
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+            raise
+        _remove_temporaries(out)
+        raise RunError(_disk_message(e, out, what)) from None
+
+
+def write_json(path, obj, **dump_options):
+    """``atomic_write_json``; on failure its temporary file is removed and the OSError names ``path``."""
+    try:
+        atomic_write_json(path, obj, **dump_options)
+    except OSError as e:
+        with contextlib.suppress(OSError):
+            os.remove(f"{path}.tmp{os.getpid()}")
+        raise OSError(e.errno, e.strerror, path) from None
+
+
+def _mb(n):
+    return f"{n / 2**20:.1f} MiB"
+
+
+def _free_bytes(folder):
+    """Bytes this process may still write on the disk of ``folder`` (root may use the reserved blocks too)."""
+    st = os.statvfs(folder)
+    return (st.f_bfree if os.geteuid() == 0 else st.f_bavail) * st.f_frsize
+
+
+def check_space(out, fingerprint, world, experiments):
+    """RunError (one line) when what the run must still write clearly does not fit: its prediction files
+    (``predictions.stored_bytes``, less those already there) and a lower bound of its result files exceed
+    the free space of ``out``'s disk, or its largest file exceeds this process's file-size limit."""
+    images, configs = fingerprint["images"]["count"], model_count(fingerprint) * len(experiments)
+    folder = os.path.join(out, "predictions")
+    there = sum(e.stat().st_size for e in os.scandir(folder) if e.is_file()) if os.path.isdir(folder) else 0
+    need = max(0, stored_bytes(images, configs, world) - there) + 1024 * configs + (64 << 10)
+    try:
+        free = _free_bytes(out)
+    except (OSError, AttributeError):  # no statvfs here: the writes themselves will say
+        free = None
+    if free is not None and free < need:
+        raise RunError(f"--out {out}: the run must write at least {_mb(need)} (predictions of {configs} "
+                       f"configuration(s) x {images} images, and the results) but its disk has {_mb(free)} free: free "
+                       f"space there, or choose an --out on another disk")
+    limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+    largest = max(4 * -(-images // world), 512 * configs)  # a float32 prediction array; results.json
+    if limit != resource.RLIM_INFINITY and limit < largest:
+        raise RunError(f"--out {out}: this process may write files of at most {limit} bytes (ulimit -f) but the run "
+                       f"writes files of {largest} bytes or more: raise the limit (ulimit -f unlimited)")
+
+
 class Progress:
     """Per-rank counts per experiment and per-batch bad-image reports, saved atomically after every batch."""
 
@@ -45,9 +139,26 @@ class Progress:
         if os.path.exists(path):
             data = _read_json(path, "progress file of stm_fast.eval")
             if not (isinstance(data, dict) and isinstance(data.get("counts"), dict) and isinstance(data.get("bad"), dict)
-                    and all(isinstance(c, dict) and isinstance(c.get("batches"), int) for c in data["counts"].values())):
+                    and all(isinstance(c, dict) and isinstance(c.get("batches"), int)
+                            and isinstance(c.get("images"), int) for c in data["counts"].values())):
                 raise RunError(f"{path} is not a progress file of stm_fast.eval: {_FIX}")
             self.counts, self.bad = data["counts"], data["bad"]
+            self._drop_unbacked()
+
+    def _drop_unbacked(self):
+        """Counts whose predictions are missing or damaged (``predictions.unbacked``) are dropped, with a note on
+        stderr: their configurations are recomputed, so no count stands without its predictions."""
+        name = os.path.basename(self.path)
+        if not (name.startswith("progress.") and name.endswith(".json")):
+            return
+        folder = os.path.join(os.path.dirname(self.path), "predictions")
+        lost = unbacked(folder, name[len("progress."):-len(".json")],
+                        {k: c["images"] for k, c in self.counts.items() if c["batches"]})
+        for key in lost:
+            del self.counts[key]
+        if lost:
+            print(f"note: the predictions of {len(lost)} configuration(s) (e.g. {lost[0]}) are missing or damaged in "
+                  f"{folder}: recomputing them", file=sys.stderr)
 
     def done(self, key):
         return self.counts.get(key, {"batches": 0})["batches"]
@@ -67,7 +178,8 @@ class Progress:
             c["deviation_sums"] = [a + b for a, b in zip(old, deviation_sums)]
 
     def save(self):
-        atomic_write_json(self.path, {"counts": self.counts, "bad": self.bad})
+        with disk_faults(os.path.dirname(self.path)):
+            write_json(self.path, {"counts": self.counts, "bad": self.bad})
 
 
 def check_out_path(out):
@@ -133,6 +245,8 @@ class RunFolder:
             except (TypeError, ValueError):
                 raise RunError(f"{path} is not a run record of stm_fast.eval: {_FIX}") from None
         merged = known + [e for e in experiments if e not in known]
-        atomic_write_json(path, {"fingerprint": fingerprint, "world": world, "experiments": [e.to_json() for e in merged],
-                                 "self_check": self_check}, indent=1)
+        check_space(self.out, fingerprint, world, merged)
+        with disk_faults(self.out):
+            write_json(path, {"fingerprint": fingerprint, "world": world, "experiments": [e.to_json() for e in merged],
+                              "self_check": self_check}, indent=1)
         return merged

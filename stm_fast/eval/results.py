@@ -1,5 +1,10 @@
 """The results of a finished run: counts and predictions summed over ranks, one record per (model,
-experiment) with its paired statistics against the baseline, the claims, and the files of ``--out``."""
+experiment) with its paired statistics against the baseline, the claims, and the files of ``--out``.
+
+Nothing is written unless every configuration's predictions hold exactly the images its counts hold
+(``_check_backed``): a prediction file lost or damaged during the run stops it with one line, the result
+files of an earlier finish left as they were, and a rerun recomputes what is missing. A disk fault while
+the files are written is one line (``progress.disk_faults``); a rerun writes them all again."""
 
 from __future__ import annotations
 
@@ -10,13 +15,13 @@ import numpy as np
 import torch
 
 from ..flops import flops
-from ..runtime import atomic_write_json
 from .claims import claims, claims_text
-from .errors import NoImagesError
+from .errors import NoImagesError, RunError
 from .experiment import BASELINE, Experiment
 from .figures import plot_accuracy_vs_flops, plot_hsp_deviation, weights_text
 from .paired_stats import agreement, cluster_bootstrap, image_differences
-from .predictions import correct
+from .predictions import correct, filled
+from .progress import disk_faults, write_json
 from .report import write_outputs
 
 __all__ = ["finish"]
@@ -80,6 +85,18 @@ def _summaries(run, names, labels, preds):
     return pooled, ablations
 
 
+def _check_backed(out, counts, labels, preds, fine):
+    """RunError unless each configuration's predictions (top-1, KL and deviation) and the labels hold exactly the
+    images its counts hold: a count without its predictions would be scored as wrong answers."""
+    read = filled(labels)
+    lost = [k for k, c in counts.items()
+            if not filled(preds[k]) == filled(fine[k][0]) == filled(fine[k][1]) == read == c["images"]]
+    if lost:
+        raise RunError(f"the predictions of {len(lost)} configuration(s) in {out}/predictions do not hold the images "
+                       f"counted (e.g. {lost[0]}; a file was deleted or damaged during the run): nothing was written; "
+                       f"rerun with the same --out to recompute them")
+
+
 def finish(run, skipped, weights=None):
     """Records, claims.json and the other files; the table, the claims and (``weights``: ``hsp_weights``'s
     summaries) the lsq weights' spread printed. None on ranks > 0."""
@@ -88,6 +105,13 @@ def finish(run, skipped, weights=None):
     labels, preds, fine = run.store.gather(keys, run.world)
     if run.rank != 0:
         return None
+    _check_backed(run.args.out, counts, labels, preds, fine)
+    with disk_faults(run.args.out, f"the result files into {run.args.out}"):
+        return _write(run, skipped, weights, counts, bad, labels, preds, fine)
+
+
+def _write(run, skipped, weights, counts, bad, labels, preds, fine):
+    """The records, claims and files of ``finish``."""
     valid = labels >= 0
     records = [{**_record(name, model, e, run.plans[e.key(name)], counts[e.key(name)], bad, skipped,
                           agreement(preds[e.key(name)], preds[BASELINE.key(name)], valid),
@@ -98,7 +122,7 @@ def finish(run, skipped, weights=None):
     achieved = {e: run.plans[e.key(names[0])].rate for e in run.exps}
     stm_options = {**run.args.stm_options, "sides": "both"} if run.args.paper else run.args.stm_options
     found = claims(names, run.exps, labels, preds, fine, stm_options, achieved, run.models[0][1].cfg.depth)
-    atomic_write_json(os.path.join(run.args.out, "claims.json"), found, indent=1)
+    write_json(os.path.join(run.args.out, "claims.json"), found, indent=1)
     pooled, ablations = _summaries(run, names, labels, preds)
     table = write_outputs(run.args.out, records, bad, skipped, pooled)
     data = run.data_name

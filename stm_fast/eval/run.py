@@ -20,7 +20,7 @@ from .fingerprint import run_fingerprint
 from ..selfcheck import SelfCheckFailed, describe_check, self_check
 from .inputs import data_name, first_images, load_dataset, load_models
 from .predictions import PredictionStore
-from .progress import Progress, RunFolder, check_out_path
+from .progress import Progress, RunFolder, check_out_path, disk_faults
 from .figures import hsp_weights, write_paper_figures
 from .results import finish
 
@@ -32,7 +32,8 @@ def evaluate(args):
     returns the result records on rank 0 (None on other ranks)."""
     with flush_denormals():  # see stm_fast.runtime.flush_denormals: several times faster on trained models
         try:
-            records = _evaluate(args)
+            with disk_faults(args.out):  # a full disk or a file-size limit is one line, wherever it strikes
+                records = _evaluate(args)
         except BaseException:
             _close_group(wait=False)  # the other ranks may be anywhere: waiting for them could hang
             raise
@@ -290,7 +291,8 @@ def _run_batches(run, loader, n_batches):
                desc=f"eval (rank {run.rank})" if run.world > 1 else "eval", unit="cfg-batch",
                disable=args.quiet or run.rank != 0)
     warm = False
-    for b, (x, y, idx, bad) in enumerate(loader):
+    for b, (x, y, idx, bad, digests) in enumerate(loader):
+        run.store.check_images(digests, run.world)  # every batch, skipped ones too: a changed image is refused
         if b < start:
             continue  # DataLoader still decodes skipped batches: resume skips the model work, the only costly part
         if bad:
