@@ -27,7 +27,7 @@ __all__ = ["DIGITS_CONFIG", "PAPER_GEOMETRY_CONFIG", "FASHION_MNIST_CONFIG", "lo
 
 DIGITS_CONFIG = dict(img_size=8, patch_size=1, channels=1, embed_dim=16, depth=8, d_state=16, num_classes=10)
 PAPER_GEOMETRY_CONFIG = dict(img_size=28, patch_size=2, channels=1, embed_dim=32, depth=24, d_state=16, num_classes=10)
-FASHION_MNIST_CONFIG = dict(img_size=28, patch_size=2, channels=1, embed_dim=16, depth=24, d_state=16, num_classes=10)
+FASHION_MNIST_CONFIG = dict(img_size=28, patch_size=2, channels=1, embed_dim=32, depth=12, d_state=16, num_classes=10)
 FASHION_SEEDS = (0, 1, 2, 3, 4)
 SEEDS = (0, 1, 2)
 DATA_DIR = os.path.join(os.path.dirname(__file__), "data")
@@ -176,7 +176,7 @@ TESTBEDS = {
     "paper-geometry": Testbed("paper-geometry", PAPER_GEOMETRY_CONFIG, "vim_paper_geometry", _framed, _jittered,
                               dict(epochs=40, lr=2e-3, batch=32, warmup=2, threads=2, backend="fused")),
     "fashion-mnist": Testbed("fashion-mnist", FASHION_MNIST_CONFIG, "vim_fashion_mnist", _pixels, _flipped_shifted,
-                             dict(epochs=4, lr=2e-3, batch=32, warmup=0.25, threads=1, backend="fused"),
+                             dict(epochs=5, lr=2e-3, batch=32, warmup=0.25, threads=1, backend="fused"),
                              read_train=_fashion_train, read_test=_fashion_test, seeds=FASHION_SEEDS),
 }
 

@@ -52,12 +52,12 @@ def code_version() -> str:
     return f"{version}+{h.hexdigest()[:16]}"
 
 
-def _images(dataset):
+def _images(dataset, testbed=None):
     """(count, SHA-256 of the sorted (name relative to the data folder, size, label) list) of the images
     evaluated."""
     samples = getattr(dataset, "samples", None)
     if samples is None:  # an embedded testbed's test split: its content is "image_content"
-        return {"count": len(dataset), "digest": "sklearn-digits-test"}
+        return {"count": len(dataset), "digest": f"{testbed}-test-split"}
     root = os.path.commonpath([p for p, _ in samples]) if len(samples) > 1 else os.path.dirname(samples[0][0])
     rows = sorted(f"{os.path.relpath(p, root)}\t{os.path.getsize(p)}\t{label}" for p, label in samples)
     return {"count": len(rows), "digest": hashlib.sha256("\n".join(rows).encode()).hexdigest()}
@@ -77,7 +77,7 @@ def run_fingerprint(args, dataset, device) -> dict:
         devkit = os.path.join(devkit, "data", "meta.mat")
     return {
         "model": args.model if args.checkpoint else args.testbed, "ema": args.ema, "overrides": args.overrides,
-        "checkpoint": _checkpoint(args), "images": _images(dataset),
+        "checkpoint": _checkpoint(args), "images": _images(dataset, args.testbed if args.data is None else None),
         "image_content": dataset.content_digest() if hasattr(dataset, "content_digest") else None,
         "labels": file_digest(args.labels) if args.labels else None, "devkit": file_digest(devkit) if devkit else None,
         "limit": args.limit, "batch_size": args.batch_size, "dtype": args.dtype,

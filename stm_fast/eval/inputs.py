@@ -65,10 +65,10 @@ class _TensorData(torch.utils.data.Dataset):
 
 
 def load_dataset(args, cfg):
-    """The digits test split (embedded default) or the ImageNet validation folder of ``--data``, whose labels
-    must be classes of the model (``cfg``)."""
+    """An embedded testbed's test split (shipped with the package) or the ImageNet validation folder of
+    ``--data``, whose labels must be classes of the model (``cfg``)."""
     if args.data is None:
-        _, _, x, y = digits.load_split(args.testbed)
+        x, y = digits.load_test_split(args.testbed)
         if args.limit:
             x, y = x[: args.limit], y[: args.limit]
         return _TensorData(x, y)
