@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 
 import numpy as np
 import torch
@@ -66,7 +67,7 @@ def _record(name, model, e, plan, count, bad, skipped, agree, vs_base, fine):
             "agreement": agree, "vs_baseline": vs_base,
             "kl_to_baseline": float(np.nanmean(kl)) if n else None,
             "cls_deviation": [v / n for v in sums] if sums and n else None,
-            "images": n, "bad_images": len(bad), "skipped_files": len(skipped),
+            "images": n, "bad_images": len(bad), "skipped_files": len(skipped), "num_classes": model.cfg.num_classes,
             "gflops_paper": paper["total"], "gflops_full": flops(model.cfg, convention="full", reduction=plan)["total"],
             "gflops_overhead": paper["overhead"],
             "images_per_s": n / count["seconds"] if count["seconds"] > 0 else None}
@@ -95,6 +96,31 @@ def _check_backed(out, counts, labels, preds, fine):
         raise RunError(f"the predictions of {len(lost)} configuration(s) in {out}/predictions do not hold the images "
                        f"counted (e.g. {lost[0]}; a file was deleted or damaged during the run): nothing was written; "
                        f"rerun with the same --out to recompute them")
+
+
+# ImageNet-1k validation top-1 of the official checkpoints, as the paper reports them
+ANCHORS = {"vim_tiny": 76.1, "vim_small": 80.5, "vim_base": 81.9}
+
+
+def baseline_warnings(records, args) -> list[str]:
+    """One warning line per unreduced model that scores near chance (twice chance or less), or, for an
+    official checkpoint on 1,000 images or more, more than 5 points below the paper's anchor: a wrong
+    checkpoint, labels or preprocessing make every comparison meaningless, so the run says so."""
+    from ..registry import canonical_name
+
+    out = []
+    for r in records:
+        if r["method"] != "none" or r["top1"] is None:
+            continue
+        chance = 100.0 / r["num_classes"]
+        anchor = ANCHORS.get(canonical_name(args.model)) if args.checkpoint else None
+        if r["top1"] <= 2 * chance:
+            out.append(f"warning: the unreduced {r['model']} scores {r['top1']:.1f}% top-1, near chance ({chance:.1f}%): "
+                       f"a wrong checkpoint, label file or --override? Every comparison of this run is then meaningless")
+        elif anchor is not None and r["images"] >= 1000 and r["top1"] < anchor - 5:
+            out.append(f"warning: the unreduced {r['model']} scores {r['top1']:.1f}% top-1 where the paper reports "
+                       f"{anchor}% on ImageNet-1k val: check --checkpoint (--ema?), the labels and the image folder")
+    return out
 
 
 def finish(run, skipped, weights=None):
@@ -130,6 +156,8 @@ def _write(run, skipped, weights, counts, bad, labels, preds, fine):
                            Experiment.of("stm", 0.0, None, run.args.stm_options).label, ablations,
                            f"{data}: {len(names)} model(s), {records[0]['images']} images each")
     plot_hsp_deviation(os.path.join(run.args.out, "hsp_deviation.png"), records)
+    for line in baseline_warnings(records, run.args):
+        print(line, file=sys.stderr)
     if not run.args.quiet:
         print(table + "\n\n" + claims_text(found, len(names)) + ("\n" + weights_text(weights) if weights else ""))
         print(f"\nresults: {os.path.join(run.args.out, 'results.json')} (+ claims.json, results.csv, table.md, "
