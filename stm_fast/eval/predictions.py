@@ -178,7 +178,11 @@ class PredictionStore:
         if world > 1:
             parts = [None] * world
             torch.distributed.all_gather_object(parts, local)
-        labels = np.concatenate([p[0] for p in parts]).astype(np.int64)
-        joined = {k: [np.concatenate([p[1][k][i] for p in parts]) for i in range(3)] for k in keys}
+        # rank r holds images r, r + world, ...: put every array back in image order, so that the statistics
+        # (a seeded bootstrap among them) do not depend on the number of processes
+        n = sum(len(p[0]) for p in parts)
+        order = np.argsort(np.concatenate([np.arange(r, n, len(parts)) for r in range(len(parts))]), kind="stable")
+        labels = np.concatenate([p[0] for p in parts]).astype(np.int64)[order]
+        joined = {k: [np.concatenate([p[1][k][i] for p in parts])[order] for i in range(3)] for k in keys}
         return (labels, {k: v[0].astype(np.int64) for k, v in joined.items()},
                 {k: (v[1].astype(np.float64), v[2].astype(np.float64)) for k, v in joined.items()})

@@ -129,7 +129,9 @@ def _max_rate(depth, L, layers, step_unit, max_total, step_limit=None):
 def check_schedule(schedule, depth: int, layers: Sequence[int], step_unit: int, max_total: int | None,
                    method: str) -> list[int]:
     """A given schedule as a list of depth - 1 non-negative ints (an int: that many after every allowed
-    layer), checked against the allowed layers, the step unit and the token budget (ValueError otherwise).
+    layer; a shorter list is padded with zeros, i.e. no reduction after the remaining layers, and the eval
+    says so in a note), checked against the allowed layers, the step unit and the token budget (ValueError
+    otherwise).
     Entries are ints or numpy integers; floats (even 2.0), bools and strings are refused."""
     schedule = _entries(schedule, depth, layers, method)
     if not schedule:
