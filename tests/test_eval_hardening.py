@@ -458,3 +458,65 @@ def test_train_tiny_never_overwrites_the_shipped_models_by_default(capsys):
         train_tiny.main(["--seed", "0", "--out", digits.checkpoint_path(0)])
     assert "pass --replace-shipped to replace it" in capsys.readouterr().err
     assert train_tiny.build_parser().parse_args(["--seed", "1"]).out is None  # default: ./vim_digits_seed1.pth
+
+
+# ------------------------------------------------------- environment, output path, overrides (issue 27)
+
+@pytest.fixture
+def no_loading(monkeypatch):
+    """Fails the test if the eval starts loading models: these refusals come before any work."""
+    from stm_fast.eval import run
+
+    monkeypatch.setattr(run, "load_models", lambda *a, **k: pytest.fail("models were loaded before the refusal"))
+
+
+@pytest.mark.parametrize("backend,message", [
+    ("cuda_magic", "STM_SCAN_BACKEND='cuda_magic' is not a scan backend: set one of mamba_ssm, triton, fused, torch, "
+                   "loop, or unset it for the automatic choice"),
+    ("mamba_ssm", "STM_SCAN_BACKEND=mamba_ssm: scan backend 'mamba_ssm' cannot run on cpu: it needs a CUDA device, not "
+                  "cpu: unset it for the automatic choice, or set STM_SCAN_BACKEND=torch (it runs everywhere)"),
+])
+def test_a_scan_backend_that_cannot_run_is_one_line_before_any_work(tmp_path, capsys, monkeypatch, no_loading, backend,
+                                                                     message):
+    monkeypatch.setenv("STM_SCAN_BACKEND", backend)
+    code, err, n = run_cli(["--device", "cpu", "--quiet", "--out", str(tmp_path / "o")], capsys)
+    assert code == 2 and n == 1 and err == f"error: {message}", err
+    assert not (tmp_path / "o").exists()
+
+
+def test_out_that_is_a_dangling_symbolic_link_is_one_line(tmp_path, capsys, no_loading):
+    link, loop = tmp_path / "link", tmp_path / "loop"
+    link.symlink_to(tmp_path / "gone")
+    loop.symlink_to(loop)
+    for out, at, target in ((link, link, tmp_path / "gone"), (link / "run", link, tmp_path / "gone"), (loop, loop, loop)):
+        code, err, n = run_cli(["--quiet", "--out", str(out)], capsys)
+        assert code == 2 and n == 1, err
+        assert f"{at} is a symbolic link to {target}, which does not exist (or is a loop of links): create {target}" in err
+    assert not (tmp_path / "gone").exists()
+
+
+def test_an_override_the_image_transform_cannot_serve_is_one_line(tmp_path, checkpoint, folders, capsys):
+    """The transform makes 3-channel RGB images at any img_size: channels is the one override it cannot serve."""
+    base = ["--checkpoint", checkpoint, "--data", folders[0], "--out", str(tmp_path / "o"), *QUICK]
+    code, err, n = run_cli(base + ["--override", "channels=1"], capsys)
+    assert code == 2 and n == 1 and not (tmp_path / "o").exists()
+    assert "--override channels=1: the eval feeds RGB images (3 channels" in err and "drop the override" in err
+    assert cli.main(base + ["--override", "channels=3"]) == 0
+
+
+def test_a_baseline_near_chance_or_far_below_the_papers_anchor_is_warned_about():
+    """Near chance (<= 2x) on any model, or > 5 points under the paper's ImageNet anchor for an official
+    checkpoint on >= 1000 images, gives one warning line per model; a healthy baseline none."""
+    import argparse
+
+    from stm_fast.eval.results import baseline_warnings
+
+    rec = dict(method="none", model="vim_tiny", num_classes=1000, images=50000)
+    args = argparse.Namespace(model="vim_tiny", checkpoint="vim_t_midclstok_76p1acc.pth")
+    assert baseline_warnings([{**rec, "top1": 76.0}], args) == []
+    low = baseline_warnings([{**rec, "top1": 60.0}], args)
+    assert len(low) == 1 and "the paper reports 76.1%" in low[0] and low[0].startswith("warning: ")
+    assert baseline_warnings([{**rec, "top1": 60.0, "images": 500}], args) == [], "too few images to judge"
+    chance = baseline_warnings([{**rec, "top1": 0.1, "num_classes": 10, "model": "digits-seed0"}],
+                               argparse.Namespace(model="vim_tiny", checkpoint=None))
+    assert len(chance) == 1 and "near chance (10.0%)" in chance[0]

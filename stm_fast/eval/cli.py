@@ -162,6 +162,16 @@ def _check_real_run(args):
         raise RunError(f"--testbed {args.testbed} is an embedded testbed: it takes no --checkpoint/--data")
 
 
+def _check_transform_serves(overrides):
+    """The eval's transform (stm_fast.eval.imagenet.eval_transform) makes RGB images of any --override img_size,
+    so of the overrides only channels can ask for input it cannot make."""
+    channels = overrides.get("channels", 3)
+    if channels != 3:
+        raise RunError(f"--override channels={channels}: the eval feeds RGB images (3 channels, normalised with "
+                       f"ImageNet's mean and std, docs/conventions.md §9), so a {channels}-channel model cannot be "
+                       f"evaluated here: drop the override, or evaluate it from Python with your own transform")
+
+
 def _schedule(text):
     """'--schedule 4' -> 4 (every layer); '0,4,2' -> (0, 4, 2): tokens removed after each layer in total."""
     if text is None:
@@ -216,6 +226,7 @@ def parse_args(argv=None) -> EvalConfig | None:
         overrides = parse_overrides(args.override)
     except ValueError as e:
         raise RunError(str(e)) from None
+    _check_transform_serves(overrides)
     model = args.model or "vim_tiny"
     paper, paper_model = _paper(args, model)
     return EvalConfig(

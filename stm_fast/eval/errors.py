@@ -1,6 +1,6 @@
-"""The eval's own error type (data and checkpoint problems have theirs: DataError, CheckpointError)."""
+"""The eval's own error types (data and checkpoint problems have theirs: DataError, CheckpointError)."""
 
-__all__ = ["RunError", "NoImagesError"]
+__all__ = ["RunError", "NoImagesError", "RankExit"]
 
 
 class RunError(RuntimeError):
@@ -9,3 +9,8 @@ class RunError(RuntimeError):
 
 class NoImagesError(RunError):
     """The run finished and its results are written, but some cell saw no readable image (exit code 3)."""
+
+
+class RankExit(SystemExit):
+    """A rank > 0 of a distributed run ends because some rank failed: rank 0 prints the one line, this rank
+    exits with the same code and prints nothing."""

@@ -177,6 +177,14 @@ class Progress:
             old = c.get("deviation_sums") or [0.0] * len(deviation_sums)
             c["deviation_sums"] = [a + b for a, b in zip(old, deviation_sums)]
 
+    def expect(self, keys, layers):
+        """An entry for every key of the run, with ``layers`` per-layer deviation sums, even where this rank
+        scores no image: the ranks add these tables up, so their shapes must not depend on a rank's images."""
+        for key in keys:
+            c = self.counts.setdefault(key, {"batches": 0, "top1": 0, "top5": 0, "images": 0, "seconds": 0.0})
+            if not c.get("deviation_sums"):
+                c["deviation_sums"] = [0.0] * layers
+
     def save(self):
         with disk_faults(os.path.dirname(self.path)):
             write_json(self.path, {"counts": self.counts, "bad": self.bad})
@@ -186,6 +194,10 @@ def check_out_path(out):
     """RunError unless ``out`` is (or can be made) a writable folder; checked before any work."""
     probe = os.path.abspath(out)
     while not os.path.exists(probe):
+        if os.path.islink(probe):
+            target = os.readlink(probe)
+            raise RunError(f"--out {out}: {probe} is a symbolic link to {target}, which does not exist (or is a loop of "
+                           f"links): create {target}, or choose another --out")
         probe = os.path.dirname(probe)
     if not os.path.isdir(probe):
         where = "is a file" if probe == os.path.abspath(out) else f"lies inside the file {probe}"

@@ -11,7 +11,8 @@ import torch
 
 from ..reduction import METHODS, make_reduction, reduced
 from ..runtime import autocast, check_device, flush_denormals, synchronize
-from .errors import RunError
+from ..checkpoint import CheckpointError
+from .errors import NoImagesError, RankExit, RunError
 from .experiment import BASELINE, Experiment
 from .grid import experiments
 from .paper import paper_experiments, table2_schedule
@@ -20,6 +21,7 @@ from .fingerprint import run_fingerprint
 from ..selfcheck import SelfCheckFailed, describe_check, self_check
 from .inputs import data_name, first_images, load_dataset, load_models
 from .predictions import PredictionStore
+from .preflight import check_scan_backend, distributed_env, join_group, local_rank
 from .progress import Progress, RunFolder, check_out_path, disk_faults
 from .figures import hsp_weights, write_paper_figures
 from .results import finish
@@ -53,35 +55,69 @@ def _close_group(wait):
             torch.distributed.destroy_process_group()
 
 
-def _env_int(name, default):
-    value = os.environ.get(name, str(default))
-    try:
-        return int(value)
-    except ValueError:
-        raise RunError(f"environment variable {name}={value!r} is not an integer (torchrun sets it; unset it to run "
-                       f"as one process)") from None
-
-
-def _world():
-    """(WORLD_SIZE, RANK) from torchrun's environment, checked."""
-    world, rank = _env_int("WORLD_SIZE", 1), _env_int("RANK", 0)
-    if world < 1 or not 0 <= rank < world:
-        raise RunError(f"WORLD_SIZE={world} and RANK={rank} do not describe a process group (need 0 <= RANK < WORLD_SIZE)")
-    return world, rank
-
-
 def _dist(device, world):
-    """(rank, world), the process group set up when world > 1. Each rank uses its own GPU (set as the
-    current device before the group exists, as NCCL, object collectives and Triton launches require).
-    The eval only exchanges a small table of counts and a list of file names, both on the CPU, so the
-    group is gloo (``STM_DIST_BACKEND`` overrides, e.g. "cpu:gloo,cuda:nccl")."""
+    """(rank, world), the process group set up when world > 1 (``preflight.join_group``: the rendezvous waits
+    at most STM_DIST_TIMEOUT seconds). Each rank uses its own GPU (set as the current device before the group
+    exists, as NCCL, object collectives and Triton launches require). The eval only exchanges small tables,
+    statuses and file names, all on the CPU, so the group is gloo (``STM_DIST_BACKEND`` overrides, e.g.
+    "cpu:gloo,cuda:nccl"). ``device`` is None when this rank refused its --device (the ranks then agree to stop)."""
     if world == 1:
         return 0, 1
-    if device.type == "cuda":
+    if device is not None and device.type == "cuda":
         torch.cuda.set_device(device)
     if not torch.distributed.is_initialized():
-        torch.distributed.init_process_group(backend=os.environ.get("STM_DIST_BACKEND") or "gloo")
+        join_group(world, os.environ.get("STM_DIST_BACKEND") or "gloo")
     return torch.distributed.get_rank(), world
+
+
+def _attempt(out, fn, *args):
+    """(fn(*args), None), or (None, the exception): a rank's failure is shared with the others (``_agree``)
+    instead of leaving them waiting in a collective it never reaches. A full disk is a refusal here already
+    (``disk_faults``), so that rank 0 can report it for any rank."""
+    try:
+        with disk_faults(out):
+            return fn(*args), None
+    except Exception as e:  # noqa: BLE001 - every failure is shared, then re-raised by _agree
+        return None, e
+
+
+def _exit_code(err):
+    """What ``cli.main`` exits with for ``err``: 3 for a cell without images, 2 for a refusal, 1 for a bug."""
+    if isinstance(err, NoImagesError):
+        return 3
+    return 2 if isinstance(err, (RunError, DataError, CheckpointError, FileNotFoundError)) else 1
+
+
+def _agree(world, rank, err, payload=None):
+    """Called by every rank at the same point with its own error (or None): rank 0's ``payload`` when no rank
+    failed. Otherwise rank 0 raises its own error, or the first failing rank's as one line naming that rank,
+    and every other rank exits with rank 0's code, silently (an unexpected error keeps its traceback)."""
+    if world == 1:
+        if err is not None:
+            raise err
+        return payload
+    mine = None if err is None else (_exit_code(err), (str(err).strip().splitlines() or [type(err).__name__])[0])
+    shared = [None] * world
+    torch.distributed.all_gather_object(shared, (mine, payload if rank == 0 else None))
+    failed = [(r, status) for r, (status, _) in enumerate(shared) if status is not None]
+    if not failed:
+        return shared[0][1]
+    if err is not None and (rank == 0 or _exit_code(err) == 1):
+        raise err
+    first, (code, message) = failed[0]
+    if rank != 0:
+        raise RankExit(shared[0][0][0] if shared[0][0] is not None else 3 if code == 3 else 2)
+    raise (NoImagesError if code == 3 else RunError)(f"rank {first}: {message}")
+
+
+def _stop(world, err):
+    """Whether some rank failed; every rank asks once per round of batches, so a failure stops them all
+    within a batch."""
+    if world == 1:
+        return err is not None
+    flag = torch.tensor([int(err is not None)])
+    torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+    return bool(flag.item())
 
 
 def _plans(models, exps):
@@ -104,9 +140,16 @@ def _device(args, world):
     try:
         device = check_device(args.device)
         if device.type == "cuda" and world > 1 and device.index is None:
-            device = check_device(f"cuda:{_env_int('LOCAL_RANK', 0)}")
+            device = check_device(f"cuda:{local_rank()}")
     except ValueError as e:
         raise RunError(str(e)) from None
+    return device
+
+
+def _checked_device(args, world):
+    """The run's device, and a forced STM_SCAN_BACKEND that can run there: refused before anything loads."""
+    device = _device(args, world)
+    check_scan_backend(device)
     return device
 
 
@@ -127,26 +170,42 @@ def _experiments(args, models, rank):
     return exps
 
 
-def _prepare(args, rank, world, device):
-    """Everything checked and loaded before a file is written: (models, dataset, plans, folder, experiments,
-    the self-check's record)."""
+def _load(args, rank, device):
+    """(models, dataset, experiments, fingerprint, the self-check's record): everything checked and loaded
+    before a file is written."""
     check_out_path(args.out)
     models = load_models(args, device)  # checkpoint and data errors surface here, before any output is written
     dataset = load_dataset(args, models[0][1].cfg)
     exps = _experiments(args, models, rank)
     _plans(models, exps)  # every requested configuration can run
     fingerprint = run_fingerprint(args, dataset, device)
-    check = _self_check(args, models, dataset, device, rank)
+    return models, dataset, exps, fingerprint, _self_check(args, models, dataset, device, rank)
+
+
+def _open_folder(folder, args, rank, world, fingerprint, exps, check):
+    """On rank 0: the folder locked, and the run's experiments (those it already holds first)."""
+    if rank != 0:
+        return None
+    folder.lock()
+    if args.restart:
+        folder.restart()
+    return folder.open(fingerprint, world, exps, check)
+
+
+def _prepare(args, rank, world, device):
+    """(models, dataset, plans, folder, experiments, the self-check's record): every rank checks and loads,
+    then rank 0 opens the folder; the ranks agree after each step, so one rank's refusal stops them all."""
+    loaded, err = _attempt(args.out, _load, args, rank, device)
+    _agree(world, rank, err)
+    models, dataset, exps, fingerprint, check = loaded
     folder = RunFolder(args.out)
-    if rank == 0:
-        folder.lock()
-        if args.restart:
-            folder.restart()
-        exps = folder.open(fingerprint, world, exps, check)
+    opened, err = _attempt(args.out, _open_folder, folder, args, rank, world, fingerprint, exps, check)
+    try:
+        exps = list(_agree(world, rank, err, opened))
+    except BaseException:
+        folder.release()
+        raise
     if world > 1:
-        shared = [exps]
-        torch.distributed.broadcast_object_list(shared, src=0)
-        exps = list(shared[0])
         os.makedirs(args.out, exist_ok=True)
     return models, dataset, _plans(models, exps), folder, exps, check
 
@@ -182,29 +241,51 @@ class _Run:
     store: PredictionStore = None
     self_check: dict | None = None  # the self-check's record (stm_fast.selfcheck), in run.json and every record
     data_name: str = ""  # the images, in words, for the figures' titles
+    warm: bool = False  # whether the warm-up forwards have run
+
+
+def _start(args, prepared, rank, world, device):
+    """(the run, this rank's loader): every WORLD_SIZE-th image from ``rank`` on."""
+    models, dataset, plans, _, exps, check = prepared
+    shard = list(range(rank, len(dataset), world))
+    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, shard), batch_size=args.batch_size,
+                                         shuffle=False, num_workers=args.workers, collate_fn=collate_skip_bad,
+                                         pin_memory=device.type == "cuda")
+    progress = Progress(os.path.join(args.out, f"progress.rank{rank}.json"))
+    progress.expect(list(plans), len(models[0][1].layers))
+    return _Run(args, models, exps, plans, device, rank, world, progress, PredictionStore(args.out, rank, len(shard)),
+                check, data_name(args)), loader
+
+
+def _finish(run, dataset, weights):
+    records = finish(run, getattr(dataset, "skipped", []), weights)
+    if run.args.figures and run.rank == 0:
+        write_paper_figures(run, dataset)
+    return records
 
 
 def _evaluate(args):
-    world, _ = _world()
-    device = _device(args, world)
+    """The run; every rank takes part in the same collectives in the same order, whatever its images."""
+    world, rank = distributed_env()  # a bad launch is refused before anything waits
+    device, err = _attempt(args.out, _checked_device, args, world)
     rank, world = _dist(device, world)
-    models, dataset, plans, folder, exps, check = _prepare(args, rank, world, device)
+    _agree(world, rank, err)
+    prepared = _prepare(args, rank, world, device)
     try:
-        shard = list(range(rank, len(dataset), world))
-        loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, shard), batch_size=args.batch_size,
-                                             shuffle=False, num_workers=args.workers, collate_fn=collate_skip_bad,
-                                             pin_memory=device.type == "cuda")
-        run = _Run(args, models, exps, plans, device, rank, world,
-                   Progress(os.path.join(args.out, f"progress.rank{rank}.json")), PredictionStore(args.out, rank, len(shard)),
-                   check, data_name(args))
-        _run_batches(run, loader, math.ceil(len(shard) / args.batch_size))
-        weights = hsp_weights(run, dataset) if rank == 0 else {}
-        records = finish(run, getattr(dataset, "skipped", []), weights)
-        if args.figures and rank == 0:
-            write_paper_figures(run, dataset)
+        started, err = _attempt(args.out, _start, args, prepared, rank, world, device)
+        _agree(world, rank, err)
+        (run, loader), dataset = started, prepared[1]
+        rounds = math.ceil(math.ceil(len(dataset) / world) / args.batch_size)  # rank 0's shard is the largest
+        err = _run_batches(run, loader, rounds)
+        weights = {}
+        if err is None and rank == 0:
+            weights, err = _attempt(args.out, hsp_weights, run, dataset)
+        _agree(world, rank, err)
+        records, err = _attempt(args.out, _finish, run, dataset, weights)
+        _agree(world, rank, err)
         return records
     finally:
-        folder.release()
+        prepared[3].release()
 
 
 def _score(model, reduction, x, device, precision, where):
@@ -281,25 +362,37 @@ def _batch(run, b, x, y, idx):
     return done
 
 
-def _run_batches(run, loader, n_batches):
-    """Every batch through every unfinished configuration; progress saved after each batch."""
+def _step(run, b, batches, start, bar):
+    """Batch b of this rank's shard (decoded, then skipped when a resumed run has done it)."""
+    x, y, idx, bad, digests = next(batches)
+    run.store.check_images(digests, run.world)  # every batch, skipped ones too: a changed image is refused
+    if b < start:
+        return  # DataLoader still decodes skipped batches: resume skips the model work, the only costly part
+    if bad:
+        if run.args.on_bad_image == "error":
+            raise DataError("unreadable image(s): " + "; ".join(bad[:5]) + " (use --on-bad-image skip to exclude them)")
+        run.progress.bad[str(b)] = bad
+    if x is not None and not run.warm:
+        run.warm = _warm_up(run, x.to(run.device))
+    bar.update(_batch(run, b, x, y, idx))
+
+
+def _run_batches(run, loader, rounds):
+    """Every batch through every unfinished configuration, progress saved after each. All ranks go through
+    the same ``rounds`` (a rank with fewer or no batches idles) and learn after each whether one failed.
+    Returns this rank's error, or None."""
     from tqdm import tqdm
 
-    keys, args = list(run.plans), run.args
+    keys, args, n_batches = list(run.plans), run.args, len(loader)
     start = min((run.progress.done(k) for k in keys), default=n_batches)
     bar = tqdm(total=n_batches * len(keys), initial=sum(min(run.progress.done(k), n_batches) for k in keys),
                desc=f"eval (rank {run.rank})" if run.world > 1 else "eval", unit="cfg-batch",
                disable=args.quiet or run.rank != 0)
-    warm = False
-    for b, (x, y, idx, bad, digests) in enumerate(loader):
-        run.store.check_images(digests, run.world)  # every batch, skipped ones too: a changed image is refused
-        if b < start:
-            continue  # DataLoader still decodes skipped batches: resume skips the model work, the only costly part
-        if bad:
-            if args.on_bad_image == "error":
-                raise DataError("unreadable image(s): " + "; ".join(bad[:5]) + " (use --on-bad-image skip to exclude them)")
-            run.progress.bad[str(b)] = bad
-        if x is not None and not warm:
-            warm = _warm_up(run, x.to(run.device))
-        bar.update(_batch(run, b, x, y, idx))
+    batches, err = iter(loader), None
+    for b in range(rounds):
+        if err is None and b < n_batches:
+            _, err = _attempt(args.out, _step, run, b, batches, start, bar)
+        if _stop(run.world, err):
+            break
     bar.close()
+    return err
