@@ -113,7 +113,7 @@ def distributed_env() -> tuple[int, int]:
     if _agent_store() and not _reachable(addr, port, 2.0):
         raise RunError(f"WORLD_SIZE={world}, RANK={rank} and TORCHELASTIC_USE_AGENT_STORE=True say torchrun started this "
                        f"process, but no torchrun answers at MASTER_ADDR:MASTER_PORT={addr}:{port}: these variables are "
-                       f"left over from an earlier torchrun. {_launch(world)}, or {_ONE_PROCESS} (and the "
+                       f"left over from an earlier torchrun: {_launch(world)}, or {_ONE_PROCESS} (and the "
                        f"TORCHELASTIC_* variables)")
     return world, rank
 
