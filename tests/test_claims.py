@@ -195,7 +195,7 @@ def test_eval_records_and_claims_and_the_figures(tmp_path):
     bold = [m for row, m in zip(rows, means) if row[0].startswith("| **")]
     assert bold and bold[0] == max(means), "the best method at the rate is the bold one"
     assert "images/s" not in table and "Δ top-1 vs baseline [95% CI]" in table
-    for name in ("accuracy_vs_flops.png", "figure1_digits-seed0_image0.png", "figure3_layer_losses.png",
+    for name in ("accuracy_vs_flops.png", "figure1_digits-seed0_image0.png", "figure3_class_token_deviation.png",
                  "hsp_deviation.png", "lsq_weights.png"):
         assert open(os.path.join(out, name), "rb").read(8) == b"\x89PNG\r\n\x1a\n"
     weights = json.load(open(os.path.join(out, "lsq_weights.json")))

@@ -156,7 +156,7 @@ def test_each_rank_gets_its_own_gpu_and_a_gloo_group(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "set_device", lambda d: events.append(("set_device", str(d))))
     monkeypatch.setattr(torch.distributed, "is_initialized", lambda: False)
-    monkeypatch.setattr(torch.distributed, "init_process_group", lambda backend: events.append(("init", backend)))
+    monkeypatch.setattr(run, "join_group", lambda world, backend: events.append(("init", backend)))
     monkeypatch.setattr(torch.distributed, "get_rank", lambda: 1)
     monkeypatch.delenv("STM_DIST_BACKEND", raising=False)
     assert run._dist(torch.device("cpu"), 2) == (1, 2)

@@ -517,6 +517,7 @@ def test_a_baseline_near_chance_or_far_below_the_papers_anchor_is_warned_about()
     low = baseline_warnings([{**rec, "top1": 60.0}], args)
     assert len(low) == 1 and "the paper reports 76.1%" in low[0] and low[0].startswith("warning: ")
     assert baseline_warnings([{**rec, "top1": 60.0, "images": 500}], args) == [], "too few images to judge"
-    chance = baseline_warnings([{**rec, "top1": 0.1, "num_classes": 10, "model": "digits-seed0"}],
-                               argparse.Namespace(model="vim_tiny", checkpoint=None))
+    testbed = argparse.Namespace(model="vim_tiny", checkpoint=None)
+    chance = baseline_warnings([{**rec, "top1": 0.1, "num_classes": 10, "model": "digits-seed0", "images": 360}], testbed)
     assert len(chance) == 1 and "near chance (10.0%)" in chance[0]
+    assert baseline_warnings([{**rec, "top1": 0.1, "num_classes": 10, "images": 20}], testbed) == [], "20 images: noise"

@@ -243,15 +243,15 @@ def test_changed_images_under_the_same_names_sizes_and_labels_are_refused(tmp_pa
 def test_a_changed_test_split_of_an_embedded_testbed_is_refused(tmp_path, capsys, monkeypatch):
     out = str(tmp_path / "run")
     assert cli.main(DIGITS + ["--out", out]) == 0
-    real = digits.load_split
+    real = digits.load_test_split
 
-    def changed(name, data_dir=None):
-        x_tr, y_tr, x, y = real(name, data_dir)
+    def changed(name):
+        x, y = real(name)
         x = x.clone()
         x[3] = -x[3]
-        return x_tr, y_tr, x, y
+        return x, y
 
-    monkeypatch.setattr(digits, "load_split", changed)
+    monkeypatch.setattr(digits, "load_test_split", changed)
     code, err = run_cli(DIGITS + ["--out", out], capsys)
     assert code == 2 and len(err) == 1
     assert "holds a run of other inputs (the test split's image content changed)" in err[0] and "--restart" in err[0]

@@ -103,8 +103,8 @@ ANCHORS = {"vim_tiny": 76.1, "vim_small": 80.5, "vim_base": 81.9}
 
 
 def baseline_warnings(records, args) -> list[str]:
-    """One warning line per unreduced model that scores near chance (twice chance or less), or, for an
-    official checkpoint on 1,000 images or more, more than 5 points below the paper's anchor: a wrong
+    """One warning line per unreduced model that scores near chance (twice chance or less, on 200 images or
+    more), or, for an official checkpoint on 1,000 images or more, more than 5 points below the paper's anchor: a wrong
     checkpoint, labels or preprocessing make every comparison meaningless, so the run says so."""
     from ..registry import canonical_name
 
@@ -114,6 +114,8 @@ def baseline_warnings(records, args) -> list[str]:
             continue
         chance = 100.0 / r["num_classes"]
         anchor = ANCHORS.get(canonical_name(args.model)) if args.checkpoint else None
+        if r["images"] < 200:  # too few images to tell a broken model from bad luck
+            continue
         if r["top1"] <= 2 * chance:
             out.append(f"warning: the unreduced {r['model']} scores {r['top1']:.1f}% top-1, near chance ({chance:.1f}%): "
                        f"a wrong checkpoint, label file or --override? Every comparison of this run is then meaningless")
