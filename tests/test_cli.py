@@ -87,3 +87,42 @@ def test_console_scripts_point_at_the_command_lines():
 def test_pytest_reports_why_tests_were_skipped():
     opts = tomllib.load(open(os.path.join(ROOT, "pyproject.toml"), "rb"))["tool"]["pytest"]["ini_options"]
     assert "-rs" in opts["addopts"].split()
+
+
+def test_a_run_says_at_once_that_it_started_and_ends_with_a_summary_even_when_quiet(tmp_path):
+    """python -m stm_fast.eval: the first line comes before torch is imported, the next names what is loading
+    and where the results go; --quiet keeps the closing summary (wall time, images/s, every output file)."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "o"
+    run = subprocess.run([sys.executable, "-m", "stm_fast.eval", "--limit", "20", "--methods", "stm", "--rates", "0.2",
+                          "--out", str(out)], capture_output=True, text=True, timeout=600)
+    lines = run.stdout.splitlines()
+    assert run.returncode == 0 and lines[0] == "stm_fast.eval: starting (importing torch)"
+    assert lines[1] == f"stm_fast.eval: loading the digits testbed's 3 shipped models and its test split; results will be in {out}"
+    quiet = subprocess.run([sys.executable, "-m", "stm_fast.eval", "--limit", "20", "--methods", "stm", "--rates", "0.2",
+                            "--out", str(tmp_path / "q"), "--quiet"], capture_output=True, text=True, timeout=600)
+    summary = quiet.stdout.splitlines()
+    assert quiet.returncode == 0 and len(summary) == 2, quiet.stdout
+    assert summary[0].startswith("done in ") and "images/s" in summary[0] and "120 image forwards" in summary[0]
+    assert summary[1].startswith(f"results in {tmp_path / 'q'}: ") and "results.json" in summary[1]
+
+
+def test_the_progress_bar_moves_with_every_configuration_not_only_every_batch(tmp_path, monkeypatch):
+    import tqdm
+
+    from stm_fast.eval import cli as ev_cli
+
+    steps, real = [], tqdm.tqdm.update
+    monkeypatch.setattr(tqdm.tqdm, "update", lambda self, n=1: (steps.append(n), real(self, n))[1])
+    assert ev_cli.main(["--limit", "20", "--methods", "stm", "--rates", "0.2", "--out", str(tmp_path / "o")]) == 0
+    assert steps == [1] * 6, "one batch of 20 images, 2 configurations x 3 models: 6 steps of 1"
+
+
+def test_list_shows_the_testbeds(capsys):
+    from stm_fast.eval import cli as ev_cli
+
+    assert ev_cli.main(["--list"]) == 0
+    line = next(l for l in capsys.readouterr().out.splitlines() if l.startswith("testbeds"))
+    assert "digits" in line and "paper-geometry" in line and "fashion-mnist" in line

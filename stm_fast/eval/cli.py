@@ -6,6 +6,7 @@ import argparse
 import datetime
 import os
 import sys
+import time
 from dataclasses import dataclass
 
 from ..checkpoint import CheckpointError
@@ -111,9 +112,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def listing() -> str:
-    """What ``--list`` prints: every model name with its shape, the method groups, the reduction methods."""
+    """What ``--list`` prints: every model name with its shape, the testbeds, the method groups, the methods."""
     lines = ["models:"] + [f"  {n:16s} {describe(n)}" for n in sorted(MODEL_CONFIGS)]
     lines += ["  aliases (hustvl/Vim's registry names):"] + [f"    {a} -> {n}" for a, n in sorted(ALIASES.items())]
+    lines += ["testbeds (--testbed, used without --checkpoint/--data): " + ", ".join(
+        f"{n} ({TESTBEDS[n].config['img_size']}px, {len(TESTBEDS[n].seeds)} models)" for n in TESTBEDS)]
     lines += ["method groups (--methods): " + ", ".join(METHOD_GROUPS),
               "reduction methods (stm_fast.reduce): " + ", ".join(list_methods())]
     return "\n".join(lines)
@@ -241,19 +244,45 @@ def parse_args(argv=None) -> EvalConfig | None:
         quiet=args.quiet, figures=args.figures, no_self_check=args.no_self_check)
 
 
+def _primary() -> bool:
+    """Whether this process speaks for the run: a single process, or rank 0 under torchrun."""
+    return os.environ.get("RANK", "0") == "0"
+
+
+def _what(config) -> str:
+    if config.data is None:
+        bed = TESTBEDS[config.testbed]
+        return f"the {config.testbed} testbed's {len(bed.seeds)} shipped models and its test split"
+    return f"{config.model} from {config.checkpoint} and the images of {config.data}"
+
+
+def _summary(config, records, seconds) -> str:
+    """The closing lines: wall time, image-forwards per second, and every output file (printed even with --quiet)."""
+    forwards = sum(r["images"] for r in records or [])
+    cells = len(records or [])
+    files = sorted(f for f in os.listdir(config.out) if os.path.isfile(os.path.join(config.out, f))
+                   and not f.startswith(("progress.", ".")) and not f.endswith(".lock"))
+    return (f"done in {seconds:.0f} s: {cells} cells (configuration x model), {forwards:,} image forwards, "
+            f"{forwards / max(seconds, 1e-9):.0f} images/s\nresults in {config.out}: {', '.join(files)} "
+            f"(docs/eval.md says what each holds)")
+
+
 def main(argv=None) -> int:
+    t0 = time.perf_counter()
     try:
         config = parse_args(argv)
         if config is None:
             print(listing())
             return 0
-        evaluate(config)
-    except NoImagesError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 3
-    except (CheckpointError, DataError, RunError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        if not config.quiet and _primary():
+            print(f"stm_fast.eval: loading {_what(config)}; results will be in {config.out}", flush=True)
+        records = evaluate(config)
+        if records is not None and _primary():
+            print(_summary(config, records, time.perf_counter() - t0))
+    except (NoImagesError, CheckpointError, DataError, RunError, FileNotFoundError) as e:
+        if _primary():  # under torchrun every rank meets the same option error: one line, from rank 0
+            print(f"error: {e}", file=sys.stderr)
+        return 3 if isinstance(e, NoImagesError) else 2
     except KeyboardInterrupt:
         print("\ninterrupted: finished batches are saved; rerun with the same --out to resume", file=sys.stderr)
         return 130

@@ -21,7 +21,7 @@ def data_name(args) -> str:
     """The images of the run, in words."""
     if args.data is None:
         return f"the {args.testbed} testbed's test split"
-    return f"ImageNet val ({os.path.basename(os.path.abspath(args.data))})"
+    return f"the images of {os.path.abspath(args.data)}"
 
 
 def load_models(args, device):

@@ -156,14 +156,12 @@ def _write(run, skipped, weights, counts, bad, labels, preds, fine):
     data = run.data_name
     plot_accuracy_vs_flops(os.path.join(run.args.out, "accuracy_vs_flops.png"), records,
                            Experiment.of("stm", 0.0, None, run.args.stm_options).label, ablations,
-                           f"{data}: {len(names)} model(s), {records[0]['images']} images each")
+                           f"{data}: {len(names)} model{'s' if len(names) != 1 else ''}, {records[0]['images']} images each")
     plot_hsp_deviation(os.path.join(run.args.out, "hsp_deviation.png"), records)
     for line in baseline_warnings(records, run.args):
         print(line, file=sys.stderr)
     if not run.args.quiet:
         print(table + "\n\n" + claims_text(found, len(names)) + ("\n" + weights_text(weights) if weights else ""))
-        print(f"\nresults: {os.path.join(run.args.out, 'results.json')} (+ claims.json, results.csv, table.md, "
-              f"accuracy_vs_flops.png)")
     empty = [r for r in records if r["top1"] is None]
     if empty:
         raise NoImagesError(f"no image of {len(empty)} cell(s) could be read (accuracy n/a in {run.args.out}/table.md); "

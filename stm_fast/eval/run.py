@@ -327,7 +327,7 @@ def _warm_up(run, x):
     return True
 
 
-def _model_batch(run, b, name, model, xd, y, positions):
+def _model_batch(run, b, name, model, xd, y, positions, tick):
     """Batch b of one model through every configuration that has not done it, the baseline first (its logits
     and class states are what the finer measures compare with; recomputed when only others remain)."""
     todo = [e for e in run.exps if run.progress.done(e.key(name)) <= b]
@@ -336,6 +336,7 @@ def _model_batch(run, b, name, model, xd, y, positions):
     if xd is None:  # a batch without readable images: counted, nothing scored
         for e in todo:
             run.progress.add(e.key(name), b, 0, 0, 0, 0.0)
+        tick(len(todo))
         return len(todo)
     base = _score(model, run.plans[BASELINE.key(name)], xd, run.device, run.args.dtype, f"batch {b} of {name}, baseline")
     for e in todo:
@@ -347,16 +348,17 @@ def _model_batch(run, b, name, model, xd, y, positions):
         run.store.record(key, positions, topk[:, 0].numpy(), kl, dev[:, -1].numpy())
         run.progress.add(key, b, int((topk[:, 0] == y).sum()), int((topk == y[:, None]).any(dim=1).sum()), len(y),
                          seconds, dev.sum(0).tolist())
+        tick(1)  # the bar moves with every configuration, not only with every batch
     return len(todo)
 
 
-def _batch(run, b, x, y, idx):
-    """Batch b through every configuration that has not done it; returns the forwards run."""
+def _batch(run, b, x, y, idx, tick=lambda n: None):
+    """Batch b through every configuration that has not done it (``tick(n)`` after each); returns the forwards run."""
     xd = None if x is None else x.to(run.device, non_blocking=True)  # once per batch, for every configuration
     positions = ((idx - run.rank) // run.world).numpy()  # the images' places in this rank's shard
     if x is not None:
         run.store.record_labels(positions, y.numpy())
-    done = sum(_model_batch(run, b, name, model, xd, y, positions) for name, model in run.models)
+    done = sum(_model_batch(run, b, name, model, xd, y, positions, tick) for name, model in run.models)
     run.store.flush()  # the predictions are on disk before the progress file counts the batch
     run.progress.save()
     return done
@@ -374,7 +376,7 @@ def _step(run, b, batches, start, bar):
         run.progress.bad[str(b)] = bad
     if x is not None and not run.warm:
         run.warm = _warm_up(run, x.to(run.device))
-    bar.update(_batch(run, b, x, y, idx))
+    _batch(run, b, x, y, idx, bar.update)
 
 
 def _run_batches(run, loader, rounds):
