@@ -521,3 +521,27 @@ def test_a_baseline_near_chance_or_far_below_the_papers_anchor_is_warned_about()
     chance = baseline_warnings([{**rec, "top1": 0.1, "num_classes": 10, "model": "digits-seed0", "images": 360}], testbed)
     assert len(chance) == 1 and "near chance (10.0%)" in chance[0]
     assert baseline_warnings([{**rec, "top1": 0.1, "num_classes": 10, "images": 20}], testbed) == [], "20 images: noise"
+
+
+def test_files_that_are_not_read_are_named_in_a_note_and_counted(tmp_path, capsys):
+    """A .gif among the class folders and a loose image beside them are not images of the run: one note at the
+    start names them, and every result record counts them (ignored_files)."""
+    import json
+    import shutil
+
+    from stm_fast.eval import cli as ev_cli
+    from tests.builders import OVERRIDES, image_folders, small_checkpoint
+
+    (tmp_path / "data").mkdir()
+    root, _, _ = image_folders(tmp_path / "data")
+    cls = next(d for d in sorted(os.listdir(root)) if os.path.isdir(os.path.join(root, d)))
+    first = next(f for f in sorted(os.listdir(os.path.join(root, cls))) if f.endswith(".JPEG"))
+    shutil.copy(os.path.join(root, cls, first), os.path.join(root, cls, "anim.gif"))
+    shutil.copy(os.path.join(root, cls, first), os.path.join(root, "loose.JPEG"))
+    out = tmp_path / "o"
+    code = ev_cli.main(["--model", "vim_tiny", "--checkpoint", small_checkpoint(tmp_path / "c.pth"), "--data", str(root),
+                        "--methods", "stm", "--rates", "0.2", "--out", str(out), "--no-self-check"] + OVERRIDES)
+    assert code == 0
+    notes = [line for line in capsys.readouterr().out.splitlines() if line.startswith("note: ")]
+    assert len(notes) == 1 and "2 file(s) in --data are not read" in notes[0] and "anim.gif" in notes[0]
+    assert all(r["ignored_files"] == 2 for r in json.load(open(out / "results.json")))

@@ -51,15 +51,28 @@ def content_digest(data: bytes) -> int:
     return value or 1
 
 
+def ignored_note(dataset) -> str | None:
+    """The note a run prints about the files of ``--data`` it does not read (None when it reads them all)."""
+    ignored = getattr(dataset, "ignored", [])
+    if not ignored:
+        return None
+    return (f"note: {len(ignored)} file(s) in --data are not read (e.g. {', '.join(ignored[:3])}): only "
+            f"{' '.join(IMAGE_EXTENSIONS)} files are images, and an ImageFolder's images sit in its class folders; "
+            f"the run's summary counts them (ignored_files in results.json)")
+
+
 def _is_image(name):
     return name.lower().endswith(IMAGE_EXTENSIONS)
 
 
-def _regular_images(folder, names, skipped):
-    """The image-named regular files among ``names`` of ``folder``; the others are added to ``skipped``."""
+def _regular_images(folder, names, skipped, ignored=None):
+    """The image-named regular files among ``names`` of ``folder``; the others are added to ``skipped``, and
+    regular files without an image extension (a .gif, a README) to ``ignored``."""
     out = []
     for n in sorted(names):
         if not _is_image(n):
+            if ignored is not None and os.path.isfile(os.path.join(folder, n)):
+                ignored.append(os.path.join(folder, n))
             continue
         path = os.path.join(folder, n)
         try:
@@ -94,7 +107,7 @@ def to_rgb(im):
     return im.convert("RGB")  # grayscale, CMYK, palette, PNG-in-.JPEG: all end up RGB
 
 
-def _imagefolder(root, subdirs, skipped):
+def _imagefolder(root, subdirs, skipped, ignored):
     bad = [d for d in subdirs if d not in SYNSET_INDEX]
     if bad:
         raise DataError(f"--data {root}: sub-folders must be ImageNet synset ids (nXXXXXXXX, e.g. n01440764), one per "
@@ -102,7 +115,8 @@ def _imagefolder(root, subdirs, skipped):
     samples = []
     for d in subdirs:
         for dirpath, _, names in sorted(os.walk(os.path.join(root, d))):
-            samples += [(os.path.join(dirpath, n), SYNSET_INDEX[d]) for n in _regular_images(dirpath, names, skipped)]
+            samples += [(os.path.join(dirpath, n), SYNSET_INDEX[d])
+                        for n in _regular_images(dirpath, names, skipped, ignored)]
     return samples
 
 
@@ -127,11 +141,14 @@ class ImageNetVal(torch.utils.data.Dataset):
         entries = sorted(os.listdir(root))
         subdirs = [e for e in entries if os.path.isdir(os.path.join(root, e))]
         self.skipped = []  # image-named entries that are not regular files: listed, never opened
-        images = _regular_images(root, entries, self.skipped)
+        self.ignored = []  # files that are not read: no image extension, or images beside the class folders
+        images = _regular_images(root, entries, self.skipped, self.ignored)
         if subdirs and labels is not None and not images:
             raise DataError(f"--data {root} is an ImageFolder (one sub-folder per synset), which already holds the "
                             f"labels: drop --labels {labels}")
-        samples = _imagefolder(root, subdirs, self.skipped) if subdirs and labels is None else (
+        if subdirs and labels is None:  # an ImageFolder: images beside its class folders have no label
+            self.ignored += [os.path.join(root, n) for n in images]
+        samples = _imagefolder(root, subdirs, self.skipped, self.ignored) if subdirs and labels is None else (
             _flat(root, images, labels, devkit) if images else [])
         if not samples:
             raise DataError(f"--data {root}: no images found (looked for {', '.join(IMAGE_EXTENSIONS)})")

@@ -55,7 +55,7 @@ def _pooled_difference(names, a, b, labels, preds):
     return {"diff": float(d.mean()) if d.size else None, "ci_low": low, "ci_high": high}
 
 
-def _record(name, model, e, plan, count, bad, skipped, agree, vs_base, fine):
+def _record(name, model, e, plan, count, bad, skipped, agree, vs_base, fine, ignored=0):
     """The result record of one (model, experiment); accuracy None when no image of the cell could be read."""
     n = count["images"]
     paper = flops(model.cfg, convention="paper", reduction=plan)
@@ -67,7 +67,8 @@ def _record(name, model, e, plan, count, bad, skipped, agree, vs_base, fine):
             "agreement": agree, "vs_baseline": vs_base,
             "kl_to_baseline": float(np.nanmean(kl)) if n else None,
             "cls_deviation": [v / n for v in sums] if sums and n else None,
-            "images": n, "bad_images": len(bad), "skipped_files": len(skipped), "num_classes": model.cfg.num_classes,
+            "images": n, "bad_images": len(bad), "skipped_files": len(skipped), "ignored_files": ignored,
+            "num_classes": model.cfg.num_classes,
             "gflops_paper": paper["total"], "gflops_full": flops(model.cfg, convention="full", reduction=plan)["total"],
             "gflops_overhead": paper["overhead"],
             "images_per_s": n / count["seconds"] if count["seconds"] > 0 else None}
@@ -143,7 +144,7 @@ def _write(run, skipped, weights, counts, bad, labels, preds, fine):
     valid = labels >= 0
     records = [{**_record(name, model, e, run.plans[e.key(name)], counts[e.key(name)], bad, skipped,
                           agreement(preds[e.key(name)], preds[BASELINE.key(name)], valid),
-                          _pooled_difference([name], e, BASELINE, labels, preds), fine[e.key(name)]),
+                          _pooled_difference([name], e, BASELINE, labels, preds), fine[e.key(name)], run.ignored),
                 "self_check": run.self_check}
                for name, model in run.models for e in run.exps]
     names = [name for name, _ in run.models]

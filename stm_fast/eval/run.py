@@ -16,7 +16,7 @@ from .errors import NoImagesError, RankExit, RunError
 from .experiment import BASELINE, Experiment
 from .grid import experiments
 from .paper import paper_experiments, table2_schedule
-from .imagenet import DataError, collate_skip_bad
+from .imagenet import DataError, collate_skip_bad, ignored_note
 from .fingerprint import run_fingerprint
 from ..selfcheck import SelfCheckFailed, describe_check, self_check
 from .inputs import data_name, first_images, load_dataset, load_models
@@ -176,6 +176,9 @@ def _load(args, rank, device):
     check_out_path(args.out)
     models = load_models(args, device)  # checkpoint and data errors surface here, before any output is written
     dataset = load_dataset(args, models[0][1].cfg)
+    note = ignored_note(dataset)
+    if note and rank == 0 and not args.quiet:
+        print(note)
     exps = _experiments(args, models, rank)
     _plans(models, exps)  # every requested configuration can run
     fingerprint = run_fingerprint(args, dataset, device)
@@ -241,6 +244,7 @@ class _Run:
     store: PredictionStore = None
     self_check: dict | None = None  # the self-check's record (stm_fast.selfcheck), in run.json and every record
     data_name: str = ""  # the images, in words, for the figures' titles
+    ignored: int = 0  # files of --data that are not read (imagenet.ignored_note)
     warm: bool = False  # whether the warm-up forwards have run
 
 
@@ -254,7 +258,7 @@ def _start(args, prepared, rank, world, device):
     progress = Progress(os.path.join(args.out, f"progress.rank{rank}.json"))
     progress.expect(list(plans), len(models[0][1].layers))
     return _Run(args, models, exps, plans, device, rank, world, progress, PredictionStore(args.out, rank, len(shard)),
-                check, data_name(args)), loader
+                check, data_name(args), len(getattr(dataset, "ignored", []))), loader
 
 
 def _finish(run, dataset, weights):
