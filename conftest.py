@@ -6,32 +6,13 @@ import pytest
 from hypothesis import HealthCheck, settings
 
 # `ci` (default): deterministic and bounded, so the suite takes the same time and finds the same
-# examples on every run. `thorough`: many more random examples, for local deep runs.
-settings.register_profile(
-    "ci",
-    derandomize=True,
-    deadline=None,
-    database=None,
-    max_examples=40,
-    print_blob=True,
-    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much],
-)
-settings.register_profile(
-    "thorough",
-    deadline=None,
-    max_examples=1000,
-    print_blob=True,
-    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much],
-)
-settings.register_profile(  # benchmarks/gpu_check.sh: a lent GPU machine's few minutes (JIT compiles included)
-    "gpu",
-    derandomize=True,
-    deadline=None,
-    database=None,
-    max_examples=8,
-    print_blob=True,
-    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much],
-)
+# examples on every run. `thorough`: many more random examples, for local deep runs. `gpu`: as `ci` with
+# fewer examples, for benchmarks/gpu_check.sh on a lent GPU machine's few minutes (JIT compiles included).
+_COMMON = dict(deadline=None, print_blob=True,
+               suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much])
+settings.register_profile("ci", derandomize=True, database=None, max_examples=40, **_COMMON)
+settings.register_profile("thorough", max_examples=1000, **_COMMON)
+settings.register_profile("gpu", derandomize=True, database=None, max_examples=8, **_COMMON)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 
