@@ -13,6 +13,16 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _one_thread():
+    """Every test on one torch thread: the tensors here are tiny, and on a 2-core machine thread start-up and
+    oversubscription made some tests 5-15x slower (a test that needs threads sets its own count)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
     """A small-config checkpoint in the official format (tests.builders.SMALL)."""

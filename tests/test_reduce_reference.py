@@ -21,13 +21,6 @@ from tests.builders import GEOMETRY, random_model
 TOL = 1e-9
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # These models are tiny: one thread avoids intra-op thread start-up dominating (and stalling) the run.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 
@@ -262,12 +255,10 @@ def test_mtr_reference_step_by_hand():
 # ---------------------------------------------------------------------------------------- regression
 
 def test_tome_never_merges_into_the_class_token():
-    """17 tokens, [8, 4, 2, 1] after layers 0-3: 17 -> 9 -> 5 -> 3 with the class token at 1, whatever the data."""
-    m = random_model(0, 16, 4, 8, 5, 4)
-    try:
-        stm_fast.reduce(m, "tome", schedule=[8, 4, 2, 1], layers="all")
-    except ValueError:
-        return  # rejecting the schedule is a correct answer
+    """17 tokens, [8, 4, 2] after layers 0-2 (each step the most ToMe can take): 17 -> 9 -> 5 -> 3, and the
+    class token is never a source nor a destination, so it always stands for itself alone (size 1)."""
+    m = random_model(0, 16, 4, 8, 4, 4)
+    stm_fast.reduce(m, "tome", schedule=[8, 4, 2], layers="all")
     sizes = []
 
     def spy(step, args):
@@ -278,5 +269,5 @@ def test_tome_never_merges_into_the_class_token():
 
     m.reduction = m.reduction.with_step_hook(spy)
     with torch.no_grad():
-        m(torch.randn(2, 3, 16, 16, dtype=torch.float64))
-    assert len(sizes) == 4 and all(bool((s == 1).all()) for s in sizes), f"class-token sizes after each step: {sizes}"
+        m(torch.randn(64, 3, 16, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(0)))
+    assert len(sizes) == 3 and all(bool((s == 1).all()) for s in sizes), f"class-token sizes after each step: {sizes}"
