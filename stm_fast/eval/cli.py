@@ -245,8 +245,10 @@ def parse_args(argv=None) -> EvalConfig | None:
 
 
 def _primary() -> bool:
-    """Whether this process speaks for the run: a single process, or rank 0 under torchrun."""
-    return os.environ.get("RANK", "0") == "0"
+    """Whether this process speaks for the run: anything but a torchrun worker of a rank other than 0 (a
+    mistaken environment, e.g. RANK=5 without torchrun, is reported by the process that has it)."""
+    under_torchrun = "TORCHELASTIC_RUN_ID" in os.environ
+    return not under_torchrun or os.environ.get("RANK", "0") == "0"
 
 
 def _what(config) -> str:
