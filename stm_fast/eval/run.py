@@ -36,8 +36,11 @@ def evaluate(args):
         try:
             with disk_faults(args.out):  # a full disk or a file-size limit is one line, wherever it strikes
                 records = _evaluate(args)
-        except BaseException:
-            _close_group(wait=False)  # the other ranks may be anywhere: waiting for them could hang
+        except BaseException as e:
+            # after an error every rank agreed on (_agree), all of them stand at the same point: close the group
+            # together (a rank that leaves first can abort the other's gloo threads, "terminate called ...");
+            # after any other error the other ranks may be anywhere, and waiting for them could hang
+            _close_group(wait=getattr(e, "agreed", False))
             raise
     _close_group(wait=True)
     return records
@@ -103,11 +106,17 @@ def _agree(world, rank, err, payload=None):
     if not failed:
         return shared[0][1]
     if err is not None and (rank == 0 or _exit_code(err) == 1):
-        raise err
+        raise _agreed(err)
     first, (code, message) = failed[0]
     if rank != 0:
-        raise RankExit(shared[0][0][0] if shared[0][0] is not None else 3 if code == 3 else 2)
-    raise (NoImagesError if code == 3 else RunError)(f"rank {first}: {message}")
+        raise _agreed(RankExit(shared[0][0][0] if shared[0][0] is not None else 3 if code == 3 else 2))
+    raise _agreed((NoImagesError if code == 3 else RunError)(f"rank {first}: {message}"))
+
+
+def _agreed(err):
+    """``err``, marked as raised on every rank at the same point (``evaluate`` then closes the group together)."""
+    err.agreed = True
+    return err
 
 
 def _stop(world, err):
