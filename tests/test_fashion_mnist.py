@@ -71,6 +71,7 @@ def test_the_model_has_vim_tis_197_tokens_with_the_class_token_in_the_middle():
     assert model.cfg.num_tokens == 197 and model.cfg.cls_position == 98 and model.cfg.depth >= 12
 
 
+@pytest.mark.slow
 def test_training_resumes_after_an_epoch_to_the_same_weights(tmp_path, monkeypatch):
     """Two epochs uninterrupted, and one epoch then --resume: identical weights (64 fake training images)."""
     monkeypatch.setenv("STM_CACHE_DIR", str(tmp_path / "cache"))
