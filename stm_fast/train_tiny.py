@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from .digits import TESTBEDS, load_split, testbed
+from .digits import TESTBEDS, load_test_split, testbed
 from .runtime import HelpFormatter, flush_denormals, positive_int
 
 
@@ -115,8 +115,8 @@ def _train(bed, seed, recipe, out, progress, max_steps, half, data_dir, resume):
     torch.manual_seed(seed)
     torch.set_num_threads(recipe["threads"])
     rng = np.random.default_rng(seed)
-    x_raw, _ = bed.read_train(data_dir)
-    x_tr, y_tr, x_te, y_te = load_split(bed.name, data_dir)
+    x_raw, y_tr = bed.read_train(data_dir)  # read once: the raw images feed the augmentation, prepared ones the rest
+    x_tr, (x_te, y_te) = bed.prepare(x_raw), load_test_split(bed.name)
     model = bed.create_model().train()
     model.set_scan_backend(recipe["backend"])
     opt = torch.optim.AdamW(model.parameters(), lr=recipe["lr"], weight_decay=0.05)
