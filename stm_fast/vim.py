@@ -291,16 +291,16 @@ class VisionMamba(nn.Module):
         installed (``stm_fast.reduce``). ``observer(i, cls_state)`` (optional) sees, after each layer i, the
         class token's entry in the stream the next layer adds up (residual + mixer output), (batch, d)."""
         hidden = self.embed(images)
-        run = self.reduction.begin(hidden) if self.reduction is not None else None
-        rows = run.class_rows if run is not None else (lambda t: t[:, self.token_position])  # noqa: E731
+        reduction_pass = self.reduction.begin(hidden) if self.reduction is not None else None
+        rows = reduction_pass.class_rows if reduction_pass is not None else (lambda t: t[:, self.token_position])  # noqa: E731
         residual = None
         for i, layer in enumerate(self.layers):
-            scales, request = run.layer_inputs(i) if run is not None else (None, None)
+            scales, request = reduction_pass.layer_inputs(i) if reduction_pass is not None else (None, None)
             hidden, residual, stats = layer(hidden, residual, decay_scale=scales, request=request)
-            if run is not None and run.reduces_after(i):
+            if reduction_pass is not None and reduction_pass.reduces_after(i):
                 # the stream the next layer would add up, reduced: it becomes that layer's residual
                 x = residual.add_(hidden) if not torch.is_grad_enabled() else residual + hidden
-                hidden, residual = run.reduce(i, x, stats), None
+                hidden, residual = reduction_pass.reduce(i, x, stats), None
             if observer is not None:
                 observer(i, rows(hidden) if residual is None else rows(residual) + rows(hidden))
         return rows(self.norm_f(hidden if residual is None else residual + hidden))

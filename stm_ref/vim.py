@@ -146,19 +146,18 @@ def final_tokens(sd, image, eps=1e-5, reduction=None, image_index=0, stride=None
     L = hidden.shape[0]
     state = {"cls": (L - 1) // 2, "pos": np.arange(L), "size": np.ones(L)}
     schedule = list(reduction["schedule"]) if reduction and reduction.get("method", "none") != "none" else []
-    step = None
+    twin = None
     if schedule and any(schedule):
-        step = reduction_steps.step_for(reduction["method"], reduction.get("options", {}))
-        options = {**reduction.get("options", {}), "image_index": image_index}
+        twin = reduction_steps.twin_for(reduction["method"], {**reduction.get("options", {}), "image_index": image_index})
     residual = None
     for i in range(depth):
         residual = hidden if residual is None else residual + hidden
         k = schedule[i] if i < len(schedule) else 0
-        scale = reduction_steps.decay_scales(reduction["method"], options, state) if step is not None else None
+        scale = twin.decay_scales(state) if twin is not None else None
         normed = rms_norm(residual, sd[f"layers.{i}.norm.weight"], eps)
         if k > 0:
             hidden, stats = mixer(sd, i, normed, scale, return_stats=True)
-            hidden, residual, state = step(k, hidden, residual, state, stats, options)
+            (hidden, residual), state = twin.step(i, k, (hidden, residual), state, stats)
         else:
             hidden = mixer(sd, i, normed, scale)
     return rms_norm(residual + hidden, sd["norm_f.weight"], eps), state["cls"]

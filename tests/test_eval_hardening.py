@@ -28,6 +28,7 @@ from PIL import Image
 
 import stm_fast
 from stm_fast import bench, train_tiny
+from stm_fast.reduction import METHODS
 from stm_fast.eval import cli
 from stm_fast.eval.imagenet import to_rgb
 from tests.builders import OVERRIDES, SYNS
@@ -346,10 +347,10 @@ def test_reduce_option_types_and_numpy_integers():
     assert stm_fast.make_reduction(m, "stm", schedule=np.int64(2)).schedule == (2, 2, 2), "numpy integers are integers"
 
 
-@pytest.mark.parametrize("method", ["stm", "tome", "top", "evit", "mtr"])
+@pytest.mark.parametrize("method", list(METHODS))
 def test_a_reduced_model_given_an_empty_batch_returns_an_empty_result(method):
     m = stm_fast.create_model("vim_tiny", img_size=16, patch_size=4, embed_dim=8, depth=4, d_state=4, num_classes=5)
-    stm_fast.reduce(m, method, schedule=[2, 2, 0], **({} if method == "stm" else {"layers": [0, 1]}))
+    stm_fast.reduce(m, method, schedule=stm_fast.reduction.method_class(method)(m.cfg).example_schedule())
     with torch.no_grad():
         assert m(torch.empty(0, 3, 16, 16)).shape == (0, 5)
 

@@ -6,12 +6,18 @@ import torch
 import stm_fast
 import stm_fast.registry
 from stm_fast.layer_stats import StatsRequest
-from stm_fast.reduction import rate_of, solve_schedule
+from stm_fast.reduction import METHODS, rate_of, solve_schedule
 from tests.builders import random_model
 
-METHOD_OPTIONS = [("stm", {}), ("stm", {"sides": "left"}), ("stm", {"weights": "avg"}), ("stm", {"positions": "uniform"}),
-                  ("tome", {}), ("tome", {"layers": "all"}), ("top", {}), ("top", {"align": False}), ("evit", {}),
-                  ("mtr", {}), ("mtr", {"keep_frac": 0.0})]
+# every registered method with its defaults, and a few variants whose rate solving differs
+METHOD_OPTIONS = [(n, {}) for n in METHODS] + [("stm", {"sides": "left"}), ("stm", {"weights": "avg"}),
+                                                ("stm", {"positions": "uniform"}), ("tome", {"layers": "all"}),
+                                                ("top", {"align": False}), ("mtr", {"keep_frac": 0.0})]
+EXAMPLES = [(n, o) for n, cls in METHODS.items() for o in cls.example_options(4)]  # every method's every choice
+
+
+def example_schedule(m, method, options):
+    return stm_fast.reduction.method_class(method)(m.cfg, **options).example_schedule(units=2)
 
 
 @pytest.fixture(scope="module")
@@ -58,7 +64,7 @@ def test_stm_budget_at_730_tokens_keeps_one_token_per_side():
     assert sum(stm_fast.make_reduction(cfg, "stm", schedule=[364] + [0] * 22, sides="right").schedule) == 364
 
 
-@pytest.mark.parametrize("method,options", METHOD_OPTIONS)
+@pytest.mark.parametrize("method,options", EXAMPLES)
 def test_rate_zero_and_none_are_bitwise_the_unreduced_model(method, options):
     m = random_model(1, 16, 4, 12, 4, 8, dtype=torch.float32)
     x = torch.randn(3, 3, 16, 16)
@@ -68,21 +74,19 @@ def test_rate_zero_and_none_are_bitwise_the_unreduced_model(method, options):
         assert torch.equal(m(x), base)
         stm_fast.reduce(m, method, schedule=[0, 0, 0], **options)
         assert torch.equal(m(x), base)
-        layers = {"layers": [0, 1, 2]} if method in ("top", "evit", "mtr") or (method == "tome" and "layers" not in options) else {}
-        stm_fast.reduce(m, method, schedule=[2, 2, 0], **options, **layers)
+        stm_fast.reduce(m, method, schedule=example_schedule(m, method, options), **options)
         assert not torch.equal(m(x), base), "a real reduction changes the logits"
         stm_fast.reduce(m, "none")
         assert torch.equal(m(x), base)
         assert m.reduction is None
 
 
-@pytest.mark.parametrize("method,options", METHOD_OPTIONS)
+@pytest.mark.parametrize("method,options", EXAMPLES)
 def test_each_image_is_reduced_as_if_alone(method, options):
     """Data-dependent methods keep per-image indices (the class token can move differently per image):
     in float64, image i in a batch gives the same logits as image i alone."""
     m = random_model(2, 16, 4, 12, 4, 8)
-    layers = {"layers": [0, 1, 2]} if method in ("top", "evit", "mtr") or (method == "tome" and "layers" not in options) else {}
-    stm_fast.reduce(m, method, schedule=[2, 2, 2], **options, **layers)
+    stm_fast.reduce(m, method, schedule=example_schedule(m, method, options), **options)
     x = torch.randn(4, 3, 16, 16, dtype=torch.float64)
     with torch.no_grad():
         batch = m(x)

@@ -157,12 +157,13 @@ def test_top_alignment_changes_the_logits_and_matches_reference():
 
 def test_top_reference_scales_by_hand():
     state = {"cls": 1, "pos": np.array([0, 2, 3, 7]), "size": np.ones(4)}
-    fwd, bwd = reductions.decay_scales("top", {"align": True}, state)
+    fwd, bwd = reductions.twin_for("top", {"align": True}).decay_scales(state)
     assert list(fwd) == [1, 2, 1, 4] and list(bwd) == [2, 1, 4, 1]
-    assert reductions.decay_scales("top", {}, state) is not None  # align defaults to True
-    assert reductions.decay_scales("top", {"align": False}, state) is None
-    assert reductions.decay_scales("top", {"align": True}, {**state, "pos": np.arange(4)}) is None  # nothing pruned
-    assert reductions.decay_scales("tome", {}, state) is None
+    assert reductions.twin_for("top", {}).decay_scales(state) is not None  # align defaults to True
+    assert reductions.twin_for("top", {"align": False}).decay_scales(state) is None
+    assert reductions.twin_for("top", {"align": True}).decay_scales({**state, "pos": np.arange(4)}) is None  # nothing pruned
+    assert reductions.twin_for("tome", {}).decay_scales(state) is None
+    assert reductions.twin_for("top", {"flavour": "released"}).decay_scales(state) is None  # the released code aligns nothing
 
 
 def test_top_reference_step_by_hand():

@@ -39,14 +39,13 @@ import numpy as np
 
 from ..reduction import STM_DEFAULTS
 from .experiment import BASELINE, Experiment
-from .grid import late_start
+from .groups import group_claim_pairs
 from .paired_stats import ALPHA, MARGIN, RELATIVE_MARGIN, cluster_bootstrap, compare, exact_equivalence_test, holm, \
     seed_level
 from .predictions import correct
 
 __all__ = ["claims", "claims_text", "verdict", "claim_pairs", "family_of", "combine_networks"]
 
-_HSP_PAIRS = (("avg", "HSP vs plain average"), ("drop", "HSP vs drop"), ("size", "HSP vs size-weighted average"))
 NOT_TESTABLE = "not testable here"
 
 
@@ -75,22 +74,6 @@ def _stm_at(point, stm_options, achieved, exps):
     return None
 
 
-def _stm_pairs(base, stm_options, depth):
-    """The STM-vs-STM claims (a, b) for STM's experiment ``base`` (HSP weights, positions, sides)."""
-    w = stm_options.get("weights", STM_DEFAULTS["weights"])
-    out = [(claim, base, base.with_options(weights=v)) for v, claim in _HSP_PAIRS if w != v]
-    if w != "lsq_joint":
-        out.append(("joint fit vs HSP", base.with_options(weights="lsq_joint"), base))
-    uniform = base.with_options(positions="uniform")
-    late = base.with_options(start_layer=late_start(depth))
-    out += [("HSP vs plain average, uniform positions", uniform, uniform.with_options(weights="avg")),
-            (f"HSP vs plain average, merges after layer {late_start(depth)} only", late, late.with_options(weights="avg"))]
-    if stm_options.get("sides", "both") == "both":
-        side = "right" if stm_options.get("sides") == "right" else "left"
-        out.append(("both sides vs one side", base, base.with_options(sides=side)))
-    return out
-
-
 def claim_pairs(exps, stm_options, achieved, depth):
     """[(claim, experiment a, experiment b)] with both experiments in ``exps``."""
     present, out = set(exps), []
@@ -98,7 +81,7 @@ def claim_pairs(exps, stm_options, achieved, depth):
     for point in points:
         base = next((e for e in exps if e.method == "stm" and e.opts == stm_options and e.point == point), None)
         if base is not None:
-            out += _stm_pairs(base, stm_options, depth)
+            out += group_claim_pairs(base, stm_options, depth)
         peers = [e for e in exps if e.method not in ("none", "stm") and e.point == point]
         stm = _stm_at(point, stm_options, achieved, exps)
         if stm is not None:

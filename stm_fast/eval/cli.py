@@ -7,7 +7,7 @@ import datetime
 import os
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 from ..checkpoint import CheckpointError
 from ..reduction.merge import TOKEN_WEIGHT_VARIANTS
@@ -17,7 +17,8 @@ from ..digits import TESTBEDS
 from ..registry import ALIASES, MODEL_CONFIGS, canonical_name, describe
 from ..runtime import AMP_DTYPES, HelpFormatter, non_negative_int, pick_device, positive_int
 from .errors import NoImagesError, RunError
-from .grid import DEFAULT_RATES, METHOD_GROUPS
+from .grid import DEFAULT_GROUPS, DEFAULT_RATES, METHOD_GROUPS
+from .groups import GROUPS
 from .imagenet import DataError
 from .run import evaluate
 
@@ -53,9 +54,9 @@ def _data_options(ap):
 
 def _method_options(ap):
     g = ap.add_argument_group("what is evaluated")
-    g.add_argument("--methods", nargs="+", default=list(METHOD_GROUPS[1:]), choices=METHOD_GROUPS, metavar="GROUP",
-                   help="method groups, any of: " + ", ".join(METHOD_GROUPS) + "; none = the baseline alone (always "
-                        "evaluated), stm-oneside = STM on one side only (Table 3), stm-weights = the HSP weight variants")
+    g.add_argument("--methods", nargs="+", default=list(DEFAULT_GROUPS), choices=METHOD_GROUPS, metavar="GROUP",
+                   help="method groups (default: " + " ".join(DEFAULT_GROUPS) + "): " +
+                        "; ".join(f"{n} = {g.doc}" for n, g in GROUPS.items()))
     g.add_argument("--rates", nargs="+", type=float, default=list(DEFAULT_RATES),
                    help="token reduction rates, fractions (0.2 = 20%%; docs/conventions.md §6)")
     g.add_argument("--schedule", help="instead of rates: tokens removed after each layer IN TOTAL, comma-separated "
@@ -117,7 +118,9 @@ def listing() -> str:
     lines += ["  aliases (hustvl/Vim's registry names):"] + [f"    {a} -> {n}" for a, n in sorted(ALIASES.items())]
     lines += ["testbeds (--testbed, used without --checkpoint/--data): " + ", ".join(
         f"{n} ({TESTBEDS[n].config['img_size']}px, {len(TESTBEDS[n].seeds)} models)" for n in TESTBEDS)]
-    lines += ["method groups (--methods): " + ", ".join(METHOD_GROUPS),
+    lines += ["method groups (--methods):"] + [f"  {n:16s} {g.doc}{'' if g.default else ' (not in the default grid)'}"
+                                               for n, g in GROUPS.items()]
+    lines += [
               "reduction methods (stm_fast.reduce): " + ", ".join(list_methods())]
     return "\n".join(lines)
 
@@ -232,16 +235,28 @@ def parse_args(argv=None) -> EvalConfig | None:
     _check_transform_serves(overrides)
     model = args.model or "vim_tiny"
     paper, paper_model = _paper(args, model)
-    return EvalConfig(
-        testbed=args.testbed, model=model, checkpoint=args.checkpoint, ema=args.ema, override=tuple(args.override),
-        overrides=overrides, data=args.data, labels=args.labels, devkit=args.devkit, limit=args.limit,
-        methods=tuple(args.methods), rates=tuple(args.rates), schedule=_schedule(args.schedule), paper=paper,
-        paper_model=paper_model, stm_options={"sides": args.stm_sides, "positions": args.stm_positions,
-                                              "weights": args.stm_weights, "start_layer": args.stm_start_layer},
-        batch_size=args.batch_size or (128 if args.data else 360), workers=_workers(args), device=args.device,
-        dtype=args.dtype or ("fp16" if _on_cuda(args) else "fp32"), on_bad_image=args.on_bad_image,
-        out=args.out or os.path.join("runs", datetime.datetime.now().strftime("%Y%m%d-%H%M%S")), restart=args.restart,
-        quiet=args.quiet, figures=args.figures, no_self_check=args.no_self_check)
+    return config_from(args, model=model, override=tuple(args.override), overrides=overrides,
+                       methods=tuple(args.methods), rates=tuple(args.rates), schedule=_schedule(args.schedule),
+                       paper=paper, paper_model=paper_model, batch_size=args.batch_size or (128 if args.data else 360),
+                       workers=_workers(args), dtype=args.dtype or ("fp16" if _on_cuda(args) else "fp32"),
+                       out=args.out or os.path.join("runs", datetime.datetime.now().strftime("%Y%m%d-%H%M%S")))
+
+
+_STM_PREFIX = "stm_"  # --stm-X options become stm_options["X"]
+
+
+def config_from(args, **completed) -> EvalConfig:
+    """The ``EvalConfig`` of parsed options, field by name: ``completed`` holds the values checked or derived
+    above, every other field is the option of its name; the ``--stm-*`` options make ``stm_options``. An
+    option with no field (nor a ``--stm-`` prefix) is a programming error, caught here and by the tests."""
+    options = {k: v for k, v in vars(args).items() if k != "list"}
+    stm = {k[len(_STM_PREFIX):]: v for k, v in options.items() if k.startswith(_STM_PREFIX)}
+    names = {f.name for f in fields(EvalConfig)}
+    values = {k: v for k, v in options.items() if not k.startswith(_STM_PREFIX)}
+    missing = sorted(set(values) - names)
+    if missing:
+        raise AssertionError(f"options without an EvalConfig field: {missing}")
+    return EvalConfig(**{**values, **completed, "stm_options": stm})
 
 
 def _primary() -> bool:

@@ -31,18 +31,14 @@ from .errors import RunError
 from .experiment import BASELINE, Experiment
 from .grid import unique
 
-__all__ = ["PAPER_MODELS", "TABLE2_GFLOPS", "table2_schedule", "flops_consistent", "paper_experiments", "PAPER_MODES"]
+__all__ = ["PAPER_MODELS", "TABLE2_GFLOPS", "TABLE2_SCHEDULE", "flops_consistent", "paper_experiments", "PAPER_MODES"]
 
 PAPER_MODELS = ("vim_tiny", "vim_small", "vim_base")
 PAPER_MODES = ("literal", "sensitivity")
 TABLE2_GFLOPS = {"vim_tiny": 1.28, "vim_small": 4.23, "vim_base": 15.73}  # as reported (paper convention)
 TABLE3_MODELS = ("vim_tiny", "vim_small")
 TABLE3_SCHEDULES = (2, 4)  # "1, 2, 2, 2 tokens per direction" for 15 / 20 / 30 / 40%
-
-
-def table2_schedule(model: str, mode: str = "literal"):
-    """STM's Table 2 schedule as the text states it: two tokens per direction after every layer."""
-    return 4
+TABLE2_SCHEDULE = 4  # STM's Table 2 schedule as the text states it: two tokens per direction after every layer
 
 
 def _two_level(depth, most=4):
@@ -83,13 +79,13 @@ def paper_experiments(model: str, mode: str, stm_options: dict, peers, peer_rate
     if name not in PAPER_MODELS:
         raise RunError(f"--paper applies to the models of the paper's tables ({', '.join(PAPER_MODELS)}), not {model}")
     both = {**stm_options, "sides": "both"}
-    out = [BASELINE, Experiment.of("stm", None, table2_schedule(name), both)]
+    out = [BASELINE, Experiment.of("stm", None, TABLE2_SCHEDULE, both)]
     out += [Experiment.of(p, round(peer_rate, 4)) for p in peers]
     if name in TABLE3_MODELS:
         for sched in TABLE3_SCHEDULES:
             out += [Experiment.of("stm", None, sched, both), Experiment.of("stm", None, sched, {**stm_options, "sides": "left"})]
     if mode == "sensitivity":
-        literal = {tuple([k] * (MODEL_CONFIGS[name].depth - 1)) for k in (table2_schedule(name),) + TABLE3_SCHEDULES}
+        literal = {tuple([k] * (MODEL_CONFIGS[name].depth - 1)) for k in (TABLE2_SCHEDULE,) + TABLE3_SCHEDULES}
         for sched, g, g_merge in flops_consistent(name):
             if tuple(sched) in literal:  # already a row (Vim-Ti's one per side is Table 3's 15%)
                 continue

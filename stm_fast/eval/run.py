@@ -15,7 +15,7 @@ from ..checkpoint import CheckpointError
 from .errors import NoImagesError, RankExit, RunError
 from .experiment import BASELINE, Experiment
 from .grid import experiments
-from .paper import paper_experiments, table2_schedule
+from .paper import TABLE2_SCHEDULE, paper_experiments
 from .imagenet import DataError, collate_skip_bad, ignored_note
 from .fingerprint import run_fingerprint
 from ..selfcheck import SelfCheckFailed, describe_check, self_check
@@ -170,7 +170,7 @@ def _experiments(args, models, rank):
         exps, notes = experiments(args.methods, args.rates, args.schedule, args.stm_options, cfg)
     else:
         both = {**args.stm_options, "sides": "both"}
-        stm_rate = make_reduction(models[0][1], "stm", schedule=table2_schedule(args.paper_model), **both).rate
+        stm_rate = make_reduction(models[0][1], "stm", schedule=TABLE2_SCHEDULE, **both).rate
         peers = [g for g in args.methods if g in METHODS and g != "stm"]
         exps, notes = paper_experiments(args.paper_model, args.paper, args.stm_options, peers, stm_rate), []
     if rank == 0 and not args.quiet:

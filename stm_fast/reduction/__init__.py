@@ -12,24 +12,31 @@ by a schedule as uniform as possible over the layers the method reduces at; the 
 reported in the ``Reduction``.
 
 Methods (one module each, registered with ``@register_method``): ``stm`` (``stm.py``), ``tome``,
-``top``, ``evit``, ``mtr``; and ``none``. A new method is one new module plus its import below. The peers'
-released code is reproduced by flavours (``register_flavour``): ``tome`` with ``flavour="rmeeto"``
-(``rmeeto.py``) and ``top`` with ``flavour="released"`` (``top_released.py``); docs/peers.md compares them.
+``top``, ``evit``, ``mtr``, any method another module of this package registers, and ``none``. A new
+method is one new module here: every module of this package is imported, and registers itself. The peers' released code is
+reproduced by flavours (``register_flavour``): ``tome`` with ``flavour="rmeeto"`` (``rmeeto.py``) and
+``top`` with ``flavour="released"`` (``top_released.py``); docs/peers.md compares them.
 """
 
 from __future__ import annotations
 
+import importlib
+import pkgutil
 from contextlib import contextmanager
 from types import MappingProxyType
 from typing import Any, Iterator
 
-from . import stm, tome, top, evit, mtr, rmeeto, top_released  # noqa: F401, I001  (each registers itself, in this order)
+from . import stm, tome, top, evit, mtr, rmeeto, top_released  # noqa: F401, I001  (the paper's methods, listed in this order)
 from .base import METHODS, Method, Reduction, ReductionPass, register_flavour, register_method
 from .schedule import check_rate, check_schedule, check_step_limits, rate_of, solve_schedule, tokens_per_layer
 from .stm import STM_DEFAULTS
 
 __all__ = ["make_reduction", "reduce", "reduced", "install", "list_methods", "method_class", "Reduction",
            "ReductionPass", "Method", "METHODS", "register_method", "register_flavour", "STM_DEFAULTS", "check_rate", "rate_of", "solve_schedule", "tokens_per_layer"]
+
+
+for _module in pkgutil.iter_modules(__path__):  # any other module registers its method too: nothing to list here
+    importlib.import_module(f"{__name__}.{_module.name}")
 
 
 def list_methods() -> list[str]:
@@ -81,7 +88,9 @@ def make_reduction(model_or_cfg, method: str, rate: float | None = None, schedul
             raise ValueError(f"reduce(..., '{method}'): give exactly one of rate= or schedule=")
     elif schedule is None:
         rate = check_rate(rate)
-        schedule = impl.solve(rate)
+        schedule, solved = impl.solve(rate)
+        if solved:  # e.g. a released rule's parameter: a new method object with it, nothing written back
+            impl = type(impl)(cfg, **{**options, **solved})
     else:
         schedule = check_schedule(schedule, depth, impl.reduction_points(), impl.step_unit, impl.token_budget(), method)
     tokens = tokens_per_layer(L, schedule, depth)

@@ -36,6 +36,7 @@ class Method:
     name: ClassVar[str] = "?"
     defaults: ClassVar[Mapping[str, Any]] = MappingProxyType({})
     flavours: ClassVar[dict[str, type]] = {}  # named variants of the method (``register_flavour``)
+    default_eval: ClassVar[bool] = True  # whether ``python -m stm_fast.eval``'s default grid runs it
     step_unit = 1  # tokens per unit of a step (2 when a step removes the same number on two sides)
 
     def __init__(self, cfg, **options: Any):
@@ -43,23 +44,48 @@ class Method:
         if bad:
             raise TypeError(f"reduce(..., '{self.name}'): unknown option(s) {bad}; allowed: {', '.join(sorted(self.defaults))}")
         self.cfg = cfg
-        self.options = {**self.defaults, **options}
-        for k, v in self.options.items():  # a boolean option takes True or False, never a truthy string
+        given = {**self.defaults, **options}
+        for k, v in given.items():  # a boolean option takes True or False, never a truthy string
             if isinstance(self.defaults[k], bool) and not isinstance(v, bool):
                 raise ValueError(f"{self.name}: {k} must be True or False, got {v!r}")
+        self.options = MappingProxyType(self.resolve_options(cfg, given))  # frozen from here on
+
+    def resolve_options(self, cfg, options: dict) -> dict:
+        """The options as this method runs them (e.g. a default layer list filled in); a new dict."""
+        return dict(options)
+
+    @classmethod
+    def example_options(cls, depth: int) -> list[dict]:
+        """Option sets that together reach every choice of this method on a model of ``depth`` layers, for
+        property tests and the certification (a flavour's include its ``flavour``)."""
+        return [{}]
 
     def reduction_points(self) -> list[int]:
         """The layers after which this method may reduce (0-based, ascending)."""
         return list(range(self.cfg.depth - 1))
 
-    def solve(self, rate: float) -> list[int]:
-        """The schedule meeting ``rate`` within ±1 point (docs/conventions.md §6); ValueError if none can."""
+    def solve(self, rate: float) -> tuple[list[int], dict]:
+        """(the schedule meeting ``rate`` within ±1 point, docs/conventions.md §6; the options that solving
+        fixed, e.g. a released rule's parameter, to be given back to a new instance: nothing is written
+        here). ValueError if no schedule can."""
         return solve_schedule(self.cfg.depth, self.cfg.num_tokens, rate, self.reduction_points(), self.step_unit,
-                              self.token_budget(), self.max_per_step)
+                              self.token_budget(), self.max_per_step), {}
 
     def default_schedule(self) -> list[int] | None:
         """The schedule the options alone fix (a flavour's released rule), or None: a rate or schedule is needed."""
         return None
+
+    def example_schedule(self, units: int = 1) -> list[int] | None:
+        """A feasible schedule for tests: ``units`` step units after every layer it may reduce at, within the
+        per-step limit and the token budget; None where the options fix the schedule (``default_schedule``)."""
+        if self.default_schedule() is not None:
+            return None
+        out, L, left = [0] * (self.cfg.depth - 1), self.cfg.num_tokens, self.token_budget()
+        for i in self.reduction_points():
+            k = min(units * self.step_unit, self.max_per_step(L), L if left is None else left)
+            k -= k % self.step_unit
+            out[i], L, left = k, L - k, None if left is None else left - k
+        return out
 
     def token_budget(self) -> int | None:
         """The most tokens this method can remove in total (None: no limit beyond the per-step one)."""
@@ -181,10 +207,8 @@ class ReductionPass:
 class PruningMethod(Method):
     """A method that reduces after a ``layers`` option (default: ToP-ViM's, ``default_prune_layers``)."""
 
-    def __init__(self, cfg, **options: Any):
-        super().__init__(cfg, **options)
-        if self.options["layers"] is None:
-            self.options["layers"] = default_prune_layers(cfg.depth)
+    def resolve_options(self, cfg, options):
+        return {**options, "layers": default_prune_layers(cfg.depth) if options["layers"] is None else options["layers"]}
 
     def reduction_points(self) -> list[int]:
         return check_layers(self.name, self.options["layers"], self.cfg.depth)

@@ -91,6 +91,10 @@ class EViT(PruningMethod):
     name = "evit"
     defaults = MappingProxyType(dict(layers=None))
 
+    @classmethod
+    def example_options(cls, depth):
+        return [dict(layers=list(range(depth - 1))), dict(layers=None)]
+
     def overhead_flops(self, L, k):
         # class-token attention: exp(A * S) times C_cls and B over (E, N) for every token, both sides
         return 3 * L * self.cfg.d_inner * self.cfg.d_state + (k + 1) * self.cfg.embed_dim

@@ -38,6 +38,10 @@ class MTR(PruningMethod):
     name = "mtr"
     defaults = MappingProxyType(dict(layers=None, keep_frac=0.5))
 
+    @classmethod
+    def example_options(cls, depth):
+        return [dict(layers=list(range(depth - 1)), keep_frac=f) for f in (0.0, 0.5)] + [dict(layers=None)]
+
     def __init__(self, cfg, **options):
         super().__init__(cfg, **options)
         f = self.options["keep_frac"]

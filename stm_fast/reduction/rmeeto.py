@@ -51,6 +51,11 @@ class RMeeTo(Method):
     flavour = "rmeeto"
     defaults = MappingProxyType(dict(flavour="rmeeto", num_prune=None, compare=11, odd=False, mode="merge"))
 
+    @classmethod
+    def example_options(cls, depth):
+        return [dict(flavour="rmeeto", num_prune=n, compare=c, odd=odd, mode=mode)
+                for n, c, odd, mode in ((2, 1, False, "merge"), (1, 1, True, "prune"), (3, 2, False, "merge"))]
+
     def __init__(self, cfg, **options):
         super().__init__(cfg, **options)
         o = self.options
@@ -78,8 +83,7 @@ class RMeeTo(Method):
             raise ValueError(f"tome (rmeeto): no num_prune reaches a rate of {100 * rate:.1f}% within ±1 point with "
                              f"compare={self.options['compare']} (its released rule reaches {reach[:12]}{'...' if len(reach) > 12 else ''}%); "
                              f"pass num_prune=... or another compare")
-        self.options["num_prune"] = r
-        return s
+        return s, {"num_prune": r}
 
     def reduction_points(self):
         return [b - 1 for b in range(1, self.cfg.depth) if ((b + 1) % 2 == 0 if self.options["odd"] else b % 2 == 0)]

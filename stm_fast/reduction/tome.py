@@ -27,6 +27,10 @@ class ToMe(Method):
     name = "tome"
     defaults = MappingProxyType(dict(layers="every_other"))
 
+    @classmethod
+    def example_options(cls, depth):
+        return [dict(layers=choice) for choice in TOME_LAYERS] + [dict(layers=list(range(depth - 1)))]
+
     def reduction_points(self):
         depth, choice = self.cfg.depth, self.options["layers"]
         if isinstance(choice, str):

@@ -24,6 +24,11 @@ class ToP(PruningMethod):
     name = "top"
     defaults = MappingProxyType(dict(layers=None, align=True))
 
+    @classmethod
+    def example_options(cls, depth):
+        return [dict(layers=list(range(depth - 1)), align=True), dict(layers=list(range(depth - 1)), align=False),
+                dict(layers=None, align=True)]
+
     def overhead_flops(self, L, k):
         return 2 * L * self.cfg.d_inner  # clipped channel sums of both directions' outputs (top-k not counted)
 

@@ -40,6 +40,10 @@ class ToPReleased(PruningMethod):
     flavour = "released"
     defaults = MappingProxyType(dict(flavour="released", layers=None, keep_ratio=0.8))
 
+    @classmethod
+    def example_options(cls, depth):
+        return [dict(flavour="released", layers=list(range(depth - 1)), keep_ratio=r) for r in (0.6, 0.8)]
+
     def __init__(self, cfg, **options):
         super().__init__(cfg, **options)
         r = self.options["keep_ratio"]
@@ -62,8 +66,7 @@ class ToPReleased(PruningMethod):
                              for r in range(1, 100) for s in [self._schedule(r / 100)]), key=lambda t: t[0])
         if err > TOLERANCE:
             raise ValueError(f"top (released): no keep_ratio reaches a rate of {100 * rate:.1f}% within ±1 point")
-        self.options["keep_ratio"] = ratio
-        return s
+        return s, {"keep_ratio": ratio}
 
     def overhead_flops(self, L, k):
         return L * self.cfg.d_inner  # the channel sum of one direction's output (top-k not counted)

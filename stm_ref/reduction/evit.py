@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 
 from .. import ssm
-from .base import euler, kept_state
+from .base import Twin, euler, kept_state, register_twin
 
-__all__ = ["class_attention", "evit_step"]
+__all__ = ["EViT", "class_attention", "evit_step"]
 
 
 def class_attention(stats, cls):
@@ -50,3 +50,9 @@ def evit_step(k, hidden, residual, state, stats, options):
     residual[host] = sum(wi * residual[t] for wi, t in zip(w, pruned))
     kept = [t for t in range(L) if t not in pruned[:-1]]
     return hidden[kept], residual[kept], kept_state(state, kept)
+
+
+@register_twin
+class EViT(Twin):
+    name = "evit"
+    function = staticmethod(evit_step)

@@ -6,9 +6,9 @@ import math
 
 import numpy as np
 
-from .base import kept_state, unit
+from .base import Twin, kept_state, register_twin, unit
 
-__all__ = ["mtr_importance", "mtr_step"]
+__all__ = ["MTR", "mtr_importance", "mtr_step"]
 
 
 def mtr_importance(stats):
@@ -46,3 +46,9 @@ def mtr_step(k, hidden, residual, state, stats, options):
         residual[q] = sum(residual[t] for t in members) / len(members)
     kept = [t for t in range(L) if t not in sources]
     return hidden[kept], residual[kept], kept_state(state, kept)
+
+
+@register_twin
+class MTR(Twin):
+    name = "mtr"
+    function = staticmethod(mtr_step)

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from .base import unit
+from .base import Twin, register_twin, unit
 
-__all__ = ["rmeeto_step"]
+__all__ = ["RMeeTo", "rmeeto_step"]
 
 
 def rmeeto_step(k, hidden, residual, state, stats, options):
@@ -38,3 +38,10 @@ def rmeeto_step(k, hidden, residual, state, stats, options):
     new_c = int(c * (L - k) // L)
     order = kept[:new_c] + [c] + kept[new_c:]
     return new_hidden[order], new_residual[order], {"cls": new_c, "pos": state["pos"][order], "size": new_size[order]}
+
+
+@register_twin
+class RMeeTo(Twin):
+    name = "tome"
+    flavour = "rmeeto"
+    function = staticmethod(rmeeto_step)

@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 
 from .. import merge
-from .base import euler
+from .base import Twin, euler, register_twin
 
-__all__ = ["stm_step"]
+__all__ = ["STM", "stm_step"]
 
 
 def stm_step(k, hidden, residual, state, stats, options):
@@ -49,3 +49,9 @@ def _merged_state(state, plan, variant):
         for j, q in zip(plan.reduced, plan.target):
             size[int(q)] += size[int(j)]
     return {"cls": plan.new_cls, "pos": state["pos"][plan.kept], "size": size[plan.kept]}
+
+
+@register_twin
+class STM(Twin):
+    name = "stm"
+    function = staticmethod(stm_step)

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from .base import kept_state, unit
+from .base import Twin, kept_state, register_twin, unit
 
-__all__ = ["tome_step"]
+__all__ = ["ToMe", "tome_step"]
 
 
 def tome_step(k, hidden, residual, state, stats, options):
@@ -45,3 +45,9 @@ def tome_step(k, hidden, residual, state, stats, options):
         new_size[b] = mass
     kept = [t for t in range(L) if t not in chosen]
     return new_hidden[kept], new_residual[kept], kept_state(state, kept, new_size)
+
+
+@register_twin
+class ToMe(Twin):
+    name = "tome"
+    function = staticmethod(tome_step)

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from .base import kept_state
+from .base import Twin, kept_state, register_twin
 
-__all__ = ["top_importance", "top_step", "top_scales"]
+__all__ = ["ToP", "top_importance", "top_step", "top_scales"]
 
 
 def top_importance(stats):
@@ -49,3 +49,12 @@ def top_scales(options, state):
     for t in range(n - 1):
         backward[t] = pos[t + 1] - pos[t]
     return forward, backward
+
+
+@register_twin
+class ToP(Twin):
+    name = "top"
+    function = staticmethod(top_step)
+
+    def decay_scales(self, tokens):
+        return top_scales(self.options, tokens)

@@ -7,7 +7,9 @@ import math
 
 import numpy as np
 
-__all__ = ["top_released_step"]
+from .base import Twin, register_twin
+
+__all__ = ["ToPReleased", "top_released_step"]
 
 
 def top_released_step(k, hidden, residual, state, stats, options):
@@ -25,3 +27,10 @@ def top_released_step(k, hidden, residual, state, stats, options):
     middle = (keep - 1) // 2
     order = chosen[:middle] + [c] + chosen[middle:]
     return hidden[order], residual[order], {"cls": middle, "pos": state["pos"][order], "size": state["size"][order]}
+
+
+@register_twin
+class ToPReleased(Twin):
+    name = "top"
+    flavour = "released"
+    function = staticmethod(top_released_step)
