@@ -1,22 +1,20 @@
-"""Builders the tests share: small random models, the eval's test data, scan inputs, a Hypothesis profile.
+"""Builders the tests share: small random models, the eval's test data, scan inputs.
 
 Fixtures built from these live in ``tests/conftest.py``; test modules import builders from here, never
 from each other.
 """
 
 import argparse
-from contextlib import contextmanager
 
 import numpy as np
 import torch
-from hypothesis import Phase, settings
 from PIL import Image
 
 import stm_fast
 from stm_ref import ssm as ref
 
 __all__ = ["random_model", "GEOMETRY", "SYNS", "SMALL", "OVERRIDES", "small_checkpoint", "image_folders", "rel_err",
-           "channel_last", "make_case", "numpy_args", "flip_time", "reference", "search_profile"]
+           "channel_last", "make_case", "numpy_args", "flip_time", "reference"]
 
 
 def random_model(seed, img_size, patch_size, embed_dim, depth, d_state, num_classes=7, dtype=torch.float64, stride=None):
@@ -130,17 +128,3 @@ def reference(kw, reverse=False):
     """float64 reference y and last state; a reverse scan is the forward one on time-flipped inputs."""
     y, last = ref.selective_scan(**numpy_args(flip_time(kw) if reverse else kw), return_last_state=True)
     return (y[..., ::-1] if reverse else y), last
-
-
-@contextmanager
-def search_profile(name: str, max_examples: int):
-    """Load a profile with ``max_examples`` and the explicit and generate phases, then restore the previous one."""
-    current = settings.default
-    settings.register_profile(name, parent=current, max_examples=max_examples, phases=[Phase.explicit, Phase.generate],
-                              report_multiple_bugs=False)
-    settings.load_profile(name)
-    try:
-        yield
-    finally:
-        settings.register_profile(f"_restore_{name}", parent=current)
-        settings.load_profile(f"_restore_{name}")

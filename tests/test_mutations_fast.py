@@ -16,7 +16,7 @@ import stm_fast.reduction as reduction_pkg
 from stm_fast import ssm
 from stm_fast.ops import scan_fused, scan_torch
 from stm_fast.reduction import evit, stm, tome, top
-from tests.builders import search_profile
+from verify.mutations import search_profile
 from verify import test_fast_path as fast_props
 
 EPS = 1e-6

@@ -1,10 +1,12 @@
 """Claim 6 (docs/conventions.md §11): both directions. Exact merges keep the class-token state in both; the class loss is their sum (eq. 9)."""
 
 import numpy as np
+import pytest
 from hypothesis import given, strategies as st
 
 from stm_ref import merge
 from verify.strategies import assert_close_scaled, magnitude, make_problem, plans, seeds
+from verify.mutations import catches, scaled_in
 
 
 @st.composite
@@ -48,3 +50,11 @@ def test_class_loss_is_the_sum_of_each_sides_own_direction(case, seed):
         l_own = merge.final_loss(prob.Abar, prob.Bbar, prob.u, own, direction, w_own)[own.new_cls]
         scale = magnitude(prob.Abar, prob.Bbar, prob.u, direction)[plan.cls]
         assert_close_scaled(l_both, l_own, scale, what=f"{direction} class loss")
+
+
+@pytest.mark.parametrize("attr, mutate, prop, what", [
+    ("merge_weights", scaled_in("backward"), test_exact_merges_preserve_the_class_token_in_both_directions, "claim 6: the backward weights"),
+])
+def test_a_1e9_relative_error_in_the_reference_fails_the_property(attr, mutate, prop, what, monkeypatch):
+    """Each property above can fail: merge.<attr> off by a relative 1e-9 must make it fail (verify/mutations.py)."""
+    assert catches(prop, merge, attr, mutate, monkeypatch), f"{what} off by 1e-9 went unnoticed"

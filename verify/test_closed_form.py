@@ -1,11 +1,13 @@
 """Claim 1 (docs/conventions.md §11): recurrence (eq. 3) = closed form (eq. 4) = hidden attention (eq. 5)."""
 
 import numpy as np
+import pytest
 from hypothesis import given, strategies as st
 from scipy.signal import lfilter
 
 from stm_ref import ssm
 from verify.strategies import assert_close_scaled, magnitude, problems, seeds
+from verify.mutations import catches, scaled
 
 
 @given(prob=problems())
@@ -48,3 +50,12 @@ def test_initial_state_decays_through_the_scan(prob):
     base = ssm.scan(prob.Abar, prob.Bbar, prob.u)
     carried = np.cumprod(prob.Abar, axis=0) * h0
     assert_close_scaled(h, base + carried, magnitude(prob.Abar, prob.Bbar, prob.u) + np.abs(h0), what="h0")
+
+
+@pytest.mark.parametrize("attr, mutate, prop, what", [
+    ("scan", scaled, test_recurrence_equals_closed_form, "claim 1: the scan"),
+    ("hidden_attention", scaled, test_hidden_attention_reproduces_outputs, "claim 1: the attention form"),
+])
+def test_a_1e9_relative_error_in_the_reference_fails_the_property(attr, mutate, prop, what, monkeypatch):
+    """Each property above can fail: ssm.<attr> off by a relative 1e-9 must make it fail (verify/mutations.py)."""
+    assert catches(prop, ssm, attr, mutate, monkeypatch), f"{what} off by 1e-9 went unnoticed"

@@ -7,6 +7,7 @@ from scipy.signal import cont2discrete
 
 from stm_ref import ssm
 from verify.strategies import draw_A, draw_delta, seeds, signed_loguniform
+from verify.mutations import catches, scaled
 
 
 @given(seed=seeds, L=st.integers(1, 6), D=st.integers(1, 4), N=st.integers(1, 4))
@@ -77,3 +78,11 @@ def test_discretize_rejects_bad_input():
         ssm.discretize(np.ones((3, 2)), -np.ones((2, 4)), np.ones((5, 4)))
     with pytest.raises(ValueError, match="complex"):
         ssm.discretize(np.ones((3, 2)), -np.ones((2, 4)) * (1 + 1j), np.ones((3, 4)))
+
+
+@pytest.mark.parametrize("attr, mutate, prop, what", [
+    ("_phi1", scaled, test_zoh_matches_scipy_cont2discrete, "eq. 2: the ZOH factor"),
+])
+def test_a_1e9_relative_error_in_the_reference_fails_the_property(attr, mutate, prop, what, monkeypatch):
+    """Each property above can fail: ssm.<attr> off by a relative 1e-9 must make it fail (verify/mutations.py)."""
+    assert catches(prop, ssm, attr, mutate, monkeypatch), f"{what} off by 1e-9 went unnoticed"

@@ -1,10 +1,12 @@
 """Claim 4 (docs/conventions.md §11): merging with estimated (previous-layer) Bbar, eq. 11, has an exactly known, bounded loss."""
 
 import numpy as np
+import pytest
 from hypothesis import given, strategies as st
 
 from stm_ref import merge
 from verify.strategies import assert_close_scaled, magnitude, problems, seeds
+from verify.mutations import catches, scaled
 
 
 def _est_weights(Abar, Bbar_est, plan, direction):
@@ -70,3 +72,11 @@ def test_loss_vanishes_continuously_as_the_estimate_converges(case):
         # linear convergence: each 100x smaller eps gives a >= ~50x smaller loss, until round-off
         assert sizes[1] <= sizes[0] / 50 + 1e-11 * scale
         assert sizes[2] <= sizes[1] / 50 + 1e-11 * scale
+
+
+@pytest.mark.parametrize("attr, mutate, prop, what", [
+    ("merged_states", scaled, test_loss_at_merge_point_is_the_weight_error_times_the_input, "claim 4: the merged states"),
+])
+def test_a_1e9_relative_error_in_the_reference_fails_the_property(attr, mutate, prop, what, monkeypatch):
+    """Each property above can fail: merge.<attr> off by a relative 1e-9 must make it fail (verify/mutations.py)."""
+    assert catches(prop, merge, attr, mutate, monkeypatch), f"{what} off by 1e-9 went unnoticed"

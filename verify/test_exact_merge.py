@@ -7,6 +7,7 @@ from hypothesis import given
 
 from stm_ref import merge
 from verify.strategies import assert_close_scaled, magnitude, problems_with_plans
+from verify.mutations import catches, scaled
 
 
 def _merging_side_positions(plan, direction):
@@ -87,3 +88,12 @@ def test_exact_weights_need_a_nonzero_target_bbar():
     plan = merge.merge_plan(3, 2, 1, 0)
     with pytest.raises(ValueError, match="exact zeros"):
         merge.merge_weights(Abar, Bbar, plan, "forward")
+
+
+@pytest.mark.parametrize("attr, mutate, prop, what", [
+    ("merge_weights", scaled, test_exact_merge_reproduces_hidden_states_at_kept_positions, "claim 2: the exact weights"),
+    ("_gap_products", scaled, test_final_loss_is_zero_and_merging_loss_cancels_removal_losses, "claim 2: the merged decay"),
+])
+def test_a_1e9_relative_error_in_the_reference_fails_the_property(attr, mutate, prop, what, monkeypatch):
+    """Each property above can fail: merge.<attr> off by a relative 1e-9 must make it fail (verify/mutations.py)."""
+    assert catches(prop, merge, attr, mutate, monkeypatch), f"{what} off by 1e-9 went unnoticed"

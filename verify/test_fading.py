@@ -1,10 +1,12 @@
 """Claim 5 (docs/conventions.md §11): distance fading, eq. 12-13 and 22-24: a loss only ever decays after its last perturbation."""
 
 import numpy as np
+import pytest
 from hypothesis import given, strategies as st
 
 from stm_ref import merge
 from verify.strategies import assert_close_scaled, magnitude, problems, seeds
+from verify.mutations import catches, scaled
 
 
 @st.composite
@@ -70,3 +72,11 @@ def test_merge_loss_reaches_the_class_token_faded(prob, seed):
             scale = magnitude(prob.Abar, prob.Bbar, prob.u, direction)[cls] + np.abs(loss[iq])
             assert_close_scaled(loss[plan.new_cls], merge.fading_factor(prob.Abar, q, cls) * loss[iq], scale,
                                 what="class-token loss")
+
+
+@pytest.mark.parametrize("attr, mutate, prop, what", [
+    ("fading_factor", scaled, test_loss_after_the_last_perturbation_is_the_decayed_loss, "claim 5: the fading factor"),
+])
+def test_a_1e9_relative_error_in_the_reference_fails_the_property(attr, mutate, prop, what, monkeypatch):
+    """Each property above can fail: merge.<attr> off by a relative 1e-9 must make it fail (verify/mutations.py)."""
+    assert catches(prop, merge, attr, mutate, monkeypatch), f"{what} off by 1e-9 went unnoticed"

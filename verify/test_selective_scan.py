@@ -11,6 +11,7 @@ from hypothesis import given, strategies as st
 
 from stm_ref import ssm
 from verify.strategies import draw_A, seeds, signed_loguniform
+from verify.mutations import catches, scaled
 
 
 def _expected(u, delta, A, Bfull, Cfull, D, z, delta_bias, delta_softplus):
@@ -94,3 +95,11 @@ def test_selective_scan_rejects_bad_shapes():
         ssm.selective_scan(u, u, -np.ones((4, 2)), np.zeros((1, 3, 5)), np.zeros((1, 2, 5)))
     with pytest.raises(ValueError, match="complex"):
         ssm.selective_scan(u, u, -np.ones((4, 2)) * 1j, np.zeros((1, 2, 5)), np.zeros((1, 2, 5)))
+
+
+@pytest.mark.parametrize("attr, mutate, prop, what", [
+    ("softplus", scaled, test_selective_scan_matches_attention_form_in_every_layout, "the softplus of delta"),
+])
+def test_a_1e9_relative_error_in_the_reference_fails_the_property(attr, mutate, prop, what, monkeypatch):
+    """Each property above can fail: ssm.<attr> off by a relative 1e-9 must make it fail (verify/mutations.py)."""
+    assert catches(prop, ssm, attr, mutate, monkeypatch), f"{what} off by 1e-9 went unnoticed"

@@ -1,10 +1,12 @@
 """Claim 3 (docs/conventions.md §11): the hidden-space input u* of eq. 20 is a per-channel token iff W_j is constant over the state s."""
 
 import numpy as np
+import pytest
 from hypothesis import given, strategies as st
 
 from stm_ref import merge, ssm
 from verify.strategies import assert_close_scaled, magnitude, make_problem, problems_with_plans, seeds
+from verify.mutations import catches, scaled
 
 
 def _best_token(Bstar, ustar):
@@ -70,3 +72,11 @@ def test_generic_B_with_several_states_has_no_exact_token(seed, D, N):
     h_tok = merge.scan_direction(Astar, Bstar, x, "forward")
     h = ssm.scan(Abar, Bbar, u)
     assert np.max(np.abs(h_tok[k] - h[1])) > 1e-8 * np.max(np.abs(h[1]))
+
+
+@pytest.mark.parametrize("attr, mutate, prop, what", [
+    ("merge_weights", scaled, test_with_one_state_the_exact_merge_is_a_token, "claim 3: the N=1 token"),
+])
+def test_a_1e9_relative_error_in_the_reference_fails_the_property(attr, mutate, prop, what, monkeypatch):
+    """Each property above can fail: merge.<attr> off by a relative 1e-9 must make it fail (verify/mutations.py)."""
+    assert catches(prop, merge, attr, mutate, monkeypatch), f"{what} off by 1e-9 went unnoticed"
