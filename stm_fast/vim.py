@@ -179,9 +179,9 @@ class MambaMixer(nn.Module):
     def branch(self, x, z, reverse=False, decay_scale=None, keep=False, first_steps=0):
         """One direction on (batch, E, L) inputs in token position order: the causal conv + SiLU,
         projections and the selective scan, the backward direction (``reverse``) scanning t = L-1 .. 0.
-        Returns y (batch, E, L) and, with ``keep``, this direction's ``DirectionStats`` (pre-bias delta, bias,
-        B, C, A, y, u) with its first ``first_steps`` scan steps when the backend returned them: what eq. 5
-        and eq. 11 need, computed by the forward itself.
+        Returns (y (batch, E, L); with ``keep`` this direction's ``DirectionStats`` (pre-bias delta, bias, B,
+        C, A, y, u), else None; its first ``first_steps`` scan steps (``FirstSteps``) when the backend
+        returned them, else None): what eq. 5 and eq. 11 need, computed by the forward itself.
 
         x and z are (batch, E, L) views of channel-last (batch, L, E) memory, as the input projection makes
         them; every step keeps that layout, so no transpose is ever materialised, and y comes back in it.

@@ -1,11 +1,13 @@
-"""stm_fast.reduce (stm, tome, top, evit) against the float64 oracle stm_ref.vim + stm_ref.reduction.
+"""stm_fast.reduce against the float64 oracle stm_ref.vim + stm_ref.reduction, case by case.
 
-Each case builds a small random float64 Vim (tests/test_vim.py's ``random_model``), patches it with
+Each case builds a small random float64 Vim (``tests.builders.random_model``), reduces it with
 ``stm_fast.reduce(model, method, schedule=...)`` and compares its logits with
 ``stm_ref.vim.forward(sd, x, reduction=model.reduction.to_dict())``, which runs the same reduction one image at a
-time in float64 NumPy: max |logit difference| <= 1e-9. Two geometries: 16x16 images with 4x4 patches
-(17 tokens, class token at 8) and 12x12 with 4x4 patches (10 tokens, class token at 4, off-centre).
-A few hand-built cases pin the reference steps themselves to the semantics of ``stm_fast.peers``.
+time in float64 NumPy: max |logit difference| <= 1e-9. Geometries from ``tests.builders.GEOMETRY``: 16x16 images
+with 4x4 patches (17 tokens, class token at 8), 12x12 with 4x4 patches (10 tokens, class token at 4,
+off-centre) and overlapping patches. A few hand-built cases pin the reference steps themselves
+(``stm_ref.reduction``) to the semantics the fast methods document. Every registered method's example options
+are compared the same way in tests/test_method_registry.py.
 """
 
 import numpy as np
@@ -19,10 +21,6 @@ from stm_ref import vim as ref_vim
 from tests.builders import GEOMETRY, random_model
 
 TOL = 1e-9
-
-
-
-
 
 
 def _case(method, tokens, schedule, seed=0, embed_dim=8, d_state=4, batch=3, backend=None, **options):
