@@ -126,3 +126,19 @@ def test_list_shows_the_testbeds(capsys):
     assert ev_cli.main(["--list"]) == 0
     line = next(l for l in capsys.readouterr().out.splitlines() if l.startswith("testbeds"))
     assert "digits" in line and "paper-geometry" in line and "fashion-mnist" in line
+
+
+def test_every_eval_option_becomes_an_evalconfig_field_by_name():
+    """parse_args builds EvalConfig by field name: the parsed options are the fields (the --stm-* ones make
+    stm_options), and an option added without a field is caught at once."""
+    args = eval_cli.build_parser().parse_args(["--quiet", "--stm-sides", "left"])
+    config = eval_cli.parse_args(["--quiet", "--stm-sides", "left"])
+    fields = set(config.__dataclass_fields__)
+    for name, value in vars(args).items():
+        if name.startswith("stm_"):
+            assert config.stm_options[name[4:]] == value
+        elif name != "list":
+            assert name in fields, f"--{name.replace('_', '-')} has no EvalConfig field"
+    args.new_flag = True
+    with pytest.raises(AssertionError, match="new_flag"):
+        eval_cli.config_from(args)
