@@ -22,7 +22,7 @@ import torch
 from stm_fast import ssm
 from stm_fast.registry import MODEL_CONFIGS
 
-from benchmarks.bench_scan import _channel_last, _inputs
+from benchmarks.scan_inputs import channel_last, scan_inputs
 
 BLOCK = 64  # channels per parallel task, as the fused kernel blocks them
 
@@ -68,7 +68,7 @@ def main(argv=None):
     ap.add_argument("--rounds", type=int, default=21)
     args = ap.parse_args(argv)
     cfg = MODEL_CONFIGS[args.model]
-    kw = _channel_last(_inputs(args.batch, cfg.d_inner, cfg.num_tokens, cfg.d_state, device="cpu"))
+    kw = channel_last(scan_inputs(args.batch, cfg.d_inner, cfg.num_tokens, cfg.d_state, device="cpu"))
     rows = {k: kw[k].transpose(1, 2).numpy() for k in ("u", "delta", "z", "B", "C")}  # contiguous rows
     A_t, Dskip, bias = (np.ascontiguousarray(kw[k].numpy().T if k == "A" else kw[k].numpy()) for k in ("A", "D", "delta_bias"))
     y = np.empty_like(rows["u"])

@@ -21,7 +21,7 @@ from stm_fast import ssm
 from stm_fast.floor import exp2_rate
 from stm_fast.registry import MODEL_CONFIGS
 
-from benchmarks.bench_scan import _channel_last, _inputs
+from benchmarks.scan_inputs import channel_last, scan_inputs
 
 
 def _once(backend, kw):
@@ -39,7 +39,7 @@ def main(argv=None):
     args = ap.parse_args(argv)
     cfg = MODEL_CONFIGS[args.model]
     shape = (args.batch, cfg.d_inner, cfg.num_tokens, cfg.d_state)
-    kw = _channel_last(_inputs(*shape, device="cpu"))
+    kw = channel_last(scan_inputs(*shape, device="cpu"))
     times = {b: [] for b in args.backends}
     with torch.inference_mode():
         for b in args.backends:
