@@ -12,7 +12,8 @@ from stm_fast.reduction import Reduction, make_reduction
 def value(tokens, overhead=None):
     """A Reduction value with these tokens per layer (what flops reads of it), built by hand."""
     schedule = tuple(a - b for a, b in zip(tokens, tokens[1:]))
-    return Reduction("stm", {}, schedule, tuple(tokens), 0.0, None, tuple(overhead or (0,) * len(schedule)))
+    return Reduction(method="stm", options={}, schedule=schedule, tokens_per_layer=tuple(tokens), rate=0.0,
+                     requested_rate=None, overhead_flops_per_layer=tuple(overhead or (0,) * len(schedule)))
 
 PAPER_GFLOPS = {"vim_tiny": 1.45, "vim_small": 5.08, "vim_base": 18.87}
 

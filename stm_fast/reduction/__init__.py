@@ -63,7 +63,8 @@ def _none(cfg, rate, schedule) -> Reduction:
     if removes:
         raise ValueError("method 'none' takes no rate or schedule")
     L, depth = cfg.num_tokens, cfg.depth
-    return Reduction("none", MappingProxyType({}), (0,) * (depth - 1), (L,) * depth, 0.0, 0.0, (0,) * (depth - 1))
+    return Reduction(method="none", options=MappingProxyType({}), schedule=(0,) * (depth - 1), tokens_per_layer=(L,) * depth,
+                     rate=0.0, requested_rate=0.0, overhead_flops_per_layer=(0,) * (depth - 1))
 
 
 def make_reduction(model_or_cfg, method: str, rate: float | None = None, schedule=None, **options: Any) -> Reduction:
@@ -96,8 +97,9 @@ def make_reduction(model_or_cfg, method: str, rate: float | None = None, schedul
     tokens = tokens_per_layer(L, schedule, depth)
     check_step_limits(method, schedule, tokens, impl.max_per_step)
     overhead = tuple(impl.overhead_flops(tokens[i], k) if k else 0 for i, k in enumerate(schedule))
-    return Reduction(method, MappingProxyType(dict(impl.options)), tuple(schedule), tuple(tokens), rate_of(tokens),
-                     rate, overhead, impl)
+    return Reduction(method=method, options=MappingProxyType(dict(impl.options)), schedule=tuple(schedule),
+                     tokens_per_layer=tuple(tokens), rate=rate_of(tokens), requested_rate=rate,
+                     overhead_flops_per_layer=overhead, impl=impl)
 
 
 def install(model, reduction):

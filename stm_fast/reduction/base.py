@@ -131,7 +131,7 @@ def register_method(cls: type[Method]) -> type[Method]:
     return cls
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Reduction:
     """One token reduction, as a value: the method and its options, the schedule (tokens removed after each
     layer, in total; docs/conventions.md §6), tokens entering each layer, the achieved and requested rates
