@@ -120,8 +120,10 @@ def scan_steps(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplu
     b = backend_record(resolve_backend(backend, u.device, ct, grad, decay_scale is not None))
     for seen in _RECORDERS:
         seen.add(b.name)
-    call = ScanCall(u, delta, A, B, C, D, z, delta_bias, bool(delta_softplus), decay_scale, bool(reverse),
-                    int(first_steps) if b.first_steps and decay_scale is None else 0, bool(return_last_state), grad, ct)
+    call = ScanCall(u=u, delta=delta, A=A, B=B, C=C, D=D, z=z, delta_bias=delta_bias,
+                    delta_softplus=bool(delta_softplus), decay_scale=decay_scale, reverse=bool(reverse),
+                    first_steps=int(first_steps) if b.first_steps and decay_scale is None else 0,
+                    last_state=bool(return_last_state), grad=grad, dtype=ct)
     return b.load().scan(call)
 
 

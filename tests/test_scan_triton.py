@@ -109,8 +109,8 @@ def test_through_selective_scan_equals_the_torch_backend_and_the_reference(rever
 
 def test_scan_returns_the_last_state_only_when_asked():
     kw = _on(make_case(np.random.default_rng(3), 1, 3, 2, 4))
-    call = ScanCall(kw["u"], kw["delta"], kw["A"], kw["B"], kw["C"], kw["D"], kw["z"], kw["delta_bias"], True,
-                    reverse=True, dtype=torch.float64)
+    call = ScanCall(u=kw["u"], delta=kw["delta"], A=kw["A"], B=kw["B"], C=kw["C"], D=kw["D"], z=kw["z"],
+                    delta_bias=kw["delta_bias"], delta_softplus=True, reverse=True, dtype=torch.float64)
     out = scan_triton.scan(call)
     assert out.last is None and out.first is None
     both = scan_triton.scan(replace(call, last_state=True))

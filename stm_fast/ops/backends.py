@@ -5,7 +5,7 @@ devices it runs on and those where the automatic choice tries it, the compute dt
 is differentiable, takes a ``decay_scale``, exports its first scan steps, scans backward by index
 arithmetic (``reverse="index"``) or on flipped copies (``"flip"``), what must be installed for it to be
 expected to work, the environment variables its probe depends on, and whether its module offers STM's
-``ends_lsq_weights``. Every module implements the same three functions:
+``ends_lsq_weights``. Records are built with keywords only. Every module implements the same three functions:
 
 * ``check(device)``: raise (with the reason) unless the kernel really runs there;
 * ``scan(call: ScanCall) -> ScanOutput``: the call, ``reverse`` included;
@@ -27,7 +27,7 @@ __all__ = ["Backend", "BACKENDS", "backend", "names"]
 _F32, _F64, _F16, _BF16 = torch.float32, torch.float64, torch.float16, torch.bfloat16
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Backend:
     name: str
     module: str
@@ -52,14 +52,19 @@ class Backend:
 
 
 BACKENDS = (
-    Backend("mamba_ssm", "stm_fast.ops.scan_mamba", ("cuda",), ("cuda",), (_F32, _F16, _BF16), False, False, False,
-            "flip", requires=("selective_scan_cuda", "mamba_ssm"), note="CUDA and `pip install .[cuda]`"),
-    Backend("triton", "stm_fast.ops.scan_triton", ("cuda", "cpu"), ("cuda",), (_F32, _F64), False, True, False, "index",
+    Backend(name="mamba_ssm", module="stm_fast.ops.scan_mamba", devices=("cuda",), automatic_on=("cuda",),
+            dtypes=(_F32, _F16, _BF16), differentiable=False, decay_scale=False, first_steps=False, reverse="flip",
+            requires=("selective_scan_cuda", "mamba_ssm"), note="CUDA and `pip install .[cuda]`"),
+    Backend(name="triton", module="stm_fast.ops.scan_triton", devices=("cuda", "cpu"), automatic_on=("cuda",),
+            dtypes=(_F32, _F64), differentiable=False, decay_scale=True, first_steps=False, reverse="index",
             requires=("triton",), probe_env=("TRITON_INTERPRET",), note="CUDA, or CPU under TRITON_INTERPRET=1"),
-    Backend("fused", "stm_fast.ops.scan_fused", ("cpu",), ("cpu",), (_F32, _F64), True, True, True, "index",
+    Backend(name="fused", module="stm_fast.ops.scan_fused", devices=("cpu",), automatic_on=("cpu",),
+            dtypes=(_F32, _F64), differentiable=True, decay_scale=True, first_steps=True, reverse="index",
             weights_kernel=True, note="a C++ compiler (built on first use)"),
-    Backend("torch", "stm_fast.ops.scan_torch", ("*",), ("*",), (_F32, _F64), True, True, True, "flip"),
-    Backend("loop", "stm_fast.ops.scan_loop", ("*",), (), (_F32, _F64), True, True, False, "flip"),
+    Backend(name="torch", module="stm_fast.ops.scan_torch", devices=("*",), automatic_on=("*",),
+            dtypes=(_F32, _F64), differentiable=True, decay_scale=True, first_steps=True, reverse="flip"),
+    Backend(name="loop", module="stm_fast.ops.scan_loop", devices=("*",), automatic_on=(),
+            dtypes=(_F32, _F64), differentiable=True, decay_scale=True, first_steps=False, reverse="flip"),
 )
 
 _BY_NAME = {b.name: b for b in BACKENDS}

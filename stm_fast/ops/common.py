@@ -62,12 +62,12 @@ class FirstSteps:
     B: torch.Tensor | None
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class ScanCall:
     """One selective-scan call, as ``stm_fast.ssm.selective_scan`` received it (mamba-ssm's layout), with
     ``reverse`` (scan t = L-1 .. 0, outputs still indexed by t), ``first_steps`` (export the first n scan
     steps; 0: none), ``last_state`` (return the final state), ``grad`` (whether the inputs need gradients)
-    and ``dtype`` (the compute dtype)."""
+    and ``dtype`` (the compute dtype). Built with keywords only."""
 
     u: torch.Tensor
     delta: torch.Tensor
