@@ -7,8 +7,7 @@ token positions (docs/conventions.md §2 for positions vs scan order). No extra 
 
 from __future__ import annotations
 
-import functools
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -119,32 +118,52 @@ class DirectionStats:
 
 @dataclass
 class LayerStats:
-    """Both directions' statistics of one layer and, when the layer was asked for them and its scan
-    backend returned them, both directions' first scan steps (``first_pair``: forward, backward
-    ``FirstSteps``). ``first_steps`` stacks them step-major on first use: delta (n, 2, batch, E), Abar
-    (n, 2, batch, N, E) and B (n, 2, batch, N) or None (forward first on the second axis). STM's step
-    consumes them: it overwrites the Abar buffer with suffix products."""
+    """Both directions' statistics of one layer and, when the layer was asked for them and its scan backend
+    returned them, both directions' first scan steps (``first_pair``: forward, backward ``FirstSteps``, the
+    scan's own buffers, in scan order).
+
+    The first steps have one owner at a time: these statistics until someone takes them
+    (``take_first_steps``), then the taker, who may overwrite them (STM's weights write suffix products of
+    Abar into the Abar buffers, ``stm_fast.reduction.merge.ends_weights``). They are handed over once; a view
+    of these statistics in another dtype (``in_dtype``) shares them and their hand-over. ``replace(stats,
+    first_pair=...)`` makes new statistics that own the buffers given."""
 
     forward: DirectionStats
     backward: DirectionStats
     first_pair: tuple | None = None
     output: torch.Tensor | None = None  # the mixer output (batch, L, d), when requested
+    # whether first_pair was handed over: one mutable flag shared by the views of these statistics
+    _handed: list = field(default_factory=lambda: [False], init=False, repr=False, compare=False)
 
     def direction(self, forward: bool) -> DirectionStats:
         return self.forward if forward else self.backward
 
     def in_dtype(self, dtype) -> LayerStats:
-        """These statistics read in ``dtype`` (itself if they already are: bias, B and C in it)."""
+        """These statistics read in ``dtype`` (itself if they already are: bias, B and C in it); a new view
+        shares the first steps and their hand-over (``take_first_steps``)."""
         f = self.forward
         if f.bias.dtype == dtype and f.B.dtype == dtype and f.C.dtype == dtype and (f._y is None or f._y.dtype == dtype):
             return self
         out = None if self.output is None else self.output.to(dtype)
-        return LayerStats(self.forward.in_dtype(dtype), self.backward.in_dtype(dtype), self.first_pair, out)
+        view = LayerStats(self.forward.in_dtype(dtype), self.backward.in_dtype(dtype), self.first_pair, out)
+        view._handed = self._handed
+        return view
 
-    @functools.cached_property
-    def first_steps(self):
+    @property
+    def first_steps(self) -> tuple | None:
+        """The first steps these statistics still own (forward, backward ``FirstSteps``), to look at; None when
+        the layer exported none or they were taken. Whoever overwrites them takes them first."""
+        return None if self._handed[0] else self.first_pair
+
+    def take_first_steps(self) -> tuple | None:
+        """Hand the scan's first steps (forward, backward ``FirstSteps``) over to the caller, who owns them from
+        then on and may overwrite their buffers; None when the layer exported none. Once only: a second take
+        (through these statistics or a view of them) raises RuntimeError, since the buffers may hold something
+        else by then (take them from ``replace(stats, first_pair=<copies>)`` to compute twice)."""
         if self.first_pair is None:
             return None
-        f, b = self.first_pair
-        B = None if f.B is None or b.B is None else torch.stack([f.B, b.B], 1)
-        return torch.stack([f.delta, b.delta], 1), torch.stack([f.Abar, b.Abar], 1), B
+        if self._handed[0]:
+            raise RuntimeError("these statistics' first scan steps were taken already (their owner may have "
+                               "overwritten them)")
+        self._handed[0] = True
+        return self.first_pair

@@ -3,7 +3,8 @@
 This module chooses a backend and calls it; the kernels and their facts (one ``Backend`` record each) are
 in ``stm_fast.ops.backends``: ``torch`` (any device, chunked inference scan and a differentiable twin),
 ``fused`` (compiled CPU kernels, built on first use), ``triton`` and ``mamba_ssm`` (CUDA), ``loop`` (the
-naive floor). Nothing here names a backend.
+naive floor). Nothing here names a backend. (STM's compiled weight kernels have their own table,
+``stm_fast.ops.weight_kernels``.)
 
 Automatic choice (``backend=None``): the first record of ``BACKENDS`` that the automatic choice tries on
 the device, that really works there (probed once, ``ops.probe``) and that takes the call (its dtype,
@@ -26,7 +27,7 @@ from .ops.probe import probe, say_once
 from .runtime import compute_dtype
 
 __all__ = ["selective_scan", "scan_steps", "causal_conv", "available_backends", "backend_status", "resolve_backend",
-           "BackendUnavailable", "compiled_ends_lsq", "backends_used", "FirstSteps", "ScanOutput"]
+           "BackendUnavailable", "backends_used", "FirstSteps", "ScanOutput"]
 
 
 class BackendUnavailable(RuntimeError):
@@ -167,15 +168,3 @@ def causal_conv(x, weight, bias, reverse=False, backend=None, dtype=None):
     grad = _needs_grad(x, weight, bias)
     name = resolve_backend(backend, x.device, dtype or compute_dtype(x), grad)
     return backend_record(name).load().conv(x, weight, bias, reverse)
-
-
-def compiled_ends_lsq(tensors):
-    """A compiled ``ends_lsq_weights`` that takes these tensors (all on one device whose backend offers one
-    and works, contiguous), or None: the caller then forms the weights with torch."""
-    if not all(t is not None and t.is_contiguous() for t in tensors):
-        return None
-    device = tensors[0].device
-    for b in BACKENDS:
-        if b.weights_kernel and b.runs_on(device) and _works(b, device)[0]:
-            return b.load().ends_lsq_weights
-    return None

@@ -4,8 +4,9 @@ A record names the kernel's module in ``stm_fast.ops`` (imported on first use) a
 devices it runs on and those where the automatic choice tries it, the compute dtypes it takes, whether it
 is differentiable, takes a ``decay_scale``, exports its first scan steps, scans backward by index
 arithmetic (``reverse="index"``) or on flipped copies (``"flip"``), what must be installed for it to be
-expected to work, the environment variables its probe depends on, and whether its module offers STM's
-``ends_lsq_weights``. Records are built with keywords only. Every module implements the same three functions:
+expected to work, and the environment variables its probe depends on. Records are built with keywords
+only. (STM's compiled weight kernels, which are not scans, have their own table:
+``stm_fast.ops.weight_kernels``.) Every module implements the same three functions:
 
 * ``check(device)``: raise (with the reason) unless the kernel really runs there;
 * ``scan(call: ScanCall) -> ScanOutput``: the call, ``reverse`` included;
@@ -40,7 +41,6 @@ class Backend:
     reverse: str  # "index" or "flip"
     requires: tuple[str, ...] = ()  # importable modules that make it expected to work (empty: always expected)
     probe_env: tuple[str, ...] = ()  # environment variables the probe's answer depends on
-    weights_kernel: bool = False  # its module has ends_lsq_weights (STM's lsq weights from first steps)
     note: str = ""  # what a user should know when asking for it
 
     def load(self):
@@ -60,7 +60,7 @@ BACKENDS = (
             requires=("triton",), probe_env=("TRITON_INTERPRET",), note="CUDA, or CPU under TRITON_INTERPRET=1"),
     Backend(name="fused", module="stm_fast.ops.scan_fused", devices=("cpu",), automatic_on=("cpu",),
             dtypes=(_F32, _F64), differentiable=True, decay_scale=True, first_steps=True, reverse="index",
-            weights_kernel=True, note="a C++ compiler (built on first use)"),
+            note="a C++ compiler (built on first use)"),
     Backend(name="torch", module="stm_fast.ops.scan_torch", devices=("*",), automatic_on=("*",),
             dtypes=(_F32, _F64), differentiable=True, decay_scale=True, first_steps=True, reverse="flip"),
     Backend(name="loop", module="stm_fast.ops.scan_loop", devices=("*",), automatic_on=(),

@@ -332,13 +332,15 @@ def causal_conv_silu(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch
     return y.transpose(1, 2)
 
 
-def ends_lsq_weights(d: torch.Tensor, abar: torch.Tensor, B: torch.Tensor, r: int, norm: bool = False) -> torch.Tensor:
-    """STM's ``lsq`` (``norm``: ``lsq_norm``) weights of the ``ends`` plan, (S, batch, r) in scan order, from the
-    first steps the kernel exported: d (n, S, batch, E), abar (n, S, batch, N, E), B (n, S, batch, N),
-    contiguous, n > r (eq. 11; twin of ``stm_fast.reduction.merge._lsq_from_first_steps``, which overwrites abar with
-    the suffix products; this leaves it untouched)."""
+def ends_lsq_weights(d: torch.Tensor, abar: torch.Tensor, B: torch.Tensor, r: int, variant: str = "lsq") -> torch.Tensor:
+    """STM's ``lsq`` or ``lsq_norm`` weights (``variant``) of the ``ends`` plan, (S, batch, r) in scan order, from
+    the first steps the kernel exported: d (n, S, batch, E), abar (n, S, batch, N, E), B (n, S, batch, N),
+    contiguous, n > r (eq. 11; a compiled form of those variants' definitions in ``stm_fast.reduction.merge``,
+    record in ``stm_fast.ops.weight_kernels``). abar is left untouched."""
+    if variant not in ("lsq", "lsq_norm"):
+        raise ValueError(f"ends_lsq_weights computes the 'lsq' and 'lsq_norm' weights, not {variant!r}")
     w = torch.empty(d.shape[1], d.shape[2], r, dtype=d.dtype)
-    _module().ends_lsq_weights(d, abar, B, int(r), bool(norm), w)
+    _module().ends_lsq_weights(d, abar, B, int(r), variant == "lsq_norm", w)
     return w
 
 

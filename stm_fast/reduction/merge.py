@@ -6,23 +6,34 @@ they are computed from the statistics the layer just run already produced (per-t
 softplus, B, and A of each direction), with Mamba's Euler discretisation Abar = exp(delta*A),
 Bbar = delta*B (what its kernels compute). Left-side tokens use the forward direction, right-side
 tokens the backward direction, all indexed by token position.
+
+Each weight variant is one ``WeightVariant`` record of ``WEIGHT_VARIANTS`` with its one definition (a
+per-pair formula, a constant, the tokens' sizes, or a joint fit) and the facts the rest of the package
+reads (whether it reads the statistics or the scan's first steps, whether merges normalise). Faster forms
+of a definition, a batched torch form on the record and the compiled weight kernels that name the variant
+(``stm_fast.ops.weight_kernels``), are tried first where they apply (``fast_forms``; tests/test_merge.py
+checks each against the definition). Adding a variant: its definition and record here, its twin in
+``stm_ref.merge``.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import lru_cache
+from types import MappingProxyType
+from typing import Callable
 
 import numpy as np
 import torch
 
-from stm_ref.merge import CONSTANT_VARIANTS, JOINT_RIDGE, NORMALISED_VARIANTS, TOKEN_WEIGHT_VARIANTS, merge_plan, noise_row
+from stm_ref.merge import JOINT_RIDGE, merge_plan, noise_row
 
 from ..ops.common import LOG2E
-from ..ssm import compiled_ends_lsq
+from ..ops.weight_kernels import kernels_for, weight_kernel
 
 __all__ = ["PlanIndex", "plan_index", "token_weights", "ends_weights", "merge_tokens", "merge_ends", "size_weights",
-           "merged_sizes", "TOKEN_WEIGHT_VARIANTS", "CONSTANT_VARIANTS", "NORMALISED_VARIANTS"]
+           "merged_sizes", "WeightVariant", "WEIGHT_VARIANTS", "weight_variant", "fast_forms", "TOKEN_WEIGHT_VARIANTS",
+           "CONSTANT_VARIANTS", "NORMALISED_VARIANTS"]
 
 
 @dataclass(frozen=True)
@@ -106,12 +117,11 @@ def plan_index(L, cls, r_left, r_right, positions="ends", device="cpu"):
 
 
 def _filled(stats, R, value):
-    """(batch, R) weights all equal to ``value`` (``avg``: 1, ``drop``: 0, or an empty side), in the statistics' dtype."""
+    """(batch, R) weights all equal to ``value`` (a constant variant, or an empty side), in the statistics' dtype."""
     f = stats.forward
     return torch.full((f.delta_raw.shape[0], R), value, dtype=f.bias.dtype, device=f.delta_raw.device)
 
 
-_CONSTANT = {"avg": 1.0, "drop": 0.0, "noise": 1.0}  # weight variants that need no statistics
 _NOISE_CACHE: dict = {}
 
 
@@ -135,104 +145,68 @@ def _replace_by_noise(out, L, targets, slots):
     return out
 
 
+# --- The weight variants' definitions (docs/conventions.md §4; twins: stm_ref.merge.token_weights) -------------
+# A per-pair definition gives, per reduced token j -> target q, the scalar weight from that direction's statistics:
+# P (..., N, E): P_{j->q} = exp(A * the sum of delta over the steps after j up to and including q in scan order)
+# (eq. 11); dj, dq (..., E): delta; Bj, Bq (..., N): B (leading axes broadcast); Bbar = delta (x) B. Channels are
+# the last, contiguous axis throughout, so every op is a row-wise vector op and the sum over states is one small
+# matrix product.
+
 def _decay_products(A2, S):
     """P = exp(A * S) = exp2(A2 * S): (..., R, N, E) from S (..., R, E) and A2 = A * log2(e) as (N, E)."""
     return torch.mul(A2, S[..., None, :]).exp2_()
 
 
-def _weights_from(variant, P, dj, dq, Bj, Bq, clamp):
-    """Per reduced token j -> target q, the scalar weight of docs/conventions.md §4 from that direction's statistics.
-
-    ``P`` (..., N, E): P_{j->q} = exp(A * the sum of delta over the steps after j up to and including q in
-    scan order) (eq. 11); ``dj, dq`` (..., E): delta; ``Bj, Bq`` (..., N): B (leading axes broadcast);
-    Bbar = delta (x) B. Channels are the last, contiguous axis throughout, so every op is a row-wise vector
-    op and the sum over states is one small matrix product.
-    """
-    if variant == "decay":
-        return P.mean(dim=(-2, -1))
-    if variant in ("lsq", "lsq_norm"):
-        # <P*Bbar_j, Bbar_q>_F / |Bbar_q|_F^2 with Bbar = delta (x) B: sum over N first, the denominator factorises
-        inner = torch.matmul((Bj * Bq)[..., None, :], P)[..., 0, :]  # (..., E)
-        num = torch.linalg.vecdot(inner, dj * dq)
-        den = torch.linalg.vecdot(dq, dq) * torch.linalg.vecdot(Bq, Bq)
-        w = num / den.clamp_min(torch.finfo(den.dtype).tiny)  # den = 0 only if Bbar_q = 0, and then num = 0 too
-        return w.clamp(0.0, 1.0) if variant == "lsq_norm" else w
-    if variant == "mean":
-        Bbar_j = dj[..., None, :] * Bj[..., :, None]  # (..., N, E)
-        Bbar_q = dq[..., None, :] * Bq[..., :, None]
-        floor = clamp * Bbar_q.abs().amax(dim=(-2, -1), keepdim=True)
-        sign = torch.where(Bbar_q < 0, -1.0, 1.0).to(P.dtype)
-        den = sign * torch.maximum(Bbar_q.abs(), floor)
-        w = (P * Bbar_j / torch.where(floor > 0, den, torch.ones_like(den))).mean(dim=(-2, -1))
-        return torch.where(floor[..., 0, 0] > 0, w, torch.zeros_like(w))
-    raise ValueError(f"weights must be one of {TOKEN_WEIGHT_VARIANTS}, got {variant!r}")
+def _decay(P, dj, dq, Bj, Bq, clamp):
+    """``decay``: the mean over (N, E) of P_{j->q} (eq. 11's decay alone; shapes above)."""
+    return P.mean(dim=(-2, -1))
 
 
-def _side_weights(st, side, variant, clamp):
-    """Scalar weights (batch, R_side) for one side's reduced tokens, from that direction's statistics.
-
-    ``st``: a ``DirectionStats``; ``side``: its ``SideIndex``. Only the positions between the reduced
-    tokens and their targets are read.
-    """
-    d = st.delta_rows(side.span)  # (batch, span, E)
-    if variant in _CONSTANT:
-        return torch.full((d.shape[0], len(side.j)), _CONSTANT[variant], dtype=d.dtype, device=d.device)
-    cz = torch.nn.functional.pad(torch.cumsum(d, dim=1), (0, 0, 1, 0))
-    S = cz.index_select(1, side.upper) - cz.index_select(1, side.lower)  # (batch, R, E)
-    Bs = st.B_rows(side.span).to(d.dtype)  # (batch, span, N)
-    P = _decay_products(st.A.t() * LOG2E, S)
-    return _weights_from(variant, P, d.index_select(1, side.j), d.index_select(1, side.q),
-                         Bs.index_select(1, side.j), Bs.index_select(1, side.q), clamp)
+def _lsq(P, dj, dq, Bj, Bq, clamp):
+    """``lsq`` (eq. 11): <P*Bbar_j, Bbar_q>_F / |Bbar_q|_F^2 with Bbar = delta (x) B (shapes above): the sum over
+    N first, the denominator factorised as |delta_q|^2 |B_q|^2; 0 where Bbar_q = 0."""
+    inner = torch.matmul((Bj * Bq)[..., None, :], P)[..., 0, :]  # (..., E)
+    num = torch.linalg.vecdot(inner, dj * dq)
+    den = torch.linalg.vecdot(dq, dq) * torch.linalg.vecdot(Bq, Bq)
+    return num / den.clamp_min(torch.finfo(den.dtype).tiny)  # den = 0 only if Bbar_q = 0, and then num = 0 too
 
 
-def _lsq_from_first_steps(P, d, Bh, r, variant):
-    """``lsq``/``lsq_norm`` weights (r, sides, batch) from step-major P (r, sides, batch, N, E), delta
-    (r + 1, sides, batch, E) and B (r + 1, sides, batch, N): ``_weights_from``'s arithmetic written as
-    batched small matrix products on these fixed shapes. A deliberate twin of that branch (tests compare
-    them): inside a forward the STM step is dominated by per-call overhead (each torch call costs a few
-    microseconds on a CPU whatever its size), so this path makes as few calls as it can; folding both
-    into one shape-generic function made the step measurably slower inside forwards."""
+def _lsq_norm(P, dj, dq, Bj, Bq, clamp):
+    """``lsq_norm``: ``lsq`` clamped to [0, 1] (merged as a weighted average)."""
+    return _lsq(P, dj, dq, Bj, Bq, clamp).clamp(0.0, 1.0)
+
+
+def _mean(P, dj, dq, Bj, Bq, clamp):
+    """``mean``: the mean over (N, E) of P*Bbar_j/Bbar_q, |Bbar_q| floored at ``clamp`` * max|Bbar_q| (sign kept,
+    0 counts as positive); 0 where Bbar_q = 0 (shapes above)."""
+    Bbar_j = dj[..., None, :] * Bj[..., :, None]  # (..., N, E)
+    Bbar_q = dq[..., None, :] * Bq[..., :, None]
+    floor = clamp * Bbar_q.abs().amax(dim=(-2, -1), keepdim=True)
+    sign = torch.where(Bbar_q < 0, -1.0, 1.0).to(P.dtype)
+    den = sign * torch.maximum(Bbar_q.abs(), floor)
+    w = (P * Bbar_j / torch.where(floor > 0, den, torch.ones_like(den))).mean(dim=(-2, -1))
+    return torch.where(floor[..., 0, 0] > 0, w, torch.zeros_like(w))
+
+
+def _lsq_from_first_steps(P, d, Bh, r):
+    """``lsq`` weights (r, sides, batch) from step-major P (r, sides, batch, N, E), delta (r + 1, sides, batch, E)
+    and B (r + 1, sides, batch, N): the batched form of ``_lsq`` (eq. 11), as batched small matrix products on
+    these fixed shapes. A deliberate twin (tests/test_merge.py compares every faster form with its definition):
+    inside a forward the STM step is dominated by per-call overhead (each torch call costs a few microseconds
+    on a CPU whatever its size), so this form makes as few calls as it can; folding both into one shape-generic
+    function made the step measurably slower inside forwards."""
     _, s, b, N, E = P.shape
     G = r * s * b
     dq, Bq = d[r], Bh[r]
     inner = torch.bmm(torch.mul(Bh[:r], Bq).view(G, 1, N), P.reshape(G, N, E))  # sum over N of P*Bj*Bq
     num = torch.linalg.vecdot(inner.view(r, s, b, E), torch.mul(d[:r], dq))
     den = torch.linalg.vecdot(dq, dq).mul_(torch.linalg.vecdot(Bq, Bq))  # |Bbar_q|_F^2 = |delta_q|^2 |B_q|^2
-    w = num.div_(den.clamp_min_(torch.finfo(den.dtype).tiny))  # den = 0 only if Bbar_q = 0, and then num = 0 too
-    return w.clamp_(0.0, 1.0) if variant == "lsq_norm" else w
+    return num.div_(den.clamp_min_(torch.finfo(den.dtype).tiny))  # den = 0 only if Bbar_q = 0, and then num = 0 too
 
 
-def _stacked_ends_weights(sts, r, variant, clamp, first=None):
-    """Weights (len(sts), batch, r) of the ``ends`` plan, in each direction's scan order.
-
-    There a side's reduced tokens are its direction's first r scan steps and their common target is
-    step r, so only the first r + 1 rows of each direction are read (slices, no gathers), and the
-    directions of both sides stack along a leading axis: one set of small kernels for the whole step.
-    P_j = Abar_{j+1} ... Abar_r. ``first``: the scan's own delta (n, sides, batch, E), Abar
-    (n, sides, batch, N, E) and B (n, sides, batch, N) or None, of the first n > r steps
-    (``LayerStats.first_steps``), reused (no exp; the Abar buffer is overwritten with P); without
-    them, delta and P are recomputed from the statistics. (A compiled kernel, where one takes the first
-    steps, is tried before: ``_compiled_pair_weights``.)
-    """
-    if variant == "lsq_joint":
-        return _joint_ends_weights(sts, r)
-    if first is not None:  # step-major: (step, sides, batch, ...), so the slices below are contiguous
-        d, a, Bh = first
-        rows = a.unbind(0)
-        for j in range(r - 1, 0, -1):  # suffix products in place; r is a few tokens (cumprod is slower)
-            torch.mul(rows[j], rows[j + 1], out=rows[j])
-        P = a[1:r + 1]
-        if Bh is None:
-            Bh = torch.stack([st.first_B(r + 1) for st in sts], dim=1)
-        if Bh.dtype != d.dtype:
-            Bh = Bh.to(d.dtype)
-        if variant in ("lsq", "lsq_norm"):
-            w = _lsq_from_first_steps(P, d, Bh, r, variant)
-        else:
-            w = _weights_from(variant, P, d[:r], d[r:r + 1], Bh[:r], Bh[r:r + 1], clamp)  # (r, sides, batch)
-        return w.permute(1, 2, 0).contiguous()  # contiguous rows: bmm on strided operands loops per image
-    d, B, P = _ends_decays(sts, r)
-    return _weights_from(variant, P, d[:, :, :r], d[:, :, r:], B[:, :, :r], B[:, :, r:], clamp)
+def _lsq_norm_from_first_steps(P, d, Bh, r):
+    """The batched form of ``_lsq_norm`` (``_lsq_from_first_steps`` clamped to [0, 1])."""
+    return _lsq_from_first_steps(P, d, Bh, r).clamp_(0.0, 1.0)
 
 
 def _ends_decays(sts, r):
@@ -266,58 +240,241 @@ def _joint_ends_weights(sts, r):
     return torch.linalg.solve_ex(G + JOINT_RIDGE * diag[..., None, None] * eye, b[..., None])[0][..., 0]
 
 
-def _compiled_pair_weights(pair, r, variant):
-    """(forward, backward) lsq weights (batch, r) in scan order by a compiled kernel that takes each
-    direction's first steps as they are (no stacking copy), or None where none takes them."""
-    if r == 0 or variant not in ("lsq", "lsq_norm") or any(f.B is None for f in pair):
-        return None
-    kernel = compiled_ends_lsq([t for f in pair for t in (f.delta, f.Abar, f.B)])
-    if kernel is None:
-        return None
-    return tuple(kernel(f.delta[:, None], f.Abar[:, None], f.B[:, None].to(f.delta.dtype), r, variant == "lsq_norm")[0]
-                 for f in pair)
+def size_weights(size, plan):
+    """``size`` weights size_j / size_q (ToMe's size-weighted average once normalised), (batch, R) in plan
+    order (left tokens first), from the tokens' sizes (batch, L) (twin: ``stm_ref.merge.token_weights``)."""
+    if plan.ends is not None:
+        rl, rr = plan.ends
+        L = size.shape[1]
+        return torch.cat([size[:, :rl] / size[:, rl:rl + 1], size[:, L - rr:] / size[:, L - rr - 1:L - rr]], dim=1)
+    return size.index_select(1, plan.reduced) / size.index_select(1, plan.target)
 
 
-def _one_side(stats, i, r, variant, clamp, enough):
-    """Weights (batch, r) of one side's direction (i = 0: forward, 1: backward), in its scan order; with
-    ``enough`` first steps, that direction's own (as a one-side stack, no copy)."""
-    direction = stats.forward if i == 0 else stats.backward
-    f = stats.first_pair[i] if enough else None
-    sub = None if f is None else (f.delta[:, None], f.Abar[:, None], None if f.B is None else f.B[:, None])
-    return _stacked_ends_weights([direction], r, variant, clamp, sub)[0]
+# --- The table: one record per variant, each with its one definition ---------------------------------------------
+
+@dataclass(frozen=True, kw_only=True)
+class WeightVariant:
+    """One weight variant of STM's merge (docs/conventions.md §4) and its one definition, exactly one of:
+
+    * ``pair``: f(P, dj, dq, Bj, Bq, clamp), each reduced token's weight from its direction's statistics
+      (eq. 11; the shapes above ``_decay``);
+    * ``constant``: every weight is this value (no statistics read);
+    * ``sizes``: f(size, plan) -> (batch, R), from the tokens' sizes;
+    * ``joint``: f(directions, r) -> (sides, batch, r), each side's r weights fitted together (the ``ends``
+      plan only; it also reads the scan input u).
+
+    ``normalised``: merges divide by 1 + the sum of the weights. ``batched``: an optional faster form of
+    ``pair`` on the scan's first steps, f(P, d, B, r) -> (r, sides, batch) (``_lsq_from_first_steps``'s
+    shapes); the compiled forms are the weight kernels that name the variant (``stm_fast.ops.weight_kernels``).
+    ``fast_forms`` lists both; tests/test_merge.py checks each against the definition.
+    """
+
+    name: str
+    pair: Callable | None = None
+    constant: float | None = None
+    sizes: Callable | None = None
+    joint: Callable | None = None
+    normalised: bool = False
+    batched: Callable | None = None
+
+    def __post_init__(self):
+        defined = [f for f in ("pair", "constant", "sizes", "joint") if getattr(self, f) is not None]
+        if len(defined) != 1:
+            raise ValueError(f"weight variant {self.name!r}: give exactly one definition, got {defined or 'none'}")
+        if self.batched is not None and self.pair is None:
+            raise ValueError(f"weight variant {self.name!r}: a batched form needs a pair definition to twin")
+
+    @property
+    def reads_statistics(self) -> bool:
+        """Whether the weights read the layer's statistics (what the step's overhead counts)."""
+        return self.pair is not None or self.joint is not None
+
+    @property
+    def reads_first_steps(self) -> bool:
+        """Whether the ``ends`` plan's weights can use the scan's exported first steps (``STM.stats_request``)."""
+        return self.pair is not None
+
+    @property
+    def ends_only(self) -> bool:
+        """Whether the weights exist for the ``ends`` plan only."""
+        return self.joint is not None
+
+    @property
+    def extra_inputs(self) -> tuple[str, ...]:
+        """What the weights need besides the layer's delta, A and B: the tokens' sizes, the scan input u."""
+        return ("sizes",) if self.sizes is not None else ("u",) if self.joint is not None else ()
+
+
+WEIGHT_VARIANTS = MappingProxyType({v.name: v for v in (  # the order of stm_ref.merge.TOKEN_WEIGHT_VARIANTS
+    WeightVariant(name="lsq", pair=_lsq, batched=_lsq_from_first_steps),
+    WeightVariant(name="mean", pair=_mean),
+    WeightVariant(name="decay", pair=_decay),
+    WeightVariant(name="lsq_norm", pair=_lsq_norm, batched=_lsq_norm_from_first_steps, normalised=True),
+    WeightVariant(name="avg", constant=1.0, normalised=True),
+    WeightVariant(name="drop", constant=0.0),
+    WeightVariant(name="size", sizes=size_weights, normalised=True),
+    WeightVariant(name="lsq_joint", joint=_joint_ends_weights),
+    WeightVariant(name="noise", constant=1.0, normalised=True),  # then replaced by noise: merge_tokens
+)})
+TOKEN_WEIGHT_VARIANTS = tuple(WEIGHT_VARIANTS)
+NORMALISED_VARIANTS = tuple(n for n, v in WEIGHT_VARIANTS.items() if v.normalised)  # merged as a weighted average
+CONSTANT_VARIANTS = tuple(n for n, v in WEIGHT_VARIANTS.items() if not v.reads_statistics)  # read no statistics
+
+
+def weight_variant(name) -> WeightVariant:
+    """The record of weight variant ``name``; ValueError naming the choices for an unknown one."""
+    if name not in WEIGHT_VARIANTS:
+        raise ValueError(f"weights must be one of {TOKEN_WEIGHT_VARIANTS}, got {name!r}")
+    return WEIGHT_VARIANTS[name]
+
+
+def fast_forms(variant) -> dict:
+    """The faster forms registered for ``variant``'s ``ends`` weights from the scan's first steps, by name:
+    ``batched`` (the record's) and ``kernel <name>`` per compiled weight kernel naming it (nothing probed
+    here). Each is f(d, abar, B, r) -> (S, batch, r) in scan order on step-major first steps of S directions,
+    d (n, S, batch, E), abar (n, S, batch, N, E), B (n, S, batch, N), n > r, or None where it does not run on
+    these tensors; it may overwrite abar. ``ends_weights`` tries a kernel, then the batched form, then the
+    definition; tests/test_merge.py checks every form against the definition."""
+    spec = weight_variant(variant)
+    forms = {}
+    if spec.batched is not None:
+        forms["batched"] = lambda d, a, B, r: spec.batched(_suffix_products(a, r), d, B, r).permute(1, 2, 0)
+    for k in kernels_for(variant):
+        forms[f"kernel {k.name}"] = lambda d, a, B, r, k=k: (
+            k.load()(d, a, B, r, variant) if d.dtype in k.dtypes and k.works(d.device) else None)
+    return forms
+
+
+# --- Choosing a form: the definitions above are the fallback ------------------------------------------------------
+
+def _side_weights(st, side, spec, clamp):
+    """Scalar weights (batch, R_side) for one side's reduced tokens, from that direction's statistics.
+
+    ``st``: a ``DirectionStats``; ``side``: its ``SideIndex``; ``spec``: a ``WeightVariant``. Only the
+    positions between the reduced tokens and their targets are read.
+    """
+    d = st.delta_rows(side.span)  # (batch, span, E)
+    if spec.constant is not None:
+        return torch.full((d.shape[0], len(side.j)), spec.constant, dtype=d.dtype, device=d.device)
+    if spec.pair is None:
+        raise ValueError(f"weights={spec.name!r} have no per-token form: "
+                         + ("they come from the tokens' sizes (size_weights)" if spec.sizes else "the ends plan only"))
+    cz = torch.nn.functional.pad(torch.cumsum(d, dim=1), (0, 0, 1, 0))
+    S = cz.index_select(1, side.upper) - cz.index_select(1, side.lower)  # (batch, R, E)
+    Bs = st.B_rows(side.span).to(d.dtype)  # (batch, span, N)
+    P = _decay_products(st.A.t() * LOG2E, S)
+    return spec.pair(P, d.index_select(1, side.j), d.index_select(1, side.q),
+                     Bs.index_select(1, side.j), Bs.index_select(1, side.q), clamp)
+
+
+def _suffix_products(a, r):
+    """P_j = Abar_{j+1} ... Abar_r (eq. 11) as rows 1..r of step-major Abar a (n, ...), n > r, computed in place
+    (the caller owns a); r is a few tokens (cumprod is slower)."""
+    rows = a.unbind(0)
+    for j in range(r - 1, 0, -1):
+        torch.mul(rows[j], rows[j + 1], out=rows[j])
+    return a[1:r + 1]
+
+
+def _stacked_pair(pair):
+    """Both directions' first steps (forward, backward ``FirstSteps``) stacked step-major into new tensors:
+    delta (n, 2, batch, E), Abar (n, 2, batch, N, E), B (n, 2, batch, N) or None."""
+    f, b = pair
+    B = None if f.B is None or b.B is None else torch.stack([f.B, b.B], 1)
+    return torch.stack([f.delta, b.delta], 1), torch.stack([f.Abar, b.Abar], 1), B
+
+
+def _from_first_steps(spec, sts, first, r, clamp):
+    """Weights (len(sts), batch, r) in each direction's scan order from the scan's first steps ``first``: delta
+    (n, sides, batch, E), Abar (n, sides, batch, N, E) and B (n, sides, batch, N) or None, step-major, n > r
+    (reused: no exp). The caller owns them: the Abar buffer is overwritten with P. The variant's batched form
+    where it has one, else its definition."""
+    d, a, Bh = first
+    P = _suffix_products(a, r)
+    if Bh is None:
+        Bh = torch.stack([st.first_B(r + 1) for st in sts], dim=1)
+    if Bh.dtype != d.dtype:
+        Bh = Bh.to(d.dtype)
+    if spec.batched is not None:
+        w = spec.batched(P, d, Bh, r)
+    else:
+        w = spec.pair(P, d[:r], d[r:r + 1], Bh[:r], Bh[r:r + 1], clamp)  # (r, sides, batch)
+    return w.permute(1, 2, 0).contiguous()  # contiguous rows: bmm on strided operands loops per image
+
+
+def _recomputed(spec, sts, r, clamp):
+    """Weights (len(sts), batch, r) of the ``ends`` plan from the statistics alone (softplus and exp(A * the sum
+    of delta)): there a side's reduced tokens are its direction's first r scan steps and their common target is
+    step r, so only the first r + 1 rows are read (slices, no gathers), the directions stacked."""
+    if spec.joint is not None:
+        return spec.joint(sts, r)
+    d, B, P = _ends_decays(sts, r)
+    return spec.pair(P, d[:, :, :r], d[:, :, r:], B[:, :, :r], B[:, :, r:], clamp)
+
+
+def _both_sides(spec, stats, r, pair, clamp):
+    """(forward, backward) weights (batch, r) in scan order when both sides merge r tokens, from the first steps
+    ``pair`` (owned by the caller) or, when None, from the statistics: a compiled weight kernel on each
+    direction's buffers as they are (no stacking copy) where one computes the variant and takes them, else
+    both directions stacked, one set of small kernels for the whole step."""
+    if pair is not None:
+        kernel = weight_kernel(spec.name, [t for f in pair for t in (f.delta, f.Abar, f.B)])
+        if kernel is not None:
+            return tuple(kernel(f.delta[:, None], f.Abar[:, None], f.B[:, None].to(f.delta.dtype), r, spec.name)[0]
+                         for f in pair)
+    sts = [stats.forward, stats.backward]
+    if pair is None:
+        w = _recomputed(spec, sts, r, clamp)
+    else:
+        w = _from_first_steps(spec, sts, _stacked_pair(pair), r, clamp)
+    return w[0], w[1]
+
+
+def _side_alone(spec, stats, forward, r, first, clamp):
+    """Weights (batch, r) of one side weighed alone (sides of unequal r) by the direction that carries it
+    (``forward``: the left side), in its scan order; from ``first``, that direction's own first steps
+    (``FirstSteps``, owned by the caller) as a one-direction stack of views, or recomputed when None. (A side
+    alone takes the torch forms: the compiled kernels serve equal sides, the default ``sides='both'``.)"""
+    direction = [stats.direction(forward)]
+    if first is None:
+        return _recomputed(spec, direction, r, clamp)[0]
+    stack = (first.delta[:, None], first.Abar[:, None], None if first.B is None else first.B[:, None])
+    return _from_first_steps(spec, direction, stack, r, clamp)[0]
 
 
 def ends_weights(stats, r_left, r_right, variant="lsq", clamp=1e-6):
-    """Weights of the ``ends`` plan as (left (batch, r_left), right (batch, r_right)), each in token
-    position order; what ``token_weights`` returns for that plan, split by side. ``stats.first_steps`` (the
-    scan's exported first steps), when present, is used and consumed: its Abar buffer is overwritten."""
-    if variant in _CONSTANT:
-        return _filled(stats, r_left, _CONSTANT[variant]), _filled(stats, r_right, _CONSTANT[variant])
-    enough = stats.first_pair is not None and stats.first_pair[0].delta.shape[0] > max(r_left, r_right)
-    compiled = _compiled_pair_weights(stats.first_pair, r_left, variant) if enough and r_left == r_right else None
-    if compiled is not None:
-        left, right = compiled
-    elif r_left == r_right and r_left > 0:
-        w = _stacked_ends_weights([stats.forward, stats.backward], r_left, variant, clamp,
-                                  stats.first_steps if enough else None)
-        left, right = w[0], w[1]
+    """Weights of the ``ends`` plan as (left (batch, r_left), right (batch, r_right)), each in token position
+    order; what ``token_weights`` returns for that plan, split by side (eq. 11, docs/conventions.md §4). A
+    variant that reads the scan's first steps takes them from ``stats`` (``LayerStats.take_first_steps``): this
+    call owns them and overwrites their Abar buffers, so a second call on the same statistics raises."""
+    spec = weight_variant(variant)
+    if spec.constant is not None:
+        return _filled(stats, r_left, spec.constant), _filled(stats, r_right, spec.constant)
+    if spec.sizes is not None:
+        raise ValueError(f"weights={variant!r} come from the tokens' sizes (size_weights), not the layer statistics")
+    pair = stats.take_first_steps() if spec.reads_first_steps else None
+    if pair is not None and pair[0].delta.shape[0] <= max(r_left, r_right):
+        pair = None  # fewer steps than the plan reads: recomputed from the statistics
+    if r_left == r_right and r_left > 0:
+        left, right = _both_sides(spec, stats, r_left, pair, clamp)
     else:
-        left = _one_side(stats, 0, r_left, variant, clamp, enough) if r_left else _filled(stats, 0, 0.0)
-        right = _one_side(stats, 1, r_right, variant, clamp, enough) if r_right else _filled(stats, 0, 0.0)
+        first_f, first_b = (None, None) if pair is None else pair
+        left = _side_alone(spec, stats, True, r_left, first_f, clamp) if r_left else _filled(stats, 0, 0.0)
+        right = _side_alone(spec, stats, False, r_right, first_b, clamp) if r_right else _filled(stats, 0, 0.0)
     return left, right.flip(-1)  # right-side tokens in position order are the backward scan's steps reversed
 
 
 def token_weights(stats, plan, variant="lsq", clamp=1e-6):
     """One scalar weight per reduced token and image, (batch, R) in plan order (docs/conventions.md §4; eq. 11
-    with the statistics of the layer just run). ``stats``: the layer's ``LayerStats``. Twin of ``stm_ref.merge.token_weights`` applied with the Euler
-    Abar/Bbar of each direction. ``stats.first_steps`` is consumed (its Abar buffer is overwritten)."""
-    if variant not in TOKEN_WEIGHT_VARIANTS:
-        raise ValueError(f"weights must be one of {TOKEN_WEIGHT_VARIANTS}, got {variant!r}")
+    with the statistics of the layer just run). ``stats``: the layer's ``LayerStats``. Twin of
+    ``stm_ref.merge.token_weights`` applied with the Euler Abar/Bbar of each direction. For the ``ends`` plan,
+    ``ends_weights``: it takes the statistics' first steps."""
+    spec = weight_variant(variant)
     if plan.ends is not None:
         return torch.cat(ends_weights(stats, *plan.ends, variant, clamp), dim=1)  # left tokens precede right ones
     if not plan.sides:
         return _filled(stats, 0, 0.0)
-    parts = [_side_weights(stats.direction(sd.forward), sd, variant, clamp) for sd in plan.sides]
+    parts = [_side_weights(stats.direction(sd.forward), sd, spec, clamp) for sd in plan.sides]
     return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)  # left tokens precede right ones
 
 
@@ -369,16 +526,6 @@ def merge_tokens(x, plan, weights, variant="lsq", inplace=False):
         pairs = sorted(set(zip(plan.target.cpu().tolist(), plan.target_k.cpu().tolist())))
         _replace_by_noise(out, x.shape[1], [q for q, _ in pairs], [k for _, k in pairs])
     return out
-
-
-def size_weights(size, plan):
-    """``size`` weights size_j / size_q (ToMe's size-weighted average once normalised), (batch, R) in plan
-    order (left tokens first), from the tokens' sizes (batch, L) (twin: ``stm_ref.merge.token_weights``)."""
-    if plan.ends is not None:
-        rl, rr = plan.ends
-        L = size.shape[1]
-        return torch.cat([size[:, :rl] / size[:, rl:rl + 1], size[:, L - rr:] / size[:, L - rr - 1:L - rr]], dim=1)
-    return size.index_select(1, plan.reduced) / size.index_select(1, plan.target)
 
 
 def merged_sizes(size, plan, variant):

@@ -12,8 +12,8 @@ import torch
 
 from dataclasses import replace
 
-from .merge import (CONSTANT_VARIANTS, TOKEN_WEIGHT_VARIANTS, ends_weights, merge_ends, merge_tokens, merged_sizes,
-                     plan_index, size_weights, token_weights)
+from .merge import (TOKEN_WEIGHT_VARIANTS, ends_weights, merge_ends, merge_tokens, merged_sizes, plan_index,
+                     token_weights, weight_variant)
 from ..layer_stats import StatsRequest
 from .base import Method, register_method
 from .schedule import is_integer
@@ -31,15 +31,6 @@ class STM(Method):
     name = "stm"
     defaults = STM_DEFAULTS
 
-    @classmethod
-    def example_options(cls, depth):
-        """Every weight variant once, the sides and plans in turn (``lsq_joint`` with the ends plan it needs),
-        and a late start."""
-        sides, positions = ("both", "left", "right"), ("ends", "uniform")
-        out = [dict(sides=sides[n % 3], positions="ends" if w == "lsq_joint" else positions[n % 2], weights=w)
-               for n, w in enumerate(TOKEN_WEIGHT_VARIANTS)]
-        return out + [dict(start_layer=max(depth // 2 - 1, 0))]
-
     def __init__(self, cfg, **options):
         super().__init__(cfg, **options)
         o = self.options
@@ -49,8 +40,8 @@ class STM(Method):
             raise ValueError(f"stm: positions must be 'ends' or 'uniform', got {o['positions']!r}")
         if o["weights"] not in TOKEN_WEIGHT_VARIANTS:
             raise ValueError(f"stm: weights must be one of {TOKEN_WEIGHT_VARIANTS}, got {o['weights']!r}")
-        if o["weights"] == "lsq_joint" and o["positions"] != "ends":
-            raise ValueError("stm: weights='lsq_joint' is implemented for positions='ends' only")
+        if weight_variant(o["weights"]).ends_only and o["positions"] != "ends":
+            raise ValueError(f"stm: weights={o['weights']!r} is implemented for positions='ends' only")
         start = o["start_layer"]
         if not is_integer(start) or not 0 <= start <= cfg.depth - 2:
             raise ValueError(f"stm: start_layer must be an integer in 0..{cfg.depth - 2} (merges happen between layers), "
@@ -75,24 +66,26 @@ class STM(Method):
 
     def stats_request(self, k):
         # the ends plan reads only each direction's first r + 1 scan steps: reuse the scan's delta and Abar there
-        if self.options["positions"] != "ends" or self.options["weights"] in CONSTANT_VARIANTS + ("lsq_joint",):
+        if self.options["positions"] != "ends" or not weight_variant(self.options["weights"]).reads_first_steps:
             return StatsRequest()
         return StatsRequest(first_steps=max(self.side_split(k)) + 1)
 
     def overhead_flops(self, L, k):
         # weights: per reduced token, P = exp(A * S) and the lsq products over (E, N) (~4 E N), plus the
         # merge itself: a multiply-add of d channels on the stream
-        weights = 0 if self.options["weights"] in CONSTANT_VARIANTS else 4 * k * self.cfg.d_inner * self.cfg.d_state
+        reads = weight_variant(self.options["weights"]).reads_statistics
+        weights = 4 * k * self.cfg.d_inner * self.cfg.d_state if reads else 0
         return weights + k * self.cfg.embed_dim
 
     def step(self, i, k, x, tokens, stats):
         r_left, r_right = self.side_split(k)
         plan = plan_index(x.shape[1], tokens.shared_cls, r_left, r_right, self.options["positions"], x.device)
         variant = self.options["weights"]
+        spec = weight_variant(variant)
         inplace = not torch.is_grad_enabled()  # the stream belongs to this forward: merge into it (a view for ends)
         sizes = merged_sizes(tokens.size, plan, variant)
-        if variant == "size":
-            x = merge_tokens(x, plan, size_weights(tokens.size, plan).to(x.dtype), variant, inplace=inplace)
+        if spec.sizes is not None:  # weights from the tokens' sizes
+            x = merge_tokens(x, plan, spec.sizes(tokens.size, plan).to(x.dtype), variant, inplace=inplace)
         elif plan.ends is not None:  # slices and one small matrix product per side, weights kept split by side
             w = (None, None) if variant == "drop" else ends_weights(stats, r_left, r_right, variant)
             x = merge_ends(x, r_left, r_right, *w, variant, inplace=inplace)
