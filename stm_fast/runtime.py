@@ -11,6 +11,7 @@ import argparse
 import contextlib
 import json
 import os
+import textwrap
 from typing import Any
 
 import torch
@@ -123,8 +124,9 @@ def atomic_write_json(path: str | os.PathLike, obj: Any, **dump_options: Any) ->
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):
-    """The command lines' help: the description as written, and each option's default appended to its help
-    unless the help already says it or there is none to state (None, False, an empty list)."""
+    """The command lines' help: the description as written, each option's default appended to its help
+    unless the help already says it or there is none to state (None, False, an empty list), and lines
+    never broken inside a hyphenated name."""
 
     def _get_help_string(self, action):
         text = action.help or ""
@@ -133,6 +135,10 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
         if "default" in text or nothing or not action.option_strings:
             return text
         return f"{text} (default: {' '.join(map(str, default)) if isinstance(default, list) else default})"
+
+    def _split_lines(self, text, width):
+        # names such as top-released or stm-oneside stay whole on one line
+        return textwrap.wrap(" ".join(text.split()), width, break_on_hyphens=False)
 
 
 def positive_int(text: str) -> int:
