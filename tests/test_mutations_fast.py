@@ -1,5 +1,5 @@
 """The fast path's verification can fail: perturb one element of one fast function's output by 1e-6 relative,
-and a property of ``verify/test_fast_path.py`` must notice (the float64 logits against the reference, or the
+and a property of the certification (``verify/test_fast_path.py``, its cases and checks in ``verify/fast_path.py``) must notice (the float64 logits against the reference, or the
 reported rate against the tokens each layer receives).
 
 Each mutant wraps one function where the fast path calls it: a scan backend's output, STM's weights and its
@@ -11,13 +11,14 @@ short Hypothesis search. ``test_unmutated_properties_pass`` is the control. The 
 
 import pytest
 import torch
+from hypothesis import given
 
 import stm_fast.reduction as reduction_pkg
 from stm_fast import ssm
 from stm_fast.ops import scan_fused, scan_torch
 from stm_fast.reduction import evit, stm, tome, top
+from verify.fast_path import cases, check_float64, check_rate, coverage_cases
 from verify.mutations import search_profile
-from verify import test_fast_path as fast_props
 
 EPS = 1e-6
 
@@ -56,11 +57,19 @@ def _rate(fn):
     return lambda tokens: fn(tokens) * (1 + EPS)
 
 
+def _searched(check, *args):
+    """``check(case, *args)`` under a Hypothesis search of the certification's cases."""
+    @given(case=cases())
+    def prop(case):
+        check(case, *args)
+    prop()
+
+
 def F64(backend="torch"):
-    """The float64 property on every coverage case (the Hypothesis search as well: both must pass unmutated)."""
-    for case in fast_props.coverage_cases():
-        fast_props.check_float64(case, "cpu", backend)
-    fast_props.test_fast_path_equals_the_reference_in_float64(device="cpu", backend=backend, f64=True)
+    """The float64 property on every coverage case, then on a search (both must pass unmutated)."""
+    for case in coverage_cases():
+        check_float64(case, "cpu", backend)
+    _searched(check_float64, "cpu", backend)
 
 
 def F64_FUSED():
@@ -68,9 +77,10 @@ def F64_FUSED():
 
 
 def RATE():
-    for case in fast_props.coverage_cases():
-        fast_props.check_rate(case)
-    fast_props.test_reported_rate_is_the_rate_of_the_tokens_each_layer_receives()
+    for case in coverage_cases():
+        check_rate(case)
+    _searched(check_rate)
+
 
 CASES = {  # name: (module, attribute, mutation, property)
     "torch scan output": (scan_torch, "scan_inference", _first_output, F64),
