@@ -2,10 +2,10 @@
 
 Imports are read with ``ast`` (module level and inside functions), relative imports resolved, and the
 graph between this repository's modules checked: no cycle; the reference imports neither torch nor
-``stm_fast``; the model and the kernels import no reduction, eval or tool module; the reductions import
-no eval or tool module; ``stm_fast.runtime`` imports nothing of the package. Also: no private name is
-imported across modules, no function in ``stm_fast/`` or ``stm_ref/`` is longer than 60 lines, and no
-file cites a document outside the repository.
+``stm_fast``; each layer imports only its own and the layers below it (``LAYERS``, lowest first:
+reference, runtime, kernels, model, reduction, measures, eval, tools). Also: no private name is imported
+across modules, no function in ``stm_fast/`` or ``stm_ref/`` is longer than 60 lines, no file cites a
+document outside the repository, and no test module imports another.
 """
 
 import ast
@@ -25,15 +25,18 @@ LAYERS = [
     ("stm_fast.vim", "model"), ("stm_fast.layer_stats", "model"), ("stm_fast.registry", "model"),
     ("stm_fast.models", "model"), ("stm_fast.checkpoint", "model"),
     ("stm_fast.reduction", "reduction"),
+    *[(f"stm_fast.{m}", "measures") for m in ("flops", "analysis", "selfcheck", "digits", "fashion_mnist", "floor")],
     ("stm_fast.eval", "eval"),
-    ("stm_fast", "tools"),  # flops, analysis, bench, digits, train_tiny and the package itself
+    ("stm_fast", "tools"),  # bench, train_tiny and the package itself
 ]
 FORBIDDEN = {
-    "reference": {"runtime", "kernels", "model", "reduction", "eval", "tools"},
-    "runtime": {"kernels", "model", "reduction", "eval", "tools", "reference"},
-    "kernels": {"model", "reduction", "eval", "tools"},
-    "model": {"reduction", "eval", "tools"},
-    "reduction": {"eval", "tools"},
+    "reference": {"runtime", "kernels", "model", "reduction", "measures", "eval", "tools"},
+    "runtime": {"kernels", "model", "reduction", "measures", "eval", "tools", "reference"},
+    "kernels": {"model", "reduction", "measures", "eval", "tools"},
+    "model": {"reduction", "measures", "eval", "tools"},
+    "reduction": {"measures", "eval", "tools"},
+    "measures": {"eval", "tools"},
+    "eval": {"tools"},
 }
 
 
@@ -158,3 +161,17 @@ def test_only_the_backend_table_names_a_backend_module():
     table = (ROOT / "stm_fast" / "ops" / "backends.py").read_text()
     backend_modules = [n for n in mods if re.match(r"^stm_fast\.ops\.scan_(?!autograd)\w+$", n)]
     assert backend_modules and all(f'"{n}"' in table for n in backend_modules), "every backend module has a record"
+
+
+def test_no_test_module_imports_another():
+    """Test modules share code through builders (tests/builders.py, verify/strategies.py, verify/mutations.py,
+    verify/fast_path.py), never by importing each other."""
+    bad = []
+    for tree in ("tests", "verify", "benchmarks"):
+        for path in sorted((ROOT / tree).glob("*.py")):
+            for mod, names, line in imports_of(f"{tree}.{path.stem}", path):
+                targets = [mod or ""] + [f"{mod}.{n}" for n in names]
+                if any(t.split(".")[0] in ("tests", "verify", "benchmarks") and t.split(".")[-1].startswith(("test_", "bench_"))
+                       for t in targets):
+                    bad.append(f"{tree}/{path.name}:{line} imports {mod} {names}")
+    assert not bad, "\n".join(bad)
