@@ -31,6 +31,15 @@ class STM(Method):
     name = "stm"
     defaults = STM_DEFAULTS
 
+    @classmethod
+    def example_options(cls, depth):
+        """Every weight variant once, the sides and plans in turn (a variant made for the ends plan with it),
+        and a late start."""
+        sides, positions = ("both", "left", "right"), ("ends", "uniform")
+        out = [dict(sides=sides[n % 3], positions="ends" if weight_variant(w).ends_only else positions[n % 2], weights=w)
+               for n, w in enumerate(TOKEN_WEIGHT_VARIANTS)]
+        return out + [dict(start_layer=max(depth // 2 - 1, 0))]
+
     def __init__(self, cfg, **options):
         super().__init__(cfg, **options)
         o = self.options
