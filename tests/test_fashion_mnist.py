@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from stm_fast import digits, fashion_mnist as fm
+from stm_fast import digits, fashion_mnist as fm, train_tiny
+from stm_fast.ops.build import cache_root
 from stm_fast.train_tiny import main as train_main, train
 
 
@@ -74,11 +75,14 @@ def test_the_model_has_vim_tis_197_tokens_with_the_class_token_in_the_middle():
 @pytest.mark.slow
 def test_training_resumes_after_an_epoch_to_the_same_weights(tmp_path, monkeypatch):
     """Two epochs uninterrupted, and one epoch then --resume: identical weights (64 fake training images)."""
-    monkeypatch.setenv("STM_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("STM_FUSED_BUILD_DIR", str(cache_root()))  # the compiled kernels where they are; the fake
+    monkeypatch.setenv("STM_CACHE_DIR", str(tmp_path / "cache"))  # data's decompressed copies apart
     data = tmp_path / "data"
     _fake_split(str(data), 64, True, gz=True)
     tiny = dict(epochs=2, batch=32, progress=False, testbed_name="fashion-mnist", data_dir=str(data))
-    monkeypatch.setattr(digits, "load_test_split", lambda name: (torch.zeros(4, 1, 28, 28), torch.zeros(4, dtype=torch.long)))
+    # four test images, where the trainer reads them (it imports the function: patching digits alone left the
+    # real 10,000 evaluated after every epoch, 4 minutes)
+    monkeypatch.setattr(train_tiny, "load_test_split", lambda name: (torch.zeros(4, 1, 28, 28), torch.zeros(4, dtype=torch.long)))
     _, _, full = train(0, out=str(tmp_path / "full.pth"), **tiny)
     train(0, out=str(tmp_path / "part.pth"), max_steps=3, **tiny)  # stops inside epoch 2: epoch 1's state is saved
     assert os.path.exists(tmp_path / "part.pth.resume")
