@@ -2,7 +2,7 @@
 
 The inputs of the first reduction step of a real forward (batch 8 on CPU, 256 on CUDA) are captured and
 the step is timed on fresh copies of them each round (steps merge into the token stream in place and
-STM consumes the scan's exported first steps), copies made outside the timing. This is the step on warm
+STM takes over the scan's exported first steps, once: LayerStats.take_first_steps), copies made outside the timing. This is the step on warm
 caches; ``python -m stm_fast.bench`` reports the step's cost inside real forwards (step ms, step share).
 Run: python -m pytest benchmarks/bench_reduce.py --benchmark-only
 """
