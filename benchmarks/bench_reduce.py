@@ -14,6 +14,7 @@ import torch
 
 import stm_fast
 from stm_fast.ops.common import FirstSteps
+from stm_fast.reduction import METHODS
 from stm_fast.runtime import synchronize
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -38,7 +39,7 @@ def _captured_step(method, rate=0.4):
     return reduction.impl, captured[0], sum(reduction.schedule), len(captured)
 
 
-@pytest.mark.parametrize("method", ["stm", "tome", "top", "evit"])
+@pytest.mark.parametrize("method", list(METHODS))  # every registered method
 def test_reduction_step(benchmark, method):
     impl, args, removed, steps = _captured_step(method)
     benchmark.group = f"reduction step at 40%, vim_tiny, batch {BATCH}, {DEVICE}"
@@ -47,7 +48,7 @@ def test_reduction_step(benchmark, method):
     def fresh():
         i, k, x, tokens, stats = args
         with torch.inference_mode():
-            if stats is not None and stats.first_pair is not None:  # the step overwrites them: a fresh copy per call
+            if stats is not None and stats.first_pair is not None:  # the step takes them over: a fresh copy per call
                 stats = replace(stats, first_pair=tuple(FirstSteps(f.delta.clone(), f.Abar.clone(),
                                                                    None if f.B is None else f.B.clone())
                                                         for f in stats.first_pair))
