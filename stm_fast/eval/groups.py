@@ -30,11 +30,15 @@ class Point:
     stm_options: dict
     cfg: object
 
+    def reduction(self, method, **options):
+        """The ``Reduction`` of ``method`` with ``options`` at this point (ValueError/TypeError if it cannot run)."""
+        return make_reduction(self.cfg, method, rate=None if self.schedule is not None else self.rate,
+                              schedule=self.schedule, **options)
+
     def feasible(self, method, **options) -> str | None:
         """None if ``method`` with ``options`` can run at this point, else why not (one line)."""
         try:
-            make_reduction(self.cfg, method, rate=None if self.schedule is not None else self.rate,
-                           schedule=self.schedule, **options)
+            self.reduction(method, **options)
         except (ValueError, TypeError) as err:
             return str(err)
         return None
@@ -121,8 +125,7 @@ MATCHED_PEERS = tuple(n for n, cls in METHODS.items() if n != "stm" and cls.defa
 def _matched(point):
     """Each peer of ``MATCHED_PEERS`` (the default grid's peers that reduce after any layers by any counts) at
     STM's layers and per-layer counts: the same 'when', another 'how'."""
-    stm = make_reduction(point.cfg, "stm", rate=None if point.schedule is not None else point.rate,
-                         schedule=point.schedule, **point.stm_options)
+    stm = point.reduction("stm", **point.stm_options)
     layers = [i for i, k in enumerate(stm.schedule) if k]
     return [Experiment.of(p, point.rate, list(stm.schedule), {"layers": layers}, note="at STM's layers and counts")
             for p in MATCHED_PEERS], []
