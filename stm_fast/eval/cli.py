@@ -17,7 +17,7 @@ from ..digits import TESTBEDS
 from ..registry import ALIASES, MODEL_CONFIGS, canonical_name, describe
 from ..runtime import AMP_DTYPES, HelpFormatter, non_negative_int, pick_device, positive_int
 from .errors import NoImagesError, RunError
-from .grid import DEFAULT_GROUPS, DEFAULT_RATES, METHOD_GROUPS
+from .grid import DEFAULT_GROUPS, DEFAULT_RATES, METHOD_GROUPS, grid_groups
 from .groups import GROUPS
 from .imagenet import DataError
 from .run import evaluate
@@ -26,18 +26,25 @@ __all__ = ["build_parser", "parse_args", "main", "EvalConfig"]
 
 DESCRIPTION = """Accuracy of STM and its peers at several token reduction rates (the paper's Tables 2 and 3).
 
-Without --checkpoint/--data: an embedded testbed (three small Vims trained on scikit-learn's digits, offline):
---testbed digits (the default, 65 tokens, 8 layers, about a minute on two cores) or --testbed paper-geometry
-(Vim-Ti's 197 tokens and 24 layers, under 10 minutes). With --model --checkpoint --data: an official hustvl/Vim
+Without --checkpoint/--data: an embedded testbed (small Vims shipped with the package, offline): --testbed
+digits (the default: three models on scikit-learn's 8x8 digits, 65 tokens, 8 layers, about a minute on two
+cores), paper-geometry (Vim-Ti's 197 tokens and 24 layers on stretched digits, under 10 minutes) or
+fashion-mnist (five models, 197 tokens, 12 layers, the 10,000 Fashion-MNIST test images; its claims run takes
+about an hour, --limit N a quick look). With --model --checkpoint --data: an official hustvl/Vim
 checkpoint on ImageNet-1k validation images. Results go to --out (resumable): results.json, results.csv,
 table.md, claims.json, accuracy_vs_flops.png. docs/conventions.md defines rates, schedules and FLOPs;
 docs/eval.md the statistics."""
 
+_TESTBED_GRIDS = ("--testbed fashion-mnist, which without --methods and --rates runs every group at 0.3 and STM alone "
+                  "at 0.15 0.2 0.4 and --schedule 4 (docs/testbeds.md)")
+
+
 def _data_options(ap):
     g = ap.add_argument_group("model and data (none of them: an embedded testbed)")
     g.add_argument("--testbed", default="digits", choices=list(TESTBEDS),
-                   help="the embedded testbed when there is no --checkpoint/--data: digits (65 tokens, 8 layers) or "
-                        "paper-geometry (197 tokens, 24 layers, Vim-Ti's geometry; docs/testbeds.md)")
+                   help="the embedded testbed when there is no --checkpoint/--data: digits (65 tokens, 8 layers), "
+                        "paper-geometry (197 tokens, 24 layers, Vim-Ti's geometry) or fashion-mnist (197 tokens, 12 "
+                        "layers, real photos; docs/testbeds.md)")
     g.add_argument("--model", default=None, choices=list_models(), metavar="NAME",
                    help="architecture of --checkpoint (vim_tiny when omitted): " + ", ".join(sorted(MODEL_CONFIGS)) +
                         ", or an official registry name; --list shows them all")
@@ -54,17 +61,18 @@ def _data_options(ap):
 
 def _method_options(ap):
     g = ap.add_argument_group("what is evaluated")
-    g.add_argument("--methods", nargs="+", default=list(DEFAULT_GROUPS), choices=METHOD_GROUPS, metavar="GROUP",
-                   help="method groups (default: " + " ".join(DEFAULT_GROUPS) + "): " +
+    g.add_argument("--methods", nargs="+", default=None, choices=METHOD_GROUPS, metavar="GROUP",
+                   help="method groups (default: " + " ".join(DEFAULT_GROUPS) + "; see " + _TESTBED_GRIDS + "): " +
                         "; ".join(f"{n} = {g.doc}" for n, g in GROUPS.items()))
-    g.add_argument("--rates", nargs="+", type=float, default=list(DEFAULT_RATES),
-                   help="token reduction rates, fractions (0.2 = 20%%; docs/conventions.md §6)")
+    g.add_argument("--rates", nargs="+", type=float, default=None,
+                   help="token reduction rates, fractions (0.2 = 20%%; docs/conventions.md §6; default: " +
+                        " ".join(str(r) for r in DEFAULT_RATES) + ", every group at each; see " + _TESTBED_GRIDS + ")")
     g.add_argument("--schedule", help="instead of rates: tokens removed after each layer IN TOTAL, comma-separated "
                                       "(one value = every layer); STM on both sides splits each entry equally, so the "
                                       "paper's '2 tokens per direction at every layer' is --schedule 4")
     g.add_argument("--paper", nargs="?", const="literal", choices=["literal", "sensitivity", "inferred"],
                    help="instead of --rates/--schedule, the paper's Table 2 and 3 settings for vim_tiny/vim_small/vim_base "
-                        "(or the paper-geometry testbed): 'literal' (also a bare --paper) as its text says, two tokens per "
+                        "(or the paper-geometry and fashion-mnist testbeds): 'literal' (also a bare --paper) as its text says, two tokens per "
                         "direction at every layer; 'sensitivity' adds schedules whose FLOPs match the reported ones "
                         "('inferred' is its old name); stm_fast/eval/paper.py explains")
     g.add_argument("--stm-sides", default=STM_DEFAULTS["sides"], choices=["both", "left", "right"],
@@ -139,9 +147,10 @@ class EvalConfig:
     labels: str | None
     devkit: str | None
     limit: int | None
-    methods: tuple
-    rates: tuple
+    methods: tuple  # the groups the grid runs
+    rates: tuple  # the rates the grid runs
     schedule: int | tuple | None
+    grid: tuple  # ((groups or None for the default ones, rates, schedule), ...): stm_fast.eval.grid
     paper: str | None
     paper_model: str | None
     stm_options: dict
@@ -196,11 +205,28 @@ def _paper(args, model):
         return None, None
     if args.schedule is not None:
         raise RunError("--paper runs the paper's own schedules: drop --schedule")
-    if args.checkpoint is None and args.testbed != "paper-geometry":
+    if args.checkpoint is None and args.testbed not in _PAPER_TESTBEDS:
         raise RunError("--paper runs the paper's settings on its geometry: give --model and --checkpoint, or "
-                       "--testbed paper-geometry (the digits testbed has 65 tokens and 8 layers)")
+                       "--testbed paper-geometry or fashion-mnist (the digits testbed has 65 tokens and 8 layers)")
     mode = "sensitivity" if args.paper == "inferred" else args.paper
+    depth = TESTBEDS[args.testbed].config["depth"]
+    if args.checkpoint is None and mode == "sensitivity" and depth != MODEL_CONFIGS["vim_tiny"].depth:
+        raise RunError(f"--paper sensitivity adds Vim-Ti's FLOPs-consistent schedules, one entry per layer of its 24; "
+                       f"the {args.testbed} testbed has {depth} layers: use --paper literal (its schedules are per layer)")
     return mode, canonical_name(model) if args.checkpoint else "vim_tiny"
+
+
+def _grid(args, schedule):
+    """The run's grid (stm_fast.eval.grid): the embedded testbed's own default grid when nothing names the
+    methods, rates, schedule or paper settings; else --methods x --rates (or --schedule)."""
+    bed = TESTBEDS[args.testbed]
+    chosen = args.methods is not None or args.rates is not None or schedule is not None or args.paper
+    if not chosen and args.checkpoint is None and args.data is None and bed.eval_grid:
+        return bed.eval_grid
+    groups = tuple(args.methods or DEFAULT_GROUPS)
+    if schedule is not None:
+        return ((groups, (), schedule),)
+    return ((groups, tuple(args.rates or DEFAULT_RATES), None),)
 
 
 def _on_cuda(args) -> bool:
@@ -227,7 +253,7 @@ def parse_args(argv=None) -> EvalConfig | None:
         return None
     _check_real_run(args)
     try:
-        for r in args.rates:
+        for r in args.rates or ():
             check_rate(r, "--rates")
         overrides = parse_overrides(args.override)
     except ValueError as e:
@@ -235,13 +261,17 @@ def parse_args(argv=None) -> EvalConfig | None:
     _check_transform_serves(overrides)
     model = args.model or "vim_tiny"
     paper, paper_model = _paper(args, model)
-    return config_from(args, model=model, override=tuple(args.override), overrides=overrides,
-                       methods=tuple(args.methods), rates=tuple(args.rates), schedule=_schedule(args.schedule),
+    schedule = _schedule(args.schedule)
+    grid = _grid(args, schedule)
+    return config_from(args, model=model, override=tuple(args.override), overrides=overrides, grid=grid,
+                       methods=grid_groups(grid), rates=tuple(dict.fromkeys(r for _, rs, _ in grid for r in rs)),
+                       schedule=schedule,
                        paper=paper, paper_model=paper_model, batch_size=args.batch_size or (128 if args.data else 360),
                        workers=_workers(args), dtype=args.dtype or ("fp16" if _on_cuda(args) else "fp32"),
                        out=args.out or os.path.join("runs", datetime.datetime.now().strftime("%Y%m%d-%H%M%S")))
 
 
+_PAPER_TESTBEDS = ("paper-geometry", "fashion-mnist")  # 197 tokens: the paper's per-layer schedules apply
 _STM_PREFIX = "stm_"  # --stm-X options become stm_options["X"]
 
 

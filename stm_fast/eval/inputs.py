@@ -25,11 +25,11 @@ def data_name(args) -> str:
 
 
 def load_models(args, device):
-    """[(name, model)] in eval mode on ``device``: an embedded testbed's three seeds, or the checkpoint."""
+    """[(name, model)] in eval mode on ``device``: an embedded testbed's shipped seeds, or the checkpoint."""
     if args.checkpoint is None and args.data is None:
         bed = digits.testbed(args.testbed)
         return [(bed.model_name(s), bed.create_model(p).to(device))
-                for s, p in zip(digits.SEEDS, digits.shipped_checkpoints(args.testbed))]
+                for s, p in zip(bed.seeds, digits.shipped_checkpoints(args.testbed), strict=True)]
     if args.checkpoint is None or args.data is None:
         raise RunError("a real run needs both --checkpoint and --data (with neither, the embedded digits default runs)")
     try:

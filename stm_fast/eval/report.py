@@ -109,9 +109,9 @@ def markdown_table(records, bad, skipped=(), pooled=None):
     return "\n".join([head, *rows]) + note
 
 
-def write_outputs(out, records, bad, skipped=(), pooled=None):
-    """results.json (every record, with the bad and skipped files), results.csv and table.md, each written
-    atomically. Returns the table."""
+def write_outputs(out, records, bad, skipped=(), pooled=None, sections=()):
+    """results.json (every record, with the bad and skipped files), results.csv and table.md (the table, then
+    each of ``sections``), each written atomically. Returns table.md's text."""
     records = [{**r, "bad_image_files": list(bad), "skipped_file_list": list(skipped)} for r in records]
     atomic_write_json(os.path.join(out, "results.json"), records, indent=1)
     rows = io.StringIO()
@@ -124,6 +124,6 @@ def write_outputs(out, records, bad, skipped=(), pooled=None):
                     "vs_baseline_diff": vs.get("diff"), "vs_baseline_ci_low": vs.get("ci_low"),
                     "vs_baseline_ci_high": vs.get("ci_high")})
     atomic_write(os.path.join(out, "results.csv"), rows.getvalue())
-    table = markdown_table(records, bad, skipped, pooled)
+    table = "\n\n".join([markdown_table(records, bad, skipped, pooled), *[t for t in sections if t]])
     atomic_write(os.path.join(out, "table.md"), table + "\n")
     return table

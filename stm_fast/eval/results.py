@@ -23,6 +23,7 @@ from .figures import plot_accuracy_vs_flops, plot_hsp_deviation, weights_text
 from .paired_stats import agreement, cluster_bootstrap, image_differences
 from .predictions import correct, filled
 from .progress import disk_faults, write_json
+from .regime import regime_table
 from .report import write_outputs
 
 __all__ = ["finish"]
@@ -153,7 +154,7 @@ def _write(run, skipped, weights, counts, bad, labels, preds, fine):
     found = claims(names, run.exps, labels, preds, fine, stm_options, achieved, run.models[0][1].cfg.depth)
     write_json(os.path.join(run.args.out, "claims.json"), found, indent=1)
     pooled, ablations = _summaries(run, names, labels, preds)
-    table = write_outputs(run.args.out, records, bad, skipped, pooled)
+    table = write_outputs(run.args.out, records, bad, skipped, pooled, [regime_table(records, stm_options, pooled)])
     data = run.data_name
     plot_accuracy_vs_flops(os.path.join(run.args.out, "accuracy_vs_flops.png"), records,
                            Experiment.of("stm", 0.0, None, run.args.stm_options).label, ablations,

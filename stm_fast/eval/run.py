@@ -163,11 +163,11 @@ def _checked_device(args, world):
 
 
 def _experiments(args, models, rank):
-    """The grid of --methods x --rates (or --schedule), or the paper's settings with --paper; controls that
-    cannot run on these models are left out with one line each."""
+    """The run's grid (--methods x --rates or --schedule, or a testbed's own), or the paper's settings with
+    --paper; controls that cannot run on these models are left out with one line each."""
     cfg = models[0][1].cfg
     if not args.paper:
-        exps, notes = experiments(args.methods, args.rates, args.schedule, args.stm_options, cfg)
+        exps, notes = experiments(args.grid, args.stm_options, cfg)
     else:
         both = {**args.stm_options, "sides": "both"}
         stm_rate = make_reduction(models[0][1], "stm", schedule=TABLE2_SCHEDULE, **both).rate
