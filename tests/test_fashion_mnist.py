@@ -11,7 +11,7 @@ import torch
 
 from stm_fast import digits, fashion_mnist as fm, train_tiny
 from stm_fast.ops.build import cache_root
-from stm_fast.train_tiny import main as train_main, train
+from stm_fast.train_tiny import evaluate, main as train_main, train
 
 
 def _idx(path, array, gz):
@@ -65,6 +65,24 @@ def test_missing_training_files_are_one_line_naming_the_debian_package(tmp_path,
                     "--out", str(tmp_path / "m.pth")])
     err = capsys.readouterr().err.strip()
     assert e.value.code == 2 and len(err.splitlines()) == 1 and "apt-get install dataset-fashion-mnist" in err
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("seed", digits.FASHION_SEEDS)
+def test_shipped_models_reach_88_percent_on_the_10000_test_images_with_float16_weights(seed):
+    """Each shipped fashion-mnist model loads with weights_only=True, holds float16 weights (under 1 MB),
+    records the command that trained it, and scores >= 88% on the 10,000 shipped test images, as recorded."""
+    bed = digits.testbed("fashion-mnist")
+    path = bed.checkpoint_path(seed)
+    assert os.path.getsize(path) < 1_000_000
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    assert ckpt["config"] == bed.config and ckpt["meta"]["seed"] == seed and ckpt["meta"]["weights"] == "float16"
+    assert ckpt["meta"]["command"] == f"python -m stm_fast.train_tiny --testbed fashion-mnist --seed {seed} --half"
+    assert all(v.dtype == torch.float16 for v in ckpt["model"].values() if v.is_floating_point())
+    x, y = digits.load_test_split("fashion-mnist")
+    acc = evaluate(bed.create_model(path), x, y, batch=500)
+    assert len(y) == 10_000 and acc >= 0.88, f"seed {seed}: {100 * acc:.2f}%"
+    assert acc == pytest.approx(ckpt["meta"]["test_accuracy"], abs=1e-4), "the recorded accuracy is reproduced"
 
 
 def test_the_model_has_vim_tis_197_tokens_with_the_class_token_in_the_middle():
