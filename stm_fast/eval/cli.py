@@ -35,8 +35,8 @@ checkpoint on ImageNet-1k validation images. Results go to --out (resumable): re
 table.md, claims.json, accuracy_vs_flops.png. docs/conventions.md defines rates, schedules and FLOPs;
 docs/eval.md the statistics."""
 
-_TESTBED_GRIDS = ("--testbed fashion-mnist, which without --methods and --rates runs every group at 0.3 and STM alone "
-                  "at 0.15 0.2 0.4 and --schedule 4 (docs/testbeds.md)")
+_TESTBED_GRIDS = ("--testbed fashion-mnist, which without --methods and --rates runs every group at 0.2 and STM alone "
+                  "at 0.15 0.3 0.4 and --schedule 4 (docs/testbeds.md)")
 
 
 def _data_options(ap):
