@@ -1,6 +1,8 @@
 """What an eval of an embedded testbed runs: every shipped seed, the testbed's own default grid, the paper's
 per-layer schedules where the geometry allows them, and STM's regime beside the paper's Vim-Ti figures."""
 
+import json
+
 import pytest
 import torch
 
@@ -81,3 +83,19 @@ def test_the_regime_table_sets_each_stm_row_beside_the_papers_column_of_its_name
     assert rows["schedule [4, 0]"].rstrip(" |").endswith("—") and "tome" not in rows
     assert "90.00%" in text
     assert regime_table(records[:1] + records[-1:], dict(STM_DEFAULTS), pooled) == ""
+
+
+def test_fashion_mnist_runs_from_the_shipped_test_images_and_writes_the_regime_section(tmp_path):
+    """The embedded eval of every shipped fashion-mnist model on the first images of the packaged test split
+    (nothing else read), with STM's regime rows in table.md beside the paper's column of the same name."""
+    out = tmp_path / "run"
+    assert main(["--testbed", "fashion-mnist", "--methods", "stm", "tome", "--rates", "0.2", "0.3", "--limit", "12",
+                 "--quiet", "--out", str(out)]) == 0
+    table = (out / "table.md").read_text()
+    regime = table[table.index("STM's losses here"):]
+    assert '-1.1 (its "20%", schedule 4)' in regime and '-2.8 (its "30%", schedule 4)' in regime
+    assert "tome" not in regime
+    records = json.loads((out / "results.json").read_text())
+    bed = digits.testbed("fashion-mnist")
+    assert {r["model"] for r in records} == {bed.model_name(s) for s in bed.seeds}
+    assert {r["images"] for r in records} == {12}
