@@ -128,3 +128,18 @@ def reference(kw, reverse=False):
     """float64 reference y and last state; a reverse scan is the forward one on time-flipped inputs."""
     y, last = ref.selective_scan(**numpy_args(flip_time(kw) if reverse else kw), return_last_state=True)
     return (y[..., ::-1] if reverse else y), last
+
+
+def shipped_half_checkpoint(bed, seed):
+    """A testbed's shipped checkpoint of ``seed``, loaded with weights_only=True, after checking what every
+    shipped model holds: under 1 MB, the testbed's config and the seed, float16 weights, and the command
+    that trained it."""
+    import os
+
+    path = bed.checkpoint_path(seed)
+    assert os.path.getsize(path) < 1_000_000
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    assert ckpt["config"] == bed.config and ckpt["meta"]["seed"] == seed and ckpt["meta"]["weights"] == "float16"
+    assert ckpt["meta"]["command"] == f"python -m stm_fast.train_tiny --testbed {bed.name} --seed {seed} --half"
+    assert all(v.dtype == torch.float16 for v in ckpt["model"].values() if v.is_floating_point())
+    return ckpt

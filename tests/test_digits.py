@@ -10,6 +10,7 @@ import torch
 from stm_fast import digits, eval as ev
 from stm_fast.checkpoint import read_state_dict
 from stm_fast.train_tiny import evaluate, train
+from tests.builders import shipped_half_checkpoint
 
 
 def test_split_is_fixed_and_stratified():
@@ -43,13 +44,8 @@ def test_shipped_paper_geometry_models_reach_95_percent_with_float16_weights(see
     """Each shipped paper-geometry model loads with weights_only=True, holds float16 weights (under 1 MB),
     records how it was trained, and scores >= 95% on the 360 test images, as recorded."""
     bed = digits.testbed("paper-geometry")
-    path = bed.checkpoint_path(seed)
-    assert os.path.getsize(path) < 1_000_000
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    assert ckpt["config"] == bed.config and ckpt["meta"]["seed"] == seed and ckpt["meta"]["weights"] == "float16"
-    assert ckpt["meta"]["command"] == f"python -m stm_fast.train_tiny --testbed paper-geometry --seed {seed} --half"
-    assert all(v.dtype == torch.float16 for v in ckpt["model"].values() if v.is_floating_point())
-    model = bed.create_model(path)
+    ckpt = shipped_half_checkpoint(bed, seed)
+    model = bed.create_model(bed.checkpoint_path(seed))
     _, _, x, y = digits.load_split("paper-geometry")
     acc = evaluate(model, x, y)
     assert acc >= 0.95, f"seed {seed}: {100 * acc:.1f}%"

@@ -13,6 +13,8 @@ from stm_fast import digits, fashion_mnist as fm, train_tiny
 from stm_fast.ops.build import cache_root
 from stm_fast.train_tiny import evaluate, main as train_main, train
 
+from tests.builders import shipped_half_checkpoint
+
 
 def _idx(path, array, gz):
     """Write ``array`` (uint8) as an IDX file (the MNIST format) at path[.gz]."""
@@ -73,14 +75,9 @@ def test_shipped_models_reach_88_percent_on_the_10000_test_images_with_float16_w
     """Each shipped fashion-mnist model loads with weights_only=True, holds float16 weights (under 1 MB),
     records the command that trained it, and scores >= 88% on the 10,000 shipped test images, as recorded."""
     bed = digits.testbed("fashion-mnist")
-    path = bed.checkpoint_path(seed)
-    assert os.path.getsize(path) < 1_000_000
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    assert ckpt["config"] == bed.config and ckpt["meta"]["seed"] == seed and ckpt["meta"]["weights"] == "float16"
-    assert ckpt["meta"]["command"] == f"python -m stm_fast.train_tiny --testbed fashion-mnist --seed {seed} --half"
-    assert all(v.dtype == torch.float16 for v in ckpt["model"].values() if v.is_floating_point())
+    ckpt = shipped_half_checkpoint(bed, seed)
     x, y = digits.load_test_split("fashion-mnist")
-    acc = evaluate(bed.create_model(path), x, y, batch=500)
+    acc = evaluate(bed.create_model(bed.checkpoint_path(seed)), x, y, batch=500)
     assert len(y) == 10_000 and acc >= 0.88, f"seed {seed}: {100 * acc:.2f}%"
     assert acc == pytest.approx(ckpt["meta"]["test_accuracy"], abs=1e-4), "the recorded accuracy is reproduced"
 
