@@ -74,15 +74,18 @@ def test_the_regime_table_sets_each_stm_row_beside_the_papers_column_of_its_name
     stm = "stm (both sides, lsq weights)"
     records = [_rec("none", None, None, "none", None, 0.0, 90.0),
                _rec("stm", 0.3, None, stm, -5.0, 0.3), _rec("stm", None, 4, stm, -1.0, 0.11),
-               _rec("stm", None, [4, 0], stm, -0.5, 0.05), _rec("tome", 0.3, None, "tome", -9.0, 0.3)]
+               _rec("stm", None, [4, 0], stm, -0.5, 0.05), _rec("tome", 0.3, None, "tome", -9.0, 0.3),
+               _rec("stm", 0.3, None, "stm (both sides, uniform positions)", -20.0, 0.3)]
     pooled = {(stm, "0.3"): {"diff": -5.0, "ci_low": -6.0, "ci_high": -4.0}}
     text = regime_table(records, dict(STM_DEFAULTS), pooled)
-    rows = {line.split("|")[1].strip(): line for line in text.splitlines() if line.startswith("| ")}
+    lines = [line for line in text.splitlines() if line.startswith("| ")]
+    rows = {line.split("|")[1].strip(): line for line in lines}
+    assert len(lines) == 1 + 3, "a header and STM with the run's own options only (not a control's)"
     assert '-2.8 (its "30%", schedule 4)' in rows["30%"] and "-5.00 [-6.00, -4.00]" in rows["30%"]
     assert '-1.1 / -2.8 / -3.9 (its "20%"/"30%"/"40%")' in rows["schedule 4"]
     assert rows["schedule [4, 0]"].rstrip(" |").endswith("—") and "tome" not in rows
     assert "90.00%" in text
-    assert regime_table(records[:1] + records[-1:], dict(STM_DEFAULTS), pooled) == ""
+    assert regime_table(records[:1] + records[-2:], dict(STM_DEFAULTS), pooled) == ""
 
 
 def test_fashion_mnist_runs_from_the_shipped_test_images_and_writes_the_regime_section(tmp_path):

@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 
 from .experiment import Experiment
-from .report import point_of
+from .report import group_records
 
 __all__ = ["PAPER_VIM_TI_LOSS", "PAPER_SCHEDULES", "regime_table"]
 
@@ -36,11 +36,8 @@ def _paper_cell(point) -> str:
 
 def _rows(records, stm_label):
     """{point json: [records]} of STM with the run's own options, in first-seen order."""
-    out = {}
-    for r in records:
-        if r["method"] == "stm" and r["label"] == stm_label:
-            out.setdefault(json.dumps(point_of(r)), []).append(r)
-    return out
+    return {point: recs for (lab, point), recs in group_records(records).items()
+            if lab == stm_label and recs[0]["method"] == "stm"}
 
 
 def regime_table(records, stm_options, pooled) -> str:

@@ -17,7 +17,7 @@ import os
 from ..runtime import atomic_write, atomic_write_json
 from .experiment import describe
 
-__all__ = ["write_outputs", "markdown_table", "label", "flops_unit", "point_of"]
+__all__ = ["write_outputs", "markdown_table", "label", "flops_unit", "point_of", "group_records"]
 
 _CSV_FIELDS = ["model", "method", "rate", "achieved_rate", "options", "schedule", "top1", "top5", "agreement",
                "vs_baseline_diff", "vs_baseline_ci_low", "vs_baseline_ci_high", "images", "bad_images", "gflops_paper",
@@ -52,8 +52,8 @@ def _range(values, fmt="{:.1f}"):
     return f"{fmt.format(mean)} [{fmt.format(min(values))}, {fmt.format(max(values))}]"
 
 
-def _groups(records):
-    """{(label, point): [records over models]} in first-seen order."""
+def group_records(records):
+    """{(label, point json): [records over models]} in first-seen order: one configuration at one point."""
     out = {}
     for r in records:
         out.setdefault((label(r), json.dumps(point_of(r))), []).append(r)
@@ -86,7 +86,7 @@ def markdown_table(records, bad, skipped=(), pooled=None):
     spread = "mean [min, max] over models" if len(models) > 1 else "one model"
     head = (f"| method | rate | achieved (%) | top-1 (%) | Δ top-1 vs baseline [95% CI] | agreement (%) | top-5 (%) "
             f"| {unit} paper | {unit} full |\n|---|---|---|---|---|---|---|---|---|")
-    groups = _groups(records)
+    groups = group_records(records)
     best = _best(groups)
     rows = []
     for (lab, point), recs in groups.items():
