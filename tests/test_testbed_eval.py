@@ -7,8 +7,9 @@ import pytest
 import torch
 
 from stm_fast import digits
+from stm_fast.eval import cli
 from stm_fast.eval.cli import main, parse_args
-from stm_fast.eval.grid import DEFAULT_GROUPS, DEFAULT_RATES, experiments
+from stm_fast.eval.grid import DEFAULT_GROUPS, DEFAULT_RATES, describe_grid, experiments
 from stm_fast.eval.inputs import load_models
 from stm_fast.eval.regime import regime_table
 from stm_fast.reduction import STM_DEFAULTS
@@ -61,6 +62,29 @@ def test_paper_literal_runs_on_fashion_mnist_but_sensitivity_needs_24_layers(tmp
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "12 layers" in err and "--paper literal" in err
     assert main(["--testbed", "digits", "--paper", "--out", str(tmp_path / "d")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "65 tokens" in err and "paper-geometry or fashion-mnist" in err
+
+
+def test_the_papers_schedules_apply_to_testbeds_with_197_tokens_whatever_their_name(monkeypatch):
+    """Vim-Ti has 14 x 14 patches and a class token: a 14 x 14 grid of any patch size qualifies, 8 x 8 does not."""
+    beds = {"a": digits.Testbed("a", dict(img_size=14, patch_size=1), "a", None, None),
+            "b": digits.Testbed("b", dict(img_size=16, patch_size=2), "b", None, None),
+            "c": digits.Testbed("c", dict(img_size=28, patch_size=2, depth=3), "c", None, None)}
+    monkeypatch.setattr(cli, "TESTBEDS", beds)
+    assert cli._paper_testbeds() == ("a", "c")
+
+
+def test_describe_grid_names_each_block_in_words():
+    grid = ((None, (0.2,), None), (("stm", "tome"), (0.15, 0.3), None), (("stm",), (), [4, 0]))
+    assert describe_grid(grid) == "every default group at 0.2; stm tome at 0.15 0.3; stm at --schedule [4, 0]"
+
+
+def test_the_help_describes_each_testbeds_own_grid_from_the_grid_itself():
+    text = " ".join(cli.build_parser().format_help().split())
+    for name, bed in digits.TESTBEDS.items():
+        if bed.eval_grid:
+            assert f"--testbed {name}, which without --methods and --rates runs {describe_grid(bed.eval_grid)}" in text
 
 
 def _rec(method, rate, schedule, label, diff, achieved, top1=80.0):

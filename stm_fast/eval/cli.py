@@ -7,7 +7,7 @@ import datetime
 import os
 import sys
 import time
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 
 from ..checkpoint import CheckpointError
 from ..reduction.merge import TOKEN_WEIGHT_VARIANTS
@@ -17,7 +17,7 @@ from ..digits import TESTBEDS
 from ..registry import ALIASES, MODEL_CONFIGS, canonical_name, describe
 from ..runtime import AMP_DTYPES, HelpFormatter, non_negative_int, pick_device, positive_int
 from .errors import NoImagesError, RunError
-from .grid import DEFAULT_GROUPS, DEFAULT_RATES, METHOD_GROUPS, grid_groups
+from .grid import DEFAULT_GROUPS, DEFAULT_RATES, METHOD_GROUPS, describe_grid, grid_groups
 from .groups import GROUPS
 from .imagenet import DataError
 from .run import evaluate
@@ -35,8 +35,16 @@ checkpoint on ImageNet-1k validation images. Results go to --out (resumable): re
 table.md, claims.json, accuracy_vs_flops.png. docs/conventions.md defines rates, schedules and FLOPs;
 docs/eval.md the statistics."""
 
-_TESTBED_GRIDS = ("--testbed fashion-mnist, which without --methods and --rates runs every group at 0.2 and STM alone "
-                  "at 0.15 0.3 0.4 and --schedule 4 (docs/testbeds.md)")
+def _paper_testbeds():
+    """The testbeds with Vim-Ti's token count (every testbed puts its class token in the middle, as Vim-Ti
+    does), where the paper's per-layer schedules mean what they mean on Vim-Ti."""
+    tiny = MODEL_CONFIGS["vim_tiny"]
+    return tuple(n for n, bed in TESTBEDS.items() if replace(tiny, **bed.config).num_tokens == tiny.num_tokens)
+
+
+_PAPER_TESTBEDS = _paper_testbeds()
+_TESTBED_GRIDS = "; ".join(f"--testbed {name}, which without --methods and --rates runs {describe_grid(bed.eval_grid)}"
+                           for name, bed in TESTBEDS.items() if bed.eval_grid) + " (docs/testbeds.md)"
 
 
 def _data_options(ap):
@@ -72,7 +80,7 @@ def _method_options(ap):
                                       "paper's '2 tokens per direction at every layer' is --schedule 4")
     g.add_argument("--paper", nargs="?", const="literal", choices=["literal", "sensitivity", "inferred"],
                    help="instead of --rates/--schedule, the paper's Table 2 and 3 settings for vim_tiny/vim_small/vim_base "
-                        "(or the paper-geometry and fashion-mnist testbeds): 'literal' (also a bare --paper) as its text says, two tokens per "
+                        "(or the testbeds " + " and ".join(_PAPER_TESTBEDS) + "): 'literal' (also a bare --paper) as its text says, two tokens per "
                         "direction at every layer; 'sensitivity' adds schedules whose FLOPs match the reported ones "
                         "('inferred' is its old name); stm_fast/eval/paper.py explains")
     g.add_argument("--stm-sides", default=STM_DEFAULTS["sides"], choices=["both", "left", "right"],
@@ -206,8 +214,11 @@ def _paper(args, model):
     if args.schedule is not None:
         raise RunError("--paper runs the paper's own schedules: drop --schedule")
     if args.checkpoint is None and args.testbed not in _PAPER_TESTBEDS:
-        raise RunError("--paper runs the paper's settings on its geometry: give --model and --checkpoint, or "
-                       "--testbed paper-geometry or fashion-mnist (the digits testbed has 65 tokens and 8 layers)")
+        tiny = MODEL_CONFIGS["vim_tiny"]
+        tokens = replace(tiny, **TESTBEDS[args.testbed].config).num_tokens
+        raise RunError(f"--paper runs the paper's settings on its geometry: give --model and --checkpoint, or --testbed "
+                       f"{' or '.join(_PAPER_TESTBEDS)} (the {args.testbed} testbed has {tokens} tokens, Vim-Ti "
+                       f"{tiny.num_tokens})")
     mode = "sensitivity" if args.paper == "inferred" else args.paper
     depth = TESTBEDS[args.testbed].config["depth"]
     if args.checkpoint is None and mode == "sensitivity" and depth != MODEL_CONFIGS["vim_tiny"].depth:
@@ -271,7 +282,6 @@ def parse_args(argv=None) -> EvalConfig | None:
                        out=args.out or os.path.join("runs", datetime.datetime.now().strftime("%Y%m%d-%H%M%S")))
 
 
-_PAPER_TESTBEDS = ("paper-geometry", "fashion-mnist")  # 197 tokens: the paper's per-layer schedules apply
 _STM_PREFIX = "stm_"  # --stm-X options become stm_options["X"]
 
 

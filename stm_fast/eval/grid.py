@@ -12,7 +12,7 @@ from __future__ import annotations
 from .experiment import BASELINE
 from .groups import DEFAULT_GROUPS, GROUPS, Point
 
-__all__ = ["DEFAULT_RATES", "METHOD_GROUPS", "DEFAULT_GROUPS", "experiments", "unique", "block_points", "grid_groups"]
+__all__ = ["DEFAULT_RATES", "METHOD_GROUPS", "DEFAULT_GROUPS", "experiments", "unique", "block_points", "grid_groups", "describe_grid"]
 
 DEFAULT_RATES = (0.15, 0.2, 0.3, 0.4)
 METHOD_GROUPS = tuple(GROUPS)  # the --methods vocabulary, "none" first (the baseline alone)
@@ -22,6 +22,16 @@ def block_points(block):
     """[(rate, schedule)] of one block: its schedule alone when it has one, else each of its rates."""
     groups, rates, schedule = block
     return [(None, schedule)] if schedule is not None else [(r, None) for r in rates]
+
+
+def describe_grid(grid) -> str:
+    """A grid in words, block by block: 'every default group at 0.2; stm at 0.15 0.3 0.4; stm at --schedule 4'."""
+    parts = []
+    for groups, rates, schedule in grid:
+        who = "every default group" if groups is None else " ".join(groups)
+        where = f"--schedule {schedule}" if schedule is not None else " ".join(str(r) for r in rates)
+        parts.append(f"{who} at {where}")
+    return "; ".join(parts)
 
 
 def grid_groups(grid):
