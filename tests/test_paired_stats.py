@@ -46,6 +46,39 @@ def test_cluster_bootstrap_is_the_brute_force_resampling_of_images():
     assert abs(low - q[0]) <= step + 1e-9 and abs(high - q[1]) <= step + 1e-9
 
 
+@pytest.mark.parametrize("models, n", [(1, 4000), (5, 3000)])
+def test_resampling_the_counts_of_each_difference_is_scipys_bootstrap_of_the_images(models, n):
+    """Accuracy differences take few values, so the bootstrap draws their counts (multinomial) instead of n
+    image indices: its distribution of the mean matches scipy.stats.bootstrap's on the same images (mean,
+    spread and the 95% percentile interval within Monte-Carlo error of 9,999 resamples)."""
+    rng = np.random.default_rng(models)
+    a, b = rng.random((models, n)) < 0.8, rng.random((models, n)) < 0.7
+    d = ps.image_differences(a, b)
+    assert np.unique(d).size <= ps.LATTICE_VALUES
+    low, high, dist = ps.cluster_bootstrap(d)
+    ref = stats.bootstrap((d,), np.mean, n_resamples=9999, method="percentile", rng=np.random.default_rng(9))
+    sd = ref.standard_error
+    assert abs(dist.mean() - d.mean()) < 0.05 * sd and np.std(dist) == pytest.approx(sd, rel=0.04)
+    assert abs(low - ref.confidence_interval.low) < 0.1 * sd and abs(high - ref.confidence_interval.high) < 0.1 * sd
+
+
+def test_a_measure_with_many_values_is_bootstrapped_by_scipy_in_batches_of_bounded_memory(monkeypatch):
+    """KL and deviation differences are continuous: scipy's bootstrap, holding at most BATCH_ELEMENTS
+    resampled values at once, with the interval of the unbatched run within Monte-Carlo error."""
+    x = np.random.default_rng(3).normal(size=5000)
+    batches = []
+    real = stats.bootstrap
+
+    def spy(*args, **kw):
+        batches.append(kw["batch"])
+        return real(*args, **kw)
+    monkeypatch.setattr(ps.stats, "bootstrap", spy)
+    low, high, _ = ps.cluster_bootstrap(x)
+    assert batches == [ps.BATCH_ELEMENTS // 5000]
+    ref = real((x,), np.mean, n_resamples=9999, method="percentile", rng=np.random.default_rng(9)).confidence_interval
+    assert low == pytest.approx(ref.low, abs=0.005) and high == pytest.approx(ref.high, abs=0.005)
+
+
 def test_the_cluster_interval_is_wider_than_the_one_that_treats_pairs_as_independent():
     """Three models that agree on the same hard images: resampling the 3 x n pairs independently (the old
     pooled bootstrap) is anti-conservative; resampling images keeps their correlation (about sqrt(3) wider)."""
