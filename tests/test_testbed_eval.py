@@ -112,6 +112,19 @@ def test_the_regime_table_sets_each_stm_row_beside_the_papers_column_of_its_name
     assert regime_table(records[:1] + records[-2:], dict(STM_DEFAULTS), pooled) == ""
 
 
+def test_the_regime_rows_give_the_methods_t_interval_over_seeds_and_the_loss_as_a_multiple_of_the_papers():
+    """Three networks lose 4, 5 and 6 points at 30%: mean -5, t-interval -5 -+ t(0.975, 2) * 1 / sqrt(3) =
+    [-7.48, -2.52]; the pooled -5.0 is 1.8 times the paper's -2.8 at its "30%"; a schedule has no ratio."""
+    stm = "stm (both sides, lsq weights)"
+    records = [_rec("none", None, None, "none", None, 0.0, 90.0)] + \
+        [_rec("stm", 0.3, None, stm, d, 0.3) for d in (-4.0, -5.0, -6.0)] + [_rec("stm", None, 4, stm, -1.0, 0.11)]
+    pooled = {(stm, "0.3"): {"diff": -5.0, "ci_low": -6.0, "ci_high": -4.0}}
+    rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]]
+            for line in regime_table(records, dict(STM_DEFAULTS), pooled).splitlines() if line.startswith("| ")}
+    assert rows["30%"][2:4] == ["-5.00 [-7.48, -2.52]", "[-6.00, -4.00]"] and rows["30%"][-1] == "1.8x"
+    assert rows["schedule 4"][2] == "n/a" and rows["schedule 4"][-1] == "—"
+
+
 def test_fashion_mnist_runs_from_the_shipped_test_images_and_writes_the_regime_section(tmp_path):
     """The embedded eval of every shipped fashion-mnist model on the first images of the packaged test split
     (nothing else read), with STM's regime rows in table.md beside the paper's column of the same name."""
