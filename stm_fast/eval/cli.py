@@ -29,8 +29,8 @@ DESCRIPTION = """Accuracy of STM and its peers at several token reduction rates 
 Without --checkpoint/--data: an embedded testbed (small Vims shipped with the package, offline): --testbed
 digits (the default: three models on scikit-learn's 8x8 digits, 65 tokens, 8 layers, about a minute on two
 cores), paper-geometry (Vim-Ti's 197 tokens and 24 layers on stretched digits, under 10 minutes) or
-fashion-mnist (five models, 197 tokens, 12 layers, the 10,000 Fashion-MNIST test images; its claims run takes
-about an hour, --limit N a quick look). With --model --checkpoint --data: an official hustvl/Vim
+fashion-mnist (five models, 197 tokens, 12 layers, the 10,000 Fashion-MNIST test images; its claims run took
+41 minutes on two cores, --limit N a quick look). With --model --checkpoint --data: an official hustvl/Vim
 checkpoint on ImageNet-1k validation images. Results go to --out (resumable): results.json, results.csv,
 table.md, claims.json, accuracy_vs_flops.png. docs/conventions.md defines rates, schedules and FLOPs;
 docs/eval.md the statistics."""
