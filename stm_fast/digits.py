@@ -22,6 +22,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .registry import MODEL_CONFIGS
+
 __all__ = ["DIGITS_CONFIG", "PAPER_GEOMETRY_CONFIG", "FASHION_MNIST_CONFIG", "load_test_split", "Testbed", "TESTBEDS", "testbed", "load_split",
            "fill_frame", "shipped_checkpoints", "checkpoint_path", "create_digits_model", "SEEDS"]
 
@@ -171,6 +173,11 @@ class Testbed:
     def model_name(self, seed: int) -> str:
         """How the eval names a shipped model: digits-seed0, paper-geometry-seed1 ..."""
         return f"{self.name}-seed{seed}"
+
+    @property
+    def model_config(self):
+        """Its models' VimConfig: Vim-Ti's with this testbed's changes, as ``create_model`` builds them."""
+        return MODEL_CONFIGS["vim_tiny"].with_overrides(**self.config)
 
     def create_model(self, checkpoint=None, dtype=None):
         from .models import create_model

@@ -39,6 +39,15 @@ def test_paper_geometry_images_fill_the_frame_so_the_borders_carry_the_digit():
     assert not torch.equal(jittered, x_tr[:8]) and jittered.shape == (8, 1, 28, 28)
 
 
+@pytest.mark.parametrize("name", list(digits.TESTBEDS))
+def test_a_testbeds_model_config_is_the_config_of_the_models_it_creates(name):
+    """What the eval reads off a testbed without building a model (its token count, for --paper) is what
+    create_model builds: Vim-Ti's configuration with the testbed's changes."""
+    bed = digits.testbed(name)
+    assert bed.model_config == bed.create_model().cfg
+    assert bed.model_config.depth == bed.config["depth"] and bed.model_config.embed_dim == bed.config["embed_dim"]
+
+
 @pytest.mark.parametrize("seed", digits.SEEDS)
 def test_shipped_paper_geometry_models_reach_95_percent_with_float16_weights(seed):
     """Each shipped paper-geometry model loads with weights_only=True, holds float16 weights (under 1 MB),

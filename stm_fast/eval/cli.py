@@ -7,7 +7,7 @@ import datetime
 import os
 import sys
 import time
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, fields
 
 from ..checkpoint import CheckpointError
 from ..reduction.merge import TOKEN_WEIGHT_VARIANTS
@@ -35,15 +35,11 @@ checkpoint on ImageNet-1k validation images. Results go to --out (resumable): re
 table.md, claims.json, accuracy_vs_flops.png. docs/conventions.md defines rates, schedules and FLOPs;
 docs/eval.md the statistics."""
 
-def _testbed_tokens(name) -> int:
-    """Tokens of a testbed's models (patches + the class token), by Vim-Ti's config with the testbed's changes."""
-    return replace(MODEL_CONFIGS["vim_tiny"], **TESTBEDS[name].config).num_tokens
-
-
 def _paper_testbeds():
     """The testbeds with Vim-Ti's token count (every testbed puts its class token in the middle, as Vim-Ti
     does), where the paper's per-layer schedules mean what they mean on Vim-Ti."""
-    return tuple(n for n in TESTBEDS if _testbed_tokens(n) == MODEL_CONFIGS["vim_tiny"].num_tokens)
+    tokens = MODEL_CONFIGS["vim_tiny"].num_tokens
+    return tuple(n for n, bed in TESTBEDS.items() if bed.model_config.num_tokens == tokens)
 
 
 _PAPER_TESTBEDS = _paper_testbeds()
@@ -218,9 +214,10 @@ def _paper(args, model):
     if args.schedule is not None:
         raise RunError("--paper runs the paper's own schedules: drop --schedule")
     if args.checkpoint is None and args.testbed not in _PAPER_TESTBEDS:
+        tokens = TESTBEDS[args.testbed].model_config.num_tokens
         raise RunError(f"--paper runs the paper's settings on its geometry: give --model and --checkpoint, or --testbed "
-                       f"{' or '.join(_PAPER_TESTBEDS)} (the {args.testbed} testbed has {_testbed_tokens(args.testbed)} "
-                       f"tokens, Vim-Ti {MODEL_CONFIGS['vim_tiny'].num_tokens})")
+                       f"{' or '.join(_PAPER_TESTBEDS)} (the {args.testbed} testbed has {tokens} tokens, Vim-Ti "
+                       f"{MODEL_CONFIGS['vim_tiny'].num_tokens})")
     mode = "sensitivity" if args.paper == "inferred" else args.paper
     depth = TESTBEDS[args.testbed].config["depth"]
     if args.checkpoint is None and mode == "sensitivity" and depth != MODEL_CONFIGS["vim_tiny"].depth:
